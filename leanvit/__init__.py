@@ -1,0 +1,21 @@
+"""leanvit: faster Vision Transformers by removing redundant computation.
+
+Public API::
+
+    import leanvit, timm
+    model = timm.create_model("deit_small_patch16_224")
+    leanvit.patch(model, "none")            # a method, in place; weights untouched
+    report = leanvit.count_macs(model, images)
+    leanvit.unpatch(model)                  # back to the original, exactly
+"""
+from leanvit import methods as _methods  # noqa: F401  (registers the built-in methods)
+from leanvit.macs import MacReport, count_macs
+from leanvit.patching import is_patched, patch, patched_method, unpatch
+from leanvit.registry import available_methods
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "patch", "unpatch", "is_patched", "patched_method", "available_methods", "count_macs",
+    "MacReport", "__version__",
+]

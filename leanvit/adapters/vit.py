@@ -1,0 +1,295 @@
+"""Adapter for timm's ``VisionTransformer`` family (ViT, DeiT, DeiT distilled, MAE, DINOv2,
+register models) as they are in timm >= 1.0.
+
+The only place that knows timm's ViT module names. Patching swaps the model's class for a
+subclass whose ``forward`` runs the blocks through :func:`block_forward`, which calls the
+block's own submodules (``norm1``, ``attn``, ``ls1``, ``drop_path1``, ``norm2``, ``mlp``,
+``ls2``, ``drop_path2``) with three hooks of the method's :class:`~leanvit.registry.Reducer`:
+
+    before_block(i)                          # DynamicViT predicts here
+    x = x + ls1(attn(norm1(x), bias))         # fused SDPA; select_queries(i) inside (ATS)
+    after_attention(i)                       # the main reduction hook (EViT, ToMe, ...)
+    x = x + ls2(mlp(norm2(x)))
+
+Block modules are not replaced or copied, so weights and their names are untouched.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from leanvit.ops.attention import masked_softmax
+from leanvit.registry import ModelInfo, Reducer
+from leanvit.signals import Signals
+from leanvit.state import TokenState, attention_bias, gather_tokens
+
+FAMILY = "vit"
+DESCRIPTION = "vit (timm VisionTransformer: vit_*, deit_*, DINOv2, MAE, register models)"
+
+
+def matches(cls: type) -> bool:
+    """Whether a model class (unpatched) belongs to this family."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return issubclass(cls, VisionTransformer)
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise ``ValueError`` for ViT variants the adapter cannot run faithfully."""
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block
+
+    for i, blk in enumerate(model.blocks):
+        if type(blk) is not Block:
+            raise ValueError(
+                f"block {i} is a {type(blk).__name__}; the vit adapter supports timm's pre-norm "
+                "`Block` (post-norm and parallel blocks are not supported yet)"
+            )
+        if type(blk.attn) is not Attention:
+            raise ValueError(
+                f"block {i} uses {type(blk.attn).__name__}; the vit adapter supports timm's "
+                "`Attention` (rotary and other attention variants are not supported yet)"
+            )
+
+
+def describe(model: nn.Module) -> ModelInfo:
+    pool = model.global_pool if model.attn_pool is None else "map"
+    return ModelInfo(
+        family=FAMILY,
+        depth=len(model.blocks),
+        embed_dim=model.embed_dim,
+        num_heads=model.blocks[0].attn.num_heads,
+        num_prefix_tokens=model.num_prefix_tokens,
+        has_class_token=model.cls_token is not None,
+        num_patches=model.patch_embed.num_patches,
+        global_pool=pool,
+        name=getattr(getattr(model, "pretrained_cfg", None) or {}, "get", lambda *_: "")(
+            "architecture", ""
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+
+
+def _attention(
+    attn: nn.Module, i: int, y: Tensor, state: TokenState, reducer: Reducer
+) -> tuple[Tensor, Optional[Signals], Optional[Tensor], TokenState]:
+    """timm ``Attention.forward`` on ``y`` ``[B, N, C]``, exposing q/k/v to the method.
+
+    Same operations in the same order as timm's module, so results are bit-identical where
+    the method changes nothing. Returns (output ``[B, K, C]``, signals, selected query rows
+    ``[B, K]`` or ``None``, state).
+    """
+    B, N, C = y.shape
+    gate = attn.gate(y).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(y).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    bias = attention_bias(state, q.dtype)
+    signals = Signals(q, k, v, attn.scale, bias)
+
+    rows = None
+    if reducer.selects_queries(i):
+        rows, state = reducer.select_queries(i, signals, state)
+        if rows is not None:
+            q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+            gate = None if gate is None else gather_tokens(gate, rows)
+            if bias is not None and bias.shape[2] != 1:  # pragma: no cover - biases are per key
+                raise RuntimeError("per-query attention bias with query selection")
+
+    if state.mask is not None:  # training with a soft keep-mask: explicit, float32
+        if rows is not None:
+            raise ValueError("query selection and a training keep-mask cannot be combined")
+        a = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            a = a + bias
+        a = masked_softmax(a, state.mask).to(q.dtype)
+        out = attn.attn_drop(a) @ v
+    elif attn.fused_attn:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
+        )
+    else:
+        q = q * attn.scale
+        a = q @ k.transpose(-2, -1)
+        if bias is not None:
+            a = a + bias
+        a = a.softmax(dim=-1)
+        a = attn.attn_drop(a)
+        out = a @ v
+    out = out.transpose(1, 2).reshape(B, q.shape[2], attn.attn_dim)
+    out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    out = attn.proj(out)
+    out = attn.proj_drop(out)
+    return out, signals, rows, state
+
+
+def _linear_macs(module: nn.Module) -> int:
+    """Multiply-accumulates per token of every ``nn.Linear`` inside ``module``."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def _record_block(blk, i, state_in, x_in, state_q, n_q_tokens, state_out, x_out, signals):
+    """Per-image MACs of one block from the token counts it saw."""
+    attn = blk.attn
+    n_kv = state_in.token_counts(x_in)
+    n_q = state_q.token_counts(n_q_tokens)
+    n_mlp = state_out.token_counts(x_out)
+    qkv = n_kv * (attn.qkv.in_features * attn.qkv.out_features)
+    gate = getattr(attn, "gate", None)
+    if gate is not None:
+        qkv = qkv + n_kv * gate.in_features * gate.out_features
+    scores = 2 * n_q * n_kv * attn.attn_dim  # q k^T and attn @ v
+    proj = n_q * attn.proj.in_features * attn.proj.out_features
+    mlp = n_mlp * _linear_macs(blk.mlp)
+    sig = float(signals.macs) if signals is not None else 0.0
+    state_in.recorder.record_block(
+        i,
+        tokens_in=n_kv,
+        tokens_out=n_mlp,
+        attention=qkv + scores + proj,
+        mlp=mlp,
+        signals=torch.full_like(n_kv, sig),
+    )
+
+
+def block_forward(blk: nn.Module, i: int, x: Tensor, state: TokenState, reducer: Reducer
+                  ) -> tuple[Tensor, TokenState]:
+    """timm ``Block.forward`` with the method's hooks; ``x`` ``[B, N, C]`` -> ``[B, N', C]``."""
+    if reducer.acts_before(i):
+        x, state = reducer.before_block(i, x, state)
+    state_in, x_in = state, x
+    rows, signals = None, None
+    y = blk.norm1(x)
+    if reducer.needs_signals(i) or state.valid is not None or state.mask is not None or (
+        state.prop_attn and state.size is not None
+    ):
+        a, signals, rows, state = _attention(blk.attn, i, y, state, reducer)
+        if rows is not None:
+            x = gather_tokens(x, rows)
+    else:
+        a = blk.attn(y)  # nothing to expose or bias: the module itself, untouched
+    x = x + blk.drop_path1(blk.ls1(a))
+    state_q, x_q = state, x
+    if reducer.acts_after(i):
+        x, state = reducer.after_attention(i, x, signals, state)
+    x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    if state.recorder is not None:
+        _record_block(blk, i, state_in, x_in, state_q, x_q, state, x, signals)
+    return x, state
+
+
+def check_input(model: nn.Module, x: Tensor) -> None:
+    """Clear errors for inputs the model cannot take (instead of a shape error deep inside)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"images must be [B, C, H, W], got shape {tuple(x.shape)}")
+    pe = model.patch_embed
+    in_chans = pe.proj.in_channels if hasattr(pe, "proj") else x.shape[1]
+    if x.shape[1] != in_chans:
+        raise ValueError(f"model takes {in_chans}-channel images, got {x.shape[1]} channels")
+    if getattr(pe, "strict_img_size", True) and not getattr(model, "dynamic_img_size", False):
+        expected = tuple(pe.img_size)
+        if tuple(x.shape[-2:]) != expected:
+            raise ValueError(
+                f"model was built for {expected[0]}x{expected[1]} images, got "
+                f"{x.shape[-2]}x{x.shape[-1]}; create it with img_size={x.shape[-1]} "
+                "(timm.create_model(..., img_size=S)) to use another size"
+            )
+
+
+def forward_features(model: nn.Module, x: Tensor, recorder=None) -> tuple[Tensor, TokenState]:
+    """Embeddings, blocks with the method's hooks, final norm: ``[B, N', C]`` and its state."""
+    check_input(model, x)
+    reducer: Reducer = model.leanvit
+    if recorder is not None:
+        recorder.record_stem(model.patch_embed.proj.weight.numel() * model.patch_embed.num_patches
+                             if isinstance(getattr(model.patch_embed, "proj", None), nn.Conv2d)
+                             else 0)
+    x = model.patch_embed(x)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    x = model.norm_pre(x)
+    state = TokenState(prefix=model.num_prefix_tokens, n0=x.shape[1], recorder=recorder)
+    state = reducer.init_state(state, x)
+    for i, blk in enumerate(model.blocks):
+        x, state = block_forward(blk, i, x, state, reducer)
+    x = model.norm(x)
+    return x, state
+
+
+def pool(model: nn.Module, x: Tensor, state: TokenState) -> Tensor:
+    """The model's pooling with merged tokens weighted by size and padding left out.
+
+    ``token`` pooling and attention pooling read tokens as timm does; ``avg`` and ``avgmax``
+    average over the patch tokens weighted by how many patches each stands for.
+    """
+    if model.attn_pool is not None or model.global_pool not in ("avg", "avgmax", "max"):
+        return model.pool(x)
+    if state.size is None and state.valid is None:
+        return model.pool(x)
+    start = 0 if model.pool_include_prefix else model.num_prefix_tokens
+    xs = x[:, start:]
+    w = state.sizes_like(x)[:, start:]
+    if state.valid is not None:
+        w = w * state.valid[:, start:].to(w.dtype)
+    avg = (xs * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True)
+    if model.global_pool == "avg":
+        return avg
+    if state.valid is not None:
+        xs = xs.masked_fill(~state.valid[:, start:, None], float("-inf"))
+    mx = xs.amax(dim=1)
+    return mx if model.global_pool == "max" else 0.5 * (mx + avg)
+
+
+def forward_head(model: nn.Module, x: Tensor, state: TokenState, pre_logits: bool = False,
+                 recorder=None) -> Tensor:
+    """Pooling (size-aware) and classifier, as timm's ``forward_head``."""
+    if recorder is not None:
+        head = _linear_macs(model.head) if isinstance(model.head, nn.Linear) else 0
+        dist = getattr(model, "head_dist", None)
+        if isinstance(dist, nn.Linear):
+            head += _linear_macs(dist)
+        recorder.record_head(0 if pre_logits else head)
+    needs_own_pool = state.size is not None or state.valid is not None
+    if not needs_own_pool or model.global_pool == "token" or type(model).forward_head is not \
+            _vit_forward_head():
+        return model.forward_head(x, pre_logits=pre_logits)
+    x = pool(model, x, state)
+    x = model.fc_norm(x)
+    x = model.head_drop(x)
+    return x if pre_logits else model.head(x)
+
+
+def _vit_forward_head():
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer.forward_head
+
+
+class _PatchedViT:
+    """Mixed in front of the model's own class by :func:`patch`."""
+
+    def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None,
+                         is_causal: bool = False) -> Tensor:
+        _no_mask(attn_mask, is_causal)
+        return forward_features(self, x)[0]
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
+                is_causal: bool = False) -> Tensor:
+        _no_mask(attn_mask, is_causal)
+        x, state = forward_features(self, x)
+        return forward_head(self, x, state)
+
+
+def _no_mask(attn_mask, is_causal) -> None:
+    if attn_mask is not None or is_causal:
+        raise ValueError("leanvit-patched models do not take attn_mask / is_causal")

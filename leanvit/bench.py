@@ -1,0 +1,253 @@
+"""Throughput benchmark: the unmodified model and the patched one, in the same run.
+
+Protocol (ToMe / EViT / timm conventions, see ``shared/notes/methods.md``): random input of a
+fixed batch, eval mode under ``torch.inference_mode``, warm-up, then ``repeats`` rounds in
+which both models are timed back to back (the order alternates every round so that neither
+always runs on a warmer machine), synchronising on GPU; the median time per batch is
+reported. Peak memory: CUDA ``max_memory_allocated`` on GPU; on CPU a separate process per
+model measures the peak resident memory of one forward pass above what the process held
+before it (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _build(model_name: str, method: Optional[str], options: dict, img_size, checkpoint,
+           num_classes) -> nn.Module:
+    from leanvit.models import create_model
+    from leanvit.patching import patch
+
+    model = create_model(model_name, img_size=img_size, checkpoint=checkpoint,
+                         num_classes=num_classes)
+    if method is not None:
+        patch(model, method, **options)
+    return model.eval()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(model: nn.Module, x: torch.Tensor, iters: int, device: torch.device) -> float:
+    """Seconds per batch, averaged over ``iters`` forward passes."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        model(x)
+    _sync(device)
+    return (time.perf_counter() - t0) / iters
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import timm
+
+    import leanvit
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        name = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+    return {
+        "device": str(device), "device_name": name, "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "torch": torch.__version__, "timm": timm.__version__,
+        "leanvit": leanvit.__version__, "python": platform.python_version(),
+    }
+
+
+def _cpu_peak_memory_mb(spec: dict) -> Optional[float]:
+    """Peak extra resident memory (MB) of one forward pass, measured in a fresh process."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    cmd = [sys.executable, "-m", "leanvit.bench", json.dumps(spec)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe failed: {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def _read_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _memory_probe(spec: dict) -> None:
+    """Entry of the child process: build, warm up, then measure one forward's peak RSS."""
+    torch.set_num_threads(spec["threads"])
+    model = _build(spec["model"], spec["method"], spec["options"], spec["img_size"],
+                   spec["checkpoint"], spec["num_classes"]).to(DTYPES[spec["dtype"]])
+    torch.manual_seed(0)
+    x = torch.randn(spec["batch_size"], 3, spec["height"], spec["width"],
+                    dtype=DTYPES[spec["dtype"]])
+    with torch.inference_mode():
+        model(x)  # first call allocates caches; measure the second
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set size (VmHWM)
+        before = _read_status_kb("VmRSS")
+        model(x)
+        peak = _read_status_kb("VmHWM")
+    print(json.dumps({"peak_mb": (peak - before) / 1024}))
+
+
+def run_benchmark(
+    model: str,
+    method: str = "none",
+    options: Optional[dict] = None,
+    *,
+    img_size: Optional[int] = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    compile: bool = False,
+    checkpoint: Optional[str] = None,
+    num_classes: Optional[int] = None,
+    warmup: int = 2,
+    repeats: int = 5,
+    iters: int = 1,
+    memory: bool = True,
+    progress: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Time the unmodified ``model`` and the one patched with ``method`` in the same run.
+
+    Returns a dict with ``baseline`` and ``patched`` (``images_per_s``, ``ms_per_batch``,
+    ``gmacs``, ``peak_mem_mb``, the per-round times), ``speedup`` (patched over baseline
+    images/s), ``mac_ratio`` (baseline over patched GMACs), ``config`` and ``environment``.
+    """
+    from leanvit.macs import count_macs
+    from leanvit.patching import patch
+
+    options = dict(options or {})
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but CUDA is not available here")
+    for name, v in (("batch_size", batch_size), ("repeats", repeats), ("iters", iters)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+    base = _build(model, None, {}, img_size, checkpoint, num_classes)
+    patched = patch(copy.deepcopy(base), method, **options).eval()
+    h, w = base.patch_embed.img_size if hasattr(base, "patch_embed") else (img_size, img_size)
+    torch.manual_seed(seed)
+    x = torch.randn(batch_size, 3, h, w)
+    mac_images = x[: min(batch_size, 16)]
+    gmacs_base = count_macs(base, mac_images).gmacs
+    gmacs_patched = count_macs(patched, mac_images).gmacs
+
+    torch_dtype = DTYPES[dtype]
+    base = base.to(dev, torch_dtype)
+    patched = patched.to(dev, torch_dtype)
+    x = x.to(dev, torch_dtype)
+    runners = {"baseline": base, "patched": patched}
+    if compile:
+        runners = {k: torch.compile(m) for k, m in runners.items()}
+
+    times: dict[str, list[float]] = {"baseline": [], "patched": []}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=2 * (warmup + repeats), desc=f"bench {model} / {method}",
+                   unit="round", file=sys.stderr, leave=False)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for m in runners.values():
+                _time(m, x, 1, dev)
+                bar is not None and bar.update(1)
+        for r in range(repeats):
+            order = ("baseline", "patched") if r % 2 == 0 else ("patched", "baseline")
+            for key in order:
+                times[key].append(_time(runners[key], x, iters, dev))
+                bar is not None and bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    peak: dict[str, Optional[float]] = {"baseline": None, "patched": None}
+    if memory:
+        if dev.type == "cuda":
+            with torch.inference_mode():
+                for key, m in runners.items():
+                    torch.cuda.reset_peak_memory_stats(dev)
+                    m(x)
+                    torch.cuda.synchronize(dev)
+                    peak[key] = torch.cuda.max_memory_allocated(dev) / 2**20
+        else:
+            for key, meth in (("baseline", None), ("patched", method)):
+                peak[key] = _cpu_peak_memory_mb(dict(
+                    model=model, method=meth, options=options, img_size=img_size,
+                    checkpoint=checkpoint, num_classes=num_classes, batch_size=batch_size,
+                    height=h, width=w, dtype=dtype, threads=torch.get_num_threads()))
+
+    def summary(key: str, gmacs: float) -> dict[str, Any]:
+        med = statistics.median(times[key])
+        return {"images_per_s": batch_size / med, "ms_per_batch": med * 1e3, "gmacs": gmacs,
+                "peak_mem_mb": peak[key], "round_ms": [t * 1e3 for t in times[key]]}
+
+    result = {
+        "baseline": summary("baseline", gmacs_base),
+        "patched": summary("patched", gmacs_patched),
+        "config": {"model": model, "method": method, "options": _jsonable(options),
+                   "img_size": [h, w], "batch_size": batch_size, "dtype": dtype,
+                   "compile": compile, "checkpoint": checkpoint, "warmup": warmup,
+                   "repeats": repeats, "iters": iters},
+        "environment": environment(dev),
+    }
+    result["speedup"] = result["patched"]["images_per_s"] / result["baseline"]["images_per_s"]
+    result["mac_ratio"] = gmacs_base / gmacs_patched
+    return result
+
+
+def _jsonable(options: dict) -> dict:
+    return {k: (v if isinstance(v, (int, float, str, bool, type(None), list)) else repr(v))
+            for k, v in options.items()}
+
+
+def format_table(result: dict) -> str:
+    """A plain-text table of a :func:`run_benchmark` result."""
+    rows = [("", "images/s", "ms/batch", "GMACs", "peak MB")]
+    for key in ("baseline", "patched"):
+        r = result[key]
+        mem = "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
+        rows.append((key, f"{r['images_per_s']:.1f}", f"{r['ms_per_batch']:.1f}",
+                     f"{r['gmacs']:.3f}", mem))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    cfg, env = result["config"], result["environment"]
+    lines.append(f"speedup {result['speedup']:.3f}x   MAC ratio {result['mac_ratio']:.3f}x")
+    lines.append(f"{cfg['model']} method={cfg['method']} {cfg['options']} batch "
+                 f"{cfg['batch_size']} {cfg['dtype']} on {env['device_name']} "
+                 f"({env['threads']} threads), torch {env['torch']}, timm {env['timm']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the CPU memory probe's child process
+    _memory_probe(json.loads(sys.argv[1]))

@@ -1,0 +1,47 @@
+"""``leanvit macs``: multiply-accumulates per image, per block."""
+from __future__ import annotations
+
+import argparse
+
+from leanvit.cli.common import add_model_args, parse_set, write_json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "macs", help="count MACs per image (per block) of a model, patched or not",
+        description="Count the multiply-accumulates per image the model performs, from the "
+                    "token counts each block sees (averaged over --batch-size random images "
+                    "for data-dependent methods).")
+    add_model_args(p)
+    p.add_argument("--batch-size", type=int, default=1, help="random images to average over")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import leanvit
+    from leanvit.models import create_model
+
+    model = create_model(args.model, img_size=args.img_size, checkpoint=args.checkpoint,
+                         num_classes=args.num_classes).eval()
+    base = leanvit.count_macs(model, _images(model, args.batch_size))
+    if args.method != "none" or args.options:
+        leanvit.patch(model, args.method, **parse_set(args.options))
+    torch.manual_seed(0)
+    report = leanvit.count_macs(model, _images(model, args.batch_size))
+    print(report.table())
+    print(f"baseline {base.gmacs:.4f} GMACs; ratio {base.total / report.total:.3f}x")
+    write_json(args.json, {"model": args.model, "method": args.method,
+                           "options": parse_set(args.options), "baseline_gmacs": base.gmacs,
+                           **report.to_dict()})
+    return 0
+
+
+def _images(model, batch_size: int):
+    import torch
+
+    torch.manual_seed(0)
+    h, w = model.patch_embed.img_size
+    return torch.randn(batch_size, 3, h, w)

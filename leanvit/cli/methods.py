@@ -1,0 +1,21 @@
+"""``leanvit methods``: the registered methods and their options."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("methods", help="list the methods and their options with defaults",
+                       description="List every registered method with its options and defaults.")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from leanvit.registry import _METHODS
+
+    for name, m in sorted(_METHODS.items()):
+        print(f"{name}: {m.summary}  [families: {', '.join(m.families)}]")
+        for f in dataclasses.fields(m.options):
+            print(f"    {f.name} = {f.default!r}")
+    return 0

@@ -1,0 +1,146 @@
+"""MAC accounting from the token counts each block actually saw.
+
+Convention (fvcore / DeiT / the methods' papers): one multiply-accumulate = 1 MAC; counted are
+the matrix products (patch embedding, q/k/v, attention scores, attention-weighted values,
+projections, MLP, classifier, and whatever a method adds: predictors, attention-row signals).
+Normalisations, activations, softmax and additions are not counted. Per ViT block with N
+tokens and width C: ``4NC^2 + 2N^2C`` (attention) + ``8NC^2`` (MLP, ratio 4).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+class MacRecorder:
+    """Collects per-image MACs and token counts during one forward pass.
+
+    Values are ``[B]`` tensors (per image) or numbers (the same for every image).
+    """
+
+    def __init__(self) -> None:
+        self.stem = 0.0
+        self.head = 0.0
+        self.blocks: dict[int, dict[str, Tensor]] = {}
+        self.extra: dict[str, Tensor] = defaultdict(lambda: torch.zeros(()))
+
+    def record_stem(self, macs: float) -> None:
+        self.stem = float(macs)
+
+    def record_head(self, macs: float) -> None:
+        self.head = float(macs)
+
+    def record_block(self, i: int, **values: Tensor) -> None:
+        """Block ``i``'s per-image values: ``tokens_in``, ``tokens_out`` and MAC terms."""
+        self.blocks[i] = {k: torch.as_tensor(v, dtype=torch.float64).detach().cpu()
+                          for k, v in values.items()}
+
+    def add_extra(self, name: str, macs) -> None:
+        """MACs of a module the method adds (e.g. ``"predictor"``), per image."""
+        self.extra[name] = self.extra[name] + torch.as_tensor(macs, dtype=torch.float64).cpu()
+
+
+@dataclass
+class BlockMacs:
+    """One block, averaged over the images: tokens entering (keys) and leaving, and MACs."""
+
+    index: int
+    tokens_in: float
+    tokens_out: float
+    attention: float
+    mlp: float
+    signals: float
+
+    @property
+    def macs(self) -> float:
+        return self.attention + self.mlp + self.signals
+
+
+@dataclass
+class MacReport:
+    """MACs per image, averaged over the batch.
+
+    ``float(report) == report.total``; ``report.gmacs == report.total / 1e9``.
+    """
+
+    total: float
+    stem: float
+    head: float
+    per_block: list[BlockMacs]
+    extra: dict[str, float] = field(default_factory=dict)
+    images: int = 0
+
+    @property
+    def gmacs(self) -> float:
+        return self.total / 1e9
+
+    def __float__(self) -> float:
+        return float(self.total)
+
+    def table(self) -> str:
+        lines = [f"{'block':>5} {'tokens in':>10} {'tokens out':>10} {'MMACs':>10}"]
+        lines.append(f"{'stem':>5} {'':>10} {'':>10} {self.stem / 1e6:10.2f}")
+        for b in self.per_block:
+            lines.append(f"{b.index:>5} {b.tokens_in:10.1f} {b.tokens_out:10.1f} "
+                         f"{b.macs / 1e6:10.2f}")
+        lines.append(f"{'head':>5} {'':>10} {'':>10} {self.head / 1e6:10.2f}")
+        for k, v in self.extra.items():
+            lines.append(f"{k[:5]:>5} {'':>10} {'':>10} {v / 1e6:10.2f}")
+        lines.append(f"total {self.gmacs:.4f} GMACs per image (mean over {self.images} images)")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "total": self.total, "gmacs": self.gmacs, "stem": self.stem, "head": self.head,
+            "extra": dict(self.extra), "images": self.images,
+            "per_block": [b.__dict__ | {"macs": b.macs} for b in self.per_block],
+        }
+
+
+def report_from(recorder: MacRecorder, images: int) -> MacReport:
+    blocks = []
+    for i in sorted(recorder.blocks):
+        v = recorder.blocks[i]
+        mean = {k: float(t.mean()) for k, t in v.items()}
+        blocks.append(BlockMacs(index=i, tokens_in=mean["tokens_in"],
+                                tokens_out=mean["tokens_out"], attention=mean["attention"],
+                                mlp=mean["mlp"], signals=mean.get("signals", 0.0)))
+    extra = {k: float(t.mean()) for k, t in recorder.extra.items()}
+    total = recorder.stem + recorder.head + sum(b.macs for b in blocks) + sum(extra.values())
+    return MacReport(total=total, stem=recorder.stem, head=recorder.head, per_block=blocks,
+                     extra=extra, images=images)
+
+
+def count_macs(model: nn.Module, images: Tensor) -> MacReport:
+    """MACs per image that ``model`` performs on ``images`` (``[B, 3, H, W]``).
+
+    Works on patched and unpatched models alike (an unpatched model is measured through the
+    identity method ``"none"`` and left as it was). The model runs once in eval mode without
+    gradients; its train/eval mode is restored. Data-dependent methods are averaged over the
+    images; padding does not count.
+    """
+    from leanvit import adapters
+    from leanvit.patching import ATTR, patch, unpatch
+
+    adapter = adapters.find_adapter(model)
+    was_patched = adapters.is_patched(model)
+    if not was_patched:
+        patch(model, "none")
+    was_training = model.training
+    try:
+        model.eval()
+        p = next(model.parameters(), None)
+        if p is not None:
+            images = images.to(device=p.device, dtype=p.dtype)
+        recorder = MacRecorder()
+        with torch.no_grad():
+            x, state = adapter.forward_features(model, images, recorder=recorder)
+            adapter.forward_head(model, x, state, recorder=recorder)
+        return report_from(recorder, images.shape[0])
+    finally:
+        model.train(was_training)
+        if not was_patched:
+            unpatch(model)

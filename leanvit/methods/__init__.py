@@ -1,0 +1,7 @@
+"""Methods: one file each, registered on import.
+
+Each file holds the method's options dataclass (defaults with their source) and its
+:class:`~leanvit.registry.Reducer`; tensor arithmetic shared between methods lives in
+:mod:`leanvit.ops`.
+"""
+from leanvit.methods import none  # noqa: F401

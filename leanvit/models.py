@@ -1,0 +1,76 @@
+"""Creating timm models by name, with local checkpoints and clear errors (no network)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import timm
+from torch import nn
+
+
+def checkpoint_keys(path: Path) -> Optional[set[str]]:
+    """Parameter names in a safetensors checkpoint (``None`` for other formats)."""
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return set(f.keys())
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"checkpoint {path} is not a readable safetensors file: {e}") from None
+
+
+def create_model(
+    name: str,
+    *,
+    img_size: Optional[int] = None,
+    checkpoint: Optional[str | Path] = None,
+    num_classes: Optional[int] = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """``timm.create_model`` with random weights, or weights from a local ``checkpoint``.
+
+    Args:
+        name: a timm model name, e.g. ``"deit_small_patch16_224"``.
+        img_size: input size in pixels, passed to timm (position embeddings are resampled when
+            a checkpoint was trained at another size).
+        checkpoint: a timm state dict (``.safetensors``, ``.pth``, ``.bin``); loaded the timm
+            way (``pretrained_cfg_overlay=dict(file=...)``), so the model's own key filters
+            apply. A safetensors file without classifier weights gives a headless model.
+        num_classes: classifier size; ``0`` for a headless backbone.
+
+    Raises:
+        ValueError: unknown model name, missing or unreadable checkpoint, or a checkpoint that
+            does not fit the model.
+    """
+    if not isinstance(name, str) or not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:8] if isinstance(name, str) else []
+        hint = f"; similar names: {', '.join(close)}" if close else ""
+        raise ValueError(f"unknown timm model {name!r}{hint}")
+    kw = dict(kwargs)
+    if img_size is not None:
+        if not isinstance(img_size, int) or img_size <= 0:
+            raise ValueError(f"img_size must be a positive int, got {img_size!r}")
+        kw["img_size"] = img_size
+    if num_classes is not None:
+        kw["num_classes"] = num_classes
+    if checkpoint is None:
+        return timm.create_model(name, pretrained=False, **kw)
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist")
+    keys = checkpoint_keys(path)
+    if keys is not None and num_classes is None and not any(k.startswith("head.") for k in keys):
+        kw["num_classes"] = 0  # a backbone without classifier (e.g. DINOv2 features)
+    try:
+        return timm.create_model(name, pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=str(path)), **kw)
+    except (RuntimeError, KeyError, OSError, EOFError, ValueError) as e:
+        msg = str(e).strip().splitlines()
+        raise ValueError(
+            f"could not load checkpoint {path} into {name}: {msg[0] if msg else type(e).__name__}"
+        ) from None
+    except Exception as e:  # unpickling errors of corrupt .pth files come in many types
+        raise ValueError(f"could not load checkpoint {path} into {name}: "
+                         f"{type(e).__name__}: {e}") from None

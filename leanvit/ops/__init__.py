@@ -1,0 +1,1 @@
+"""Pure tensor functions shared by methods (nothing here knows about timm)."""

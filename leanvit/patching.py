@@ -1,0 +1,82 @@
+"""``patch`` / ``unpatch``: turn a method on and off on an existing timm model, in place."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from leanvit import adapters
+from leanvit.registry import Reducer, get_method
+
+#: attribute under which the method's reducer (an ``nn.Module``) hangs on a patched model
+ATTR = "leanvit"
+
+
+def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
+    """Turn ``method`` on in ``model``, in place; weights untouched. Returns ``model``.
+
+    Args:
+        model: a timm model of a supported family (e.g. ``timm.create_model("deit_small_
+            patch16_224")``), pretrained or not.
+        method: a name from :func:`leanvit.available_methods` (``"none"`` is the identity).
+        **options: the method's options (fields of its options dataclass).
+
+    Raises:
+        ValueError: unknown method or option, option out of range, unsupported model, or a
+            model that is already patched (call :func:`unpatch` first). Nothing is changed.
+        TypeError: an option of the wrong type.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if adapters.is_patched(model):
+        current = getattr(model, ATTR, None)
+        name = getattr(current, "method_name", "?")
+        raise ValueError(
+            f"model is already patched with method {name!r}; call leanvit.unpatch(model) first"
+        )
+    m = get_method(method)
+    adapter = adapters.find_adapter(model)
+    if adapter.FAMILY not in m.families:
+        raise ValueError(
+            f"method {method!r} supports the families {', '.join(m.families)}, "
+            f"not {adapter.FAMILY!r}"
+        )
+    opts = m.make_options(**options)
+    info = adapter.describe(model)
+    reducer = m.build(opts, info)
+    if not isinstance(reducer, Reducer):  # pragma: no cover - guards method authors
+        raise TypeError(f"method {method!r} built {type(reducer).__name__}, not a Reducer")
+    reducer.method_name = m.name
+    # Only now change the model: every check above leaves it as it was.
+    p = next(model.parameters(), None)
+    if p is not None:
+        reducer.to(device=p.device)
+    model.add_module(ATTR, reducer)
+    model.__class__ = adapters.patched_class(adapter, type(model))
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore ``model``'s original class and behaviour, in place; returns ``model``.
+
+    Modules the method added (``model.leanvit``) are removed. ``ValueError`` if the model is
+    not patched.
+    """
+    if not adapters.is_patched(model):
+        raise ValueError("model is not patched by leanvit")
+    model.__class__ = adapters.original_class(model)
+    delattr(model, ATTR)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` currently has a leanvit method on."""
+    return adapters.is_patched(model)
+
+
+def patched_method(model: nn.Module) -> tuple[str, Any] | None:
+    """``(method name, options)`` of a patched model, or ``None``."""
+    if not adapters.is_patched(model):
+        return None
+    reducer = getattr(model, ATTR)
+    return reducer.method_name, reducer.options

@@ -1,0 +1,60 @@
+"""Cheap statistics of a block's attention that token methods read.
+
+Computed lazily from the ``q``, ``k``, ``v`` the attention already has, so a method pays only
+for what it reads and the main attention stays fused (SDPA). The class-token attention row is
+one query: ``softmax(q_cls k^T / sqrt(d) + bias)``, ``O(N C)`` instead of ``O(N^2 C)``.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+class Signals:
+    """Lazily computed attention statistics of one block.
+
+    Args:
+        q, k, v: ``[B, H, N, D]`` after q/k normalisation (what the attention uses).
+        scale: the attention's softmax scale (``D ** -0.5`` in timm).
+        bias: additive attention bias ``[B, 1, 1, N]`` or ``None``.
+
+    ``macs`` counts the multiply-accumulates spent so far, per image.
+    """
+
+    def __init__(self, q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Optional[Tensor]):
+        self.q, self.k, self.v, self.scale, self.bias = q, k, v, scale, bias
+        self.macs = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.k.shape[2]
+
+    @cached_property
+    def cls_attn_heads(self) -> Tensor:
+        """Post-softmax attention row of the class-token query, ``[B, H, N]`` (all keys)."""
+        q0 = self.q[:, :, :1] * self.scale
+        logits = q0 @ self.k.transpose(-2, -1)  # [B, H, 1, N]
+        if self.bias is not None:
+            logits = logits + self.bias
+        self.macs += self.k.shape[1] * self.k.shape[3] * self.num_tokens
+        return logits.softmax(dim=-1).squeeze(2)
+
+    @cached_property
+    def cls_attn(self) -> Tensor:
+        """Class-token attention averaged over heads, ``[B, N]`` (EViT, DiffRate, top-k)."""
+        return self.cls_attn_heads.mean(dim=1)
+
+    @cached_property
+    def keys(self) -> Tensor:
+        """Keys averaged over heads, ``[B, N, D]`` (ToMe's matching metric)."""
+        return self.k.mean(dim=1)
+
+    @cached_property
+    def value_norm(self) -> Tensor:
+        """L2 norm of each token's value vector, all heads concatenated, ``[B, N]`` (ATS)."""
+        B, H, N, D = self.v.shape
+        self.macs += H * D * N
+        return torch.linalg.vector_norm(self.v.transpose(1, 2).reshape(B, N, H * D), dim=-1)

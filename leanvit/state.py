@@ -1,0 +1,100 @@
+"""Per-forward token state.
+
+A :class:`TokenState` is created fresh at the start of every forward pass and travels with
+the hidden states ``x`` from block to block. Methods return a new state when they change the
+token set; nothing is shared between forward passes or stored on modules.
+
+Shapes: ``B`` batch, ``N`` tokens currently present (prefix tokens included), ``N0`` tokens
+at the first block.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from leanvit.macs import MacRecorder
+
+
+@dataclass
+class TokenState:
+    """What a forward pass knows about its tokens besides their features.
+
+    Attributes:
+        prefix: number of prefix tokens (class, distillation, register tokens) at the front of
+            the sequence; never pruned or merged.
+        n0: number of tokens entering the first block (prefix included).
+        size: ``[B, N]`` float, how many original patches each token stands for; ``None``
+            means every token has size 1 (nothing merged yet).
+        source: ``[B, N, N0]`` 0/1 float, which original tokens each token holds; only kept
+            when a method traces sources (visualisation).
+        valid: ``[B, N]`` bool, ``False`` marks padding (batch-variable token counts); ``None``
+            means every token is real.
+        mask: ``[B, N]`` float in [0, 1], a soft keep-mask used while training (DynamicViT,
+            DiffRate search): tokens stay in place and dropped keys are masked out of the
+            attention (:func:`leanvit.ops.attention.masked_softmax`). ``None`` in inference.
+        prop_attn: add ``log(size)`` to the attention logits of each key (proportional
+            attention, ToMe).
+        recorder: a :class:`~leanvit.macs.MacRecorder` while MACs are being counted.
+    """
+
+    prefix: int
+    n0: int
+    size: Optional[Tensor] = None
+    source: Optional[Tensor] = None
+    valid: Optional[Tensor] = None
+    mask: Optional[Tensor] = None
+    prop_attn: bool = False
+    recorder: Optional["MacRecorder"] = None
+
+    def replace(self, **changes) -> "TokenState":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def gather(self, index: Tensor) -> "TokenState":
+        """Keep the tokens at ``index`` (``[B, K]`` long) in every per-token field."""
+        return self.replace(
+            size=None if self.size is None else self.size.gather(1, index),
+            source=None if self.source is None else gather_tokens(self.source, index),
+            valid=None if self.valid is None else self.valid.gather(1, index),
+            mask=None if self.mask is None else self.mask.gather(1, index),
+        )
+
+    def sizes_like(self, x: Tensor) -> Tensor:
+        """``size`` as a ``[B, N]`` tensor in ``x``'s dtype (ones when nothing is merged)."""
+        if self.size is None:
+            return x.new_ones(x.shape[:2])
+        return self.size.to(x.dtype)
+
+    def token_counts(self, x: Tensor) -> Tensor:
+        """Real (non-padding) tokens per image, ``[B]`` float."""
+        if self.valid is None:
+            return torch.full((x.shape[0],), float(x.shape[1]))
+        return self.valid.sum(1).float()
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """``x[b, index[b, k]]`` for ``x`` of shape ``[B, N, ...]`` and ``index`` ``[B, K]``."""
+    shape = index.shape + x.shape[2:]
+    idx = index.reshape(index.shape + (1,) * (x.dim() - 2)).expand(shape)
+    return x.gather(1, idx)
+
+
+def attention_bias(state: TokenState, dtype: torch.dtype) -> Optional[Tensor]:
+    """Additive attention bias over keys, ``[B, 1, 1, N]``, or ``None`` when there is none.
+
+    ``log(size)`` when proportional attention is on and tokens were merged (ToMe, Bolya et
+    al. 2023, eq. 1), and ``-inf`` at padding positions.
+    """
+    bias = None
+    if state.prop_attn and state.size is not None:
+        bias = state.size.to(dtype).log()[:, None, None, :]
+    if state.valid is not None:
+        pad = torch.zeros(state.valid.shape, dtype=dtype, device=state.valid.device)
+        pad = pad.masked_fill(~state.valid, float("-inf"))[:, None, None, :]
+        bias = pad if bias is None else bias + pad
+    return bias
