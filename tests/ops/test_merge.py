@@ -1,0 +1,79 @@
+"""``leanvit.ops.merge`` against per-image loops."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leanvit.ops.merge import (bipartite_soft_matching, max_merges, merge_source, merge_tokens,
+                               merge_wavg)
+
+
+def _reference(metric, x, size, r, prefix):
+    """Per image: which A token merges into which B token, and the merged tokens in order
+    [prefix in order, unmerged A by position, B by position]."""
+    outs, sizes, groups_all = [], [], []
+    for b in range(metric.shape[0]):
+        n = metric.shape[1]
+        m = metric[b] / metric[b].norm(dim=-1, keepdim=True)
+        best = {}
+        for ia in range(prefix + (prefix % 2), n, 2):  # unprotected A (even) positions
+            cands = [(float(m[ia] @ m[jb]), jb) for jb in range(1, n, 2) if jb >= prefix]
+            best[ia] = max(cands)
+        ranked = sorted(best, key=lambda ia: -best[ia][0])[:r]
+        into = {ia: best[ia][1] for ia in ranked}
+        order = list(range(prefix)) + [ia for ia in range(0, n, 2) if ia >= prefix and ia not in into] \
+            + [jb for jb in range(1, n, 2) if jb >= prefix]
+        groups = [[t] + [ia for ia, jb in into.items() if jb == t] for t in order]
+        w = [sum(size[b, g] for g in grp) for grp in groups]
+        outs.append(torch.stack([sum(size[b, g] * x[b, g] for g in grp) / wi
+                                 for grp, wi in zip(groups, w)]))
+        sizes.append(torch.stack(w))
+        groups_all.append(groups)
+    return torch.stack(outs), torch.stack(sizes), groups_all
+
+
+@pytest.mark.parametrize("n, prefix, r", [(17, 1, 5), (18, 2, 8), (21, 5, 8), (16, 0, 8),
+                                          (9, 3, 3), (12, 1, 1)])
+def test_matching_and_weighted_merge_match_loops(n, prefix, r):
+    g = torch.Generator().manual_seed(n + prefix)
+    metric = torch.randn(2, n, 4, generator=g, dtype=torch.float64)
+    x = torch.randn(2, n, 3, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 4, (2, n), generator=g).double()
+    m = bipartite_soft_matching(metric, r, prefix)
+    out, out_size = merge_wavg(m, x, size)
+    ref, ref_size, groups = _reference(metric, x, size, r, prefix)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(out_size, ref_size, atol=0, rtol=0)
+    # source: one-hot rows of the originals, merged with max -> exactly the groups
+    src = merge_source(m, torch.eye(n, dtype=torch.float64).expand(2, n, n))
+    for b in range(2):
+        for t, grp in enumerate(groups[b]):
+            assert src[b, t].nonzero().flatten().tolist() == sorted(grp)
+
+
+def test_unit_sizes_by_default():
+    g = torch.Generator().manual_seed(0)
+    metric, x = torch.randn(1, 9, 4, generator=g), torch.randn(1, 9, 3, generator=g)
+    m = bipartite_soft_matching(metric, 3, 1)
+    out, size = merge_wavg(m, x)
+    out2, size2 = merge_wavg(m, x, torch.ones(1, 9))
+    assert torch.equal(size, size2) and size.sum() == 9
+    torch.testing.assert_close(out, out2)
+
+
+def test_merge_modes():
+    metric = torch.randn(1, 8, 4)
+    m = bipartite_soft_matching(metric, 3, 1)
+    x = torch.rand(1, 8, 2)
+    assert merge_tokens(m, x, "amax").shape == (1, 5, 2)
+    assert merge_tokens(m, x, "sum").sum().item() == pytest.approx(x.sum().item(), rel=1e-6)
+
+
+def test_r_bounds():
+    assert max_merges(197, 1) == 98
+    assert max_merges(198, 2) == 98
+    assert max_merges(2, 1) == 0
+    with pytest.raises(ValueError, match="r must be in"):
+        bipartite_soft_matching(torch.randn(1, 9, 4), 5, 1)
+    with pytest.raises(ValueError, match="r must be in"):
+        bipartite_soft_matching(torch.randn(1, 9, 4), 0, 1)
