@@ -24,23 +24,25 @@ from leanvit.state import gather_tokens
 
 
 class Matching(NamedTuple):
-    """Which tokens merge where; index tensors are positions *within* A and within B.
+    """Which tokens merge where, as absolute positions (shapes fixed by ``N``, ``r``, prefix).
+
+    The output of a merge is ``x[keep]`` with each ``x[src[k]]`` reduced into output row
+    ``dst[k]``.
 
     Attributes:
-        unm_idx: ``[B, nA - r]`` unmerged A tokens, ascending (so A's prefix tokens come first).
-        src_idx: ``[B, r]`` A tokens that merge away, best match first.
-        dst_idx: ``[B, r]`` the B token each of them merges into.
-        prefix: number of protected prefix tokens (positions ``0..prefix-1``).
+        keep: ``[B, N - r]`` input positions of the output tokens, in output order: the prefix
+            tokens, the unmerged A tokens by position, then the B tokens by position.
+        src: ``[B, r]`` input positions of the A tokens that merge away (best match first).
+        dst: ``[B, r]`` output rows they merge into (their B partners).
     """
 
-    unm_idx: Tensor
-    src_idx: Tensor
-    dst_idx: Tensor
-    prefix: int
+    keep: Tensor
+    src: Tensor
+    dst: Tensor
 
     @property
     def r(self) -> int:
-        return self.src_idx.shape[1]
+        return self.src.shape[1]
 
 
 def max_merges(n_tokens: int, prefix: int) -> int:
@@ -79,10 +81,17 @@ def bipartite_soft_matching(metric: Tensor, r: int, prefix: int = 0) -> Matching
             scores[:, :, :pb] = -math.inf  # nothing merges into a protected B token
         node_max, node_idx = scores.max(dim=-1)  # each A token's best B partner
         edge_idx = node_max.argsort(dim=-1, descending=True)
-        src_idx = edge_idx[:, :r]
+        src_idx = edge_idx[:, :r]  # positions within A
+        dst_idx = node_idx.gather(1, src_idx)  # positions within B
+        # Unmerged A by position; the protected ones (rows of -inf, A's first pa) come first.
         unm_idx = edge_idx[:, r:].sort(dim=-1).values
-        dst_idx = node_idx.gather(1, src_idx)
-    return Matching(unm_idx, src_idx, dst_idx, prefix)
+        n_a = a.shape[1]
+        b_rest = torch.arange(2 * pb + 1, N, 2, device=metric.device).expand(B, -1)
+        keep = torch.cat([torch.arange(prefix, device=metric.device).expand(B, -1),
+                          2 * unm_idx[:, pa:], b_rest], dim=1)
+        # Output row of B token j >= pb: prefix + (n_a - r - pa) unmerged A + (j - pb).
+        dst = dst_idx + (n_a - r)
+    return Matching(keep, 2 * src_idx, dst)
 
 
 def merge_tokens(m: Matching, x: Tensor, mode: str = "sum") -> Tensor:
@@ -92,42 +101,44 @@ def merge_tokens(m: Matching, x: Tensor, mode: str = "sum") -> Tensor:
     ``"mean"``: ``torch.scatter_reduce`` including the B token itself). Output order: the
     prefix tokens in their order, the unmerged A tokens, then the B tokens.
     """
-    a, b = x[:, ::2], x[:, 1::2]
-    unm = gather_tokens(a, m.unm_idx)
-    src = gather_tokens(a, m.src_idx)
-    idx = m.dst_idx.reshape(m.dst_idx.shape + (1,) * (x.dim() - 2)).expand(src.shape)
+    out = gather_tokens(x, m.keep)
+    src = gather_tokens(x, m.src)
+    idx = m.dst.reshape(m.dst.shape + (1,) * (x.dim() - 2)).expand(src.shape)
     if mode == "sum":
-        dst = b.scatter_add(1, idx, src)
-    else:
-        dst = b.scatter_reduce(1, idx, src, reduce=mode, include_self=True)
-    pa, pb = (m.prefix + 1) // 2, m.prefix // 2
-    if pb == 0:  # at most a class token: it is unm[:, 0] already
-        return torch.cat([unm, dst], dim=1)
-    # Prefix positions 0, 1, 2, ... alternate between A and B: restore their order.
-    head = [(unm if j % 2 == 0 else dst)[:, j // 2: j // 2 + 1] for j in range(m.prefix)]
-    return torch.cat(head + [unm[:, pa:], dst[:, pb:]], dim=1)
+        return out.scatter_add_(1, idx, src)
+    return out.scatter_reduce_(1, idx, src, reduce=mode, include_self=True)
 
 
 def merge_wavg(m: Matching, x: Tensor, size: Optional[Tensor] = None
                ) -> tuple[Tensor, Tensor]:
     """Size-weighted average merge (ToMe's ``merge_wavg``).
 
+    A destination ``j`` that receives tokens ``i`` becomes ``(s_j x_j + sum_i s_i x_i) / S_j``
+    with ``S_j = s_j + sum_i s_i``, computed as ``x_j + sum_i (s_i / S_j) (x_i - x_j)``: only the
+    ``r`` merged rows are touched (the authors' form multiplies and divides every token by its
+    size; here the one full pass is the gather of the kept tokens, and every token that takes
+    part in no merge is copied bit for bit).
+
     Args:
         x: ``[B, N, C]`` tokens.
         size: ``[B, N]`` patches each token stands for; ``None`` = all ones.
 
     Returns:
-        ``([B, N - r, C], [B, N - r])``: merged tokens ``sum(size * x) / sum(size)`` and their
-        summed sizes.
+        ``([B, N - r, C], [B, N - r])``: the merged tokens and their summed sizes.
     """
+    out = gather_tokens(x, m.keep)
+    x_src = gather_tokens(x, m.src)  # [B, r, C]
     if size is None:
-        size = x.new_ones(x.shape[:2])
-        weighted = x  # all weights are 1: skip the multiply
+        keep_size = x.new_ones(m.keep.shape)
+        src_size = x.new_ones(m.src.shape)
     else:
-        weighted = x * size.unsqueeze(-1)
-    x = merge_tokens(m, weighted, "sum")
-    size = merge_tokens(m, size, "sum")
-    return x / size.unsqueeze(-1), size
+        keep_size = size.gather(1, m.keep)
+        src_size = size.gather(1, m.src)
+    new_size = keep_size.scatter_add(1, m.dst, src_size)
+    coef = src_size / new_size.gather(1, m.dst)  # [B, r]
+    idx = m.dst.unsqueeze(-1).expand(x_src.shape)
+    delta = (x_src - out.gather(1, idx)) * coef.unsqueeze(-1).to(x.dtype)
+    return out.scatter_add_(1, idx, delta), new_size
 
 
 def merge_source(m: Matching, source: Tensor) -> Tensor:
