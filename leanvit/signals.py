@@ -6,7 +6,6 @@ one query: ``softmax(q_cls k^T / sqrt(d) + bias)``, ``O(N C)`` instead of ``O(N^
 """
 from __future__ import annotations
 
-from functools import cached_property
 from typing import Optional
 
 import torch
@@ -27,34 +26,50 @@ class Signals:
     def __init__(self, q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Optional[Tensor]):
         self.q, self.k, self.v, self.scale, self.bias = q, k, v, scale, bias
         self.macs = 0
+        # Computed on first read. Plain attributes rather than functools.cached_property,
+        # whose lock torch.compile cannot trace (it would break the graph in every block).
+        self._cls_attn_heads: Optional[Tensor] = None
+        self._cls_attn: Optional[Tensor] = None
+        self._keys: Optional[Tensor] = None
+        self._value_norm: Optional[Tensor] = None
 
     @property
     def num_tokens(self) -> int:
         return self.k.shape[2]
 
-    @cached_property
+    @property
     def cls_attn_heads(self) -> Tensor:
         """Post-softmax attention row of the class-token query, ``[B, H, N]`` (all keys)."""
+        if self._cls_attn_heads is not None:
+            return self._cls_attn_heads
         q0 = self.q[:, :, :1] * self.scale
         logits = q0 @ self.k.transpose(-2, -1)  # [B, H, 1, N]
         if self.bias is not None:
             logits = logits + self.bias
         self.macs += self.k.shape[1] * self.k.shape[3] * self.num_tokens
-        return logits.softmax(dim=-1).squeeze(2)
+        self._cls_attn_heads = logits.softmax(dim=-1).squeeze(2)
+        return self._cls_attn_heads
 
-    @cached_property
+    @property
     def cls_attn(self) -> Tensor:
         """Class-token attention averaged over heads, ``[B, N]`` (EViT, DiffRate, top-k)."""
-        return self.cls_attn_heads.mean(dim=1)
+        if self._cls_attn is None:
+            self._cls_attn = self.cls_attn_heads.mean(dim=1)
+        return self._cls_attn
 
-    @cached_property
+    @property
     def keys(self) -> Tensor:
         """Keys averaged over heads, ``[B, N, D]`` (ToMe's matching metric)."""
-        return self.k.mean(dim=1)
+        if self._keys is None:
+            self._keys = self.k.mean(dim=1)
+        return self._keys
 
-    @cached_property
+    @property
     def value_norm(self) -> Tensor:
         """L2 norm of each token's value vector, all heads concatenated, ``[B, N]`` (ATS)."""
-        B, H, N, D = self.v.shape
-        self.macs += H * D * N
-        return torch.linalg.vector_norm(self.v.transpose(1, 2).reshape(B, N, H * D), dim=-1)
+        if self._value_norm is None:
+            B, H, N, D = self.v.shape
+            self.macs += H * D * N
+            self._value_norm = torch.linalg.vector_norm(
+                self.v.transpose(1, 2).reshape(B, N, H * D), dim=-1)
+        return self._value_norm

@@ -12,7 +12,7 @@ import leanvit
 from leanvit.adapters import vit as vit_adapter
 from leanvit.methods.tome import schedule
 
-from _vit_reference import forward, head, tiny_vit
+from tests.methods._vit_reference import forward, head, tiny_vit
 
 
 def tome_reference(r_per_block):

@@ -10,7 +10,7 @@ from timm.models.deit import VisionTransformerDistilled
 import leanvit
 from leanvit.adapters import vit as vit_adapter
 
-from _vit_reference import forward, head, tiny_vit
+from tests.methods._vit_reference import forward, head, tiny_vit
 
 
 def topk_reference(keep_rate, locations):
