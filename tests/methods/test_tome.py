@@ -209,3 +209,15 @@ def test_macs_on_deit_small():
     head_macs = C * 1000
     assert report.total == pytest.approx(stem + blocks + matching + head_macs, rel=1e-9)
     assert 2.6 < report.gmacs < 2.8
+
+
+def test_dynamic_image_size_model_clamps_at_run_time():
+    # planned for 32x32 (17 tokens); a 24x24 input has 10 tokens: r is clamped per block
+    model = tiny_vit(dynamic_img_size=True, seed=9)
+    images = torch.randn(2, 3, 24, 24, dtype=torch.float64)
+    with torch.no_grad():
+        ref_x, ref_size, _ = forward(model, images, tome_reference([3] * 4), prop_attn=True)
+        leanvit.patch(model, "tome", r=3)
+        x, state = vit_adapter.forward_features(model, images)
+    assert x.shape[1] == 10 - 3 - 3 - 1 - 1 == ref_x.shape[1]  # caps (N - 1) // 2: 4, 3, 1, 1
+    torch.testing.assert_close(x, ref_x, atol=1e-5, rtol=1e-5)
