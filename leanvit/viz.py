@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-#: colour of patches that no token holds any more (light grey, so the photo still reads)
-BLANK = (0.92, 0.92, 0.92)
+#: colour of patches that no token holds any more (white, as in the papers' figures)
+BLANK = (1.0, 1.0, 1.0)
 
 
 @dataclass
@@ -170,8 +170,8 @@ def render(image: np.ndarray, stages: Sequence[Stage], grid: tuple[int, int],
         for s in stages]
     cols = max(1, min(columns, len(panels)))
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * panel_inches, rows * panel_inches + 0.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(rows, cols, squeeze=False, layout="constrained",
+                             figsize=(cols * panel_inches, rows * (panel_inches + 0.25) + 0.3))
     for ax in axes.flat:
         ax.axis("off")
     for ax, (head, img) in zip(axes.flat, panels):
@@ -179,7 +179,6 @@ def render(image: np.ndarray, stages: Sequence[Stage], grid: tuple[int, int],
         ax.set_title(head, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout(h_pad=1.2)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=path.suffix or ".png", dir=path.parent)

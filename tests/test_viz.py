@@ -10,7 +10,7 @@ import torch
 import leanvit
 from leanvit.registry import Reducer
 from leanvit.state import gather_tokens
-from leanvit.viz import Stage, render, stage_image, trace_stages
+from leanvit.viz import BLANK, Stage, render, stage_image, trace_stages
 
 torch.set_num_threads(1)
 
@@ -110,7 +110,7 @@ def test_dropped_patches_are_blanked():
     src[0, 0] = src[1, 1] = src[2, 4] = 1  # cls, patch 0 and patch 3 kept of a 2x2 grid
     image = np.full((4, 4, 3), 0.3)
     drawn = stage_image(image, Stage(block=0, source=src, prefix=1), (2, 2))
-    assert np.allclose(drawn[:2, 2:], 0.92) and np.allclose(drawn[2:, :2], 0.92)
+    assert np.allclose(drawn[:2, 2:], BLANK) and np.allclose(drawn[2:, :2], BLANK)
     assert np.allclose(drawn[:2, :2], 0.3) and np.allclose(drawn[2:, 2:], 0.3)
 
 
