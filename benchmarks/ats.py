@@ -77,12 +77,22 @@ def batch_of(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def macs(model, images, **options) -> dict:
+    """MACs per image (mean over ``images``) and the tokens each block leaves: mean over the
+    images, and the largest (what a padded batch of these images computes on)."""
+    from leanvit.adapters import vit
+    from leanvit.macs import MacRecorder
+
     base = leanvit.count_macs(model, images)
     patched = leanvit.patch(copy.deepcopy(model), "ats", **options)
     rep = leanvit.count_macs(patched, images)
+    rec = MacRecorder()
+    with torch.no_grad():
+        vit.forward_features(patched, images, recorder=rec)
     return {"baseline_gmacs": base.gmacs, "ats_gmacs": rep.gmacs,
             "mac_ratio": base.total / rep.total, "images": rep.images,
-            "tokens_out_per_block": [round(b.tokens_out, 2) for b in rep.per_block]}
+            "tokens_out_per_block": [round(b.tokens_out, 2) for b in rep.per_block],
+            "tokens_out_max_per_block": [int(rec.blocks[i]["tokens_out"].max())
+                                         for i in sorted(rec.blocks)]}
 
 
 def time_pair(base, patched, x, warmup: int, repeats: int) -> dict:
@@ -110,38 +120,47 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--latency-repeats", type=int, default=20)
-    p.add_argument("--skip-deit-timing", action="store_true")
+    p.add_argument("--parts", default="macs,deit-bench,deit-latency,dino",
+                   help="comma-separated subset of macs,deit-bench,deit-latency,dino")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     result: dict = {"threads": torch.get_num_threads()}
 
-    deit = create_model("deit_small_patch16_224").eval()
-    deit_photos = photos(deit)
-    result["deit_s_random_weights_photos"] = macs(deit, deit_photos)
-    print("DeiT-S (random weights), ATS MACs on", deit_photos.shape[0], "photos:",
-          json.dumps(result["deit_s_random_weights_photos"]), flush=True)
+    parts = set(args.parts.split(","))
+    if "macs" in parts:
+        deit = create_model("deit_small_patch16_224").eval()
+        deit_photos = photos(deit)
+        result["deit_s_random_weights_photos"] = macs(deit, deit_photos)
+        print("DeiT-S (random weights), ATS MACs on", deit_photos.shape[0], "photos:",
+              json.dumps(result["deit_s_random_weights_photos"]), flush=True)
 
-    if not args.skip_deit_timing:
+    if "deit-bench" in parts:
         r = run_benchmark("deit_small_patch16_224", "ats", {}, batch_size=args.batch_size,
                           repeats=args.repeats, progress=False)
-        r1 = run_benchmark("deit_small_patch16_224", "ats", {}, batch_size=1, warmup=3,
-                           repeats=args.latency_repeats, memory=False, progress=False)
         result["deit_s_bench"] = {
             "batch": args.batch_size, "speedup": r["speedup"], "mac_ratio": r["mac_ratio"],
             "baseline_images_per_s": r["baseline"]["images_per_s"],
             "patched_images_per_s": r["patched"]["images_per_s"],
             "baseline_gmacs": r["baseline"]["gmacs"], "patched_gmacs": r["patched"]["gmacs"],
             "peak_mem_mb": [r["baseline"]["peak_mem_mb"], r["patched"]["peak_mem_mb"]],
-            "batch1_baseline_ms": r1["baseline"]["ms_per_batch"],
-            "batch1_patched_ms": r1["patched"]["ms_per_batch"],
-            "batch1_latency_change": r1["patched"]["ms_per_batch"] / r1["baseline"]["ms_per_batch"]
-            - 1.0,
+            "round_ms": [r["baseline"]["round_ms"], r["patched"]["round_ms"]],
             "environment": r["environment"],
         }
         print("DeiT-S bench:", json.dumps({k: v for k, v in result["deit_s_bench"].items()
                                            if k != "environment"}), flush=True)
+    if "deit-latency" in parts:
+        r1 = run_benchmark("deit_small_patch16_224", "ats", {}, batch_size=1, warmup=3,
+                           repeats=args.latency_repeats, memory=False, progress=False)
+        result["deit_s_batch1"] = {
+            "baseline_ms": r1["baseline"]["ms_per_batch"],
+            "patched_ms": r1["patched"]["ms_per_batch"],
+            "latency_change": r1["patched"]["ms_per_batch"] / r1["baseline"]["ms_per_batch"] - 1,
+        }
+        print("DeiT-S batch 1:", json.dumps(result["deit_s_batch1"]), flush=True)
 
-    if DINO.is_file():
+    if "dino" not in parts:
+        pass
+    elif DINO.is_file():
         dino = create_model("vit_small_patch14_dinov2", img_size=224, checkpoint=DINO).eval()
         imgs = photos(dino)
         result["dinov2_real_weights_photos"] = macs(dino, imgs)
