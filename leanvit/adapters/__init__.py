@@ -3,7 +3,8 @@
 - ``FAMILY`` (name) and ``DESCRIPTION`` (for error messages),
 - ``matches(model_class) -> bool``, ``check_supported(model)`` (raises ``ValueError``),
 - ``describe(model) -> ModelInfo``,
-- ``forward_features(model, x, recorder=None) -> (x, state)`` and
+- ``forward_features(model, x, recorder=None, trace_source=False, on_block=None) ->
+  (x, state)`` and
   ``forward_head(model, x, state, pre_logits=False, recorder=None)``,
 - ``_PatchedX`` mixin class whose methods replace the model's ``forward`` while patched.
 """

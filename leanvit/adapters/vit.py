@@ -15,7 +15,7 @@ Block modules are not replaced or copied, so weights and their names are untouch
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -201,8 +201,20 @@ def check_input(model: nn.Module, x: Tensor) -> None:
             )
 
 
-def forward_features(model: nn.Module, x: Tensor, recorder=None) -> tuple[Tensor, TokenState]:
-    """Embeddings, blocks with the method's hooks, final norm: ``[B, N', C]`` and its state."""
+def forward_features(model: nn.Module, x: Tensor, recorder=None, trace_source: bool = False,
+                     on_block: Optional[Callable[[int, Tensor, TokenState], None]] = None
+                     ) -> tuple[Tensor, TokenState]:
+    """Embeddings, blocks with the method's hooks, final norm: ``[B, N', C]`` and its state.
+
+    Args:
+        recorder: a :class:`~leanvit.macs.MacRecorder` to count MACs into.
+        trace_source: start ``state.source`` as the identity ``[B, N0, N0]`` (each token holds
+            itself), so that every later gather/merge tracks which original tokens each token
+            holds (visualisation, :mod:`leanvit.viz`).
+        on_block: called as ``on_block(i, x, state)`` after block ``i`` with its output tokens
+            ``[B, N, C]`` and state (inspection: source snapshots, features); must not modify
+            them.
+    """
     check_input(model, x)
     reducer: Reducer = model.leanvit
     if recorder is not None:
@@ -214,9 +226,14 @@ def forward_features(model: nn.Module, x: Tensor, recorder=None) -> tuple[Tensor
     x = model.patch_drop(x)
     x = model.norm_pre(x)
     state = TokenState(prefix=model.num_prefix_tokens, n0=x.shape[1], recorder=recorder)
+    if trace_source:
+        eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+        state = state.replace(source=eye.repeat(x.shape[0], 1, 1))  # own memory: merges write
     state = reducer.init_state(state, x)
     for i, blk in enumerate(model.blocks):
         x, state = block_forward(blk, i, x, state, reducer)
+        if on_block is not None:
+            on_block(i, x, state)
     x = model.norm(x)
     return x, state
 

@@ -1,0 +1,199 @@
+"""ATS (adaptive token sampling) on DeiT-S and on real DINOv2 ViT-S/14 weights.
+
+Measures, each against the unmodified model in the same run:
+
+1. MACs per image from ``leanvit.count_macs``, averaged over real photos (scikit-image's
+   bundled photos, preprocessed with timm's eval transform for the model): DeiT-S with random
+   weights (no ImageNet weights here: its attention is meaningless, so its kept counts are not
+   representative) and DINOv2 ViT-S/14 with its real weights (``shared/weights``).
+2. Throughput, DeiT-S, batch 64, fp32, CPU, ``leanvit.bench.run_benchmark`` (random weights,
+   random input): speedup and MAC ratio; and batch-1 latency.
+3. The same timing protocol on DINOv2 with real weights on the real photos (a batch of 64
+   made of the photos, repeated, every second copy flipped), where ATS's counts are real.
+4. Mean cosine similarity of the final class features (DINOv2, real weights, real photos)
+   between the ATS-patched and the unpatched model.
+
+ATS here is off-the-shelf (no fine-tuning); the published DeiT-S number, 2.9 GMACs, is after
+fine-tuning with ATS in place.
+
+Run under the shared CPU lock::
+
+    flock /tmp/leanvit-cpu.lock python benchmarks/ats.py --json benchmarks/results/ats.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import leanvit  # noqa: E402
+from leanvit.bench import run_benchmark  # noqa: E402
+from leanvit.models import create_model  # noqa: E402
+from leanvit.viz import data_transform  # noqa: E402
+
+DINO = REPO.parent / "shared" / "weights" / "dinov2_vits14_224.safetensors"
+#: scikit-image's bundled photographs (no download); grey ones are replicated to RGB
+PHOTOS = ("astronaut", "brick", "camera", "cat", "clock", "coffee", "coins", "grass", "gravel",
+          "hubble_deep_field", "immunohistochemistry", "moon", "page", "retina", "rocket",
+          "stereo_motorcycle")
+
+
+def photos(model) -> torch.Tensor:
+    """The photos as the model's input ``[P, 3, H, W]`` (timm eval transform)."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    transform, _ = data_transform(model)
+    out = []
+    for name in PHOTOS:
+        arr = getattr(skimage.data, name)()
+        if isinstance(arr, tuple):  # stereo_motorcycle: (left, right, disparity)
+            arr = arr[0]
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3, axis=-1)
+        arr = arr[..., :3]
+        out.append(transform(Image.fromarray(arr)))
+    return torch.stack(out)
+
+
+def batch_of(images: torch.Tensor, size: int) -> torch.Tensor:
+    """``size`` images cycling through ``images``, every second pass flipped left-right."""
+    reps = []
+    k = 0
+    while sum(r.shape[0] for r in reps) < size:
+        reps.append(images.flip(-1) if k % 2 else images)
+        k += 1
+    return torch.cat(reps)[:size]
+
+
+def macs(model, images, **options) -> dict:
+    """MACs per image (mean over ``images``) and the tokens each block leaves: mean over the
+    images, and the largest (what a padded batch of these images computes on)."""
+    from leanvit.adapters import vit
+    from leanvit.macs import MacRecorder
+
+    base = leanvit.count_macs(model, images)
+    patched = leanvit.patch(copy.deepcopy(model), "ats", **options)
+    rep = leanvit.count_macs(patched, images)
+    rec = MacRecorder()
+    with torch.no_grad():
+        vit.forward_features(patched, images, recorder=rec)
+    return {"baseline_gmacs": base.gmacs, "ats_gmacs": rep.gmacs,
+            "mac_ratio": base.total / rep.total, "images": rep.images,
+            "tokens_out_per_block": [round(b.tokens_out, 2) for b in rep.per_block],
+            "tokens_out_max_per_block": [int(rec.blocks[i]["tokens_out"].max())
+                                         for i in sorted(rec.blocks)]}
+
+
+def time_pair(base, patched, x, warmup: int, repeats: int) -> dict:
+    """run_benchmark's protocol on given input: warm-up, interleaved rounds, median."""
+    times = {"baseline": [], "patched": []}
+    models = {"baseline": base, "patched": patched}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for m in models.values():
+                m(x)
+        for r in range(repeats):
+            for key in (("baseline", "patched") if r % 2 == 0 else ("patched", "baseline")):
+                t0 = time.perf_counter()
+                models[key](x)
+                times[key].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"baseline_ms": med["baseline"] * 1e3, "patched_ms": med["patched"] * 1e3,
+            "speedup": med["baseline"] / med["patched"],
+            "baseline_images_per_s": x.shape[0] / med["baseline"],
+            "patched_images_per_s": x.shape[0] / med["patched"]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--latency-repeats", type=int, default=20)
+    p.add_argument("--parts", default="macs,deit-bench,deit-latency,dino",
+                   help="comma-separated subset of macs,deit-bench,deit-latency,dino")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    result: dict = {"threads": torch.get_num_threads()}
+
+    parts = set(args.parts.split(","))
+    if "macs" in parts:
+        torch.manual_seed(0)  # random weights: fix them so the MACs repeat run to run
+        deit = create_model("deit_small_patch16_224").eval()
+        deit_photos = photos(deit)
+        result["deit_s_random_weights_photos"] = macs(deit, deit_photos)
+        print("DeiT-S (random weights), ATS MACs on", deit_photos.shape[0], "photos:",
+              json.dumps(result["deit_s_random_weights_photos"]), flush=True)
+
+    if "deit-bench" in parts:
+        r = run_benchmark("deit_small_patch16_224", "ats", {}, batch_size=args.batch_size,
+                          repeats=args.repeats, progress=False)
+        result["deit_s_bench"] = {
+            "batch": args.batch_size, "speedup": r["speedup"], "mac_ratio": r["mac_ratio"],
+            "baseline_images_per_s": r["baseline"]["images_per_s"],
+            "patched_images_per_s": r["patched"]["images_per_s"],
+            "baseline_gmacs": r["baseline"]["gmacs"], "patched_gmacs": r["patched"]["gmacs"],
+            "peak_mem_mb": [r["baseline"]["peak_mem_mb"], r["patched"]["peak_mem_mb"]],
+            "round_ms": [r["baseline"]["round_ms"], r["patched"]["round_ms"]],
+            "environment": r["environment"],
+        }
+        print("DeiT-S bench:", json.dumps({k: v for k, v in result["deit_s_bench"].items()
+                                           if k != "environment"}), flush=True)
+    if "deit-latency" in parts:
+        r1 = run_benchmark("deit_small_patch16_224", "ats", {}, batch_size=1, warmup=3,
+                           repeats=args.latency_repeats, memory=False, progress=False)
+        result["deit_s_batch1"] = {
+            "baseline_ms": r1["baseline"]["ms_per_batch"],
+            "patched_ms": r1["patched"]["ms_per_batch"],
+            "latency_change": r1["patched"]["ms_per_batch"] / r1["baseline"]["ms_per_batch"] - 1,
+        }
+        print("DeiT-S batch 1:", json.dumps(result["deit_s_batch1"]), flush=True)
+
+    if "dino" not in parts:
+        pass
+    elif DINO.is_file():
+        dino = create_model("vit_small_patch14_dinov2", img_size=224, checkpoint=DINO).eval()
+        imgs = photos(dino)
+        result["dinov2_real_weights_photos"] = macs(dino, imgs)
+        print("DINOv2 ViT-S/14 (real weights), ATS MACs on", imgs.shape[0], "photos:",
+              json.dumps(result["dinov2_real_weights_photos"]), flush=True)
+        patched = leanvit.patch(copy.deepcopy(dino), "ats")
+        with torch.no_grad():
+            f0, f1 = dino(imgs), patched(imgs)
+        cos = torch.nn.functional.cosine_similarity(f0, f1, dim=-1)
+        result["dinov2_cosine"] = {"mean": float(cos.mean()), "min": float(cos.min()),
+                                   "images": imgs.shape[0]}
+        print("DINOv2 class-feature cosine (ATS vs unpatched):",
+              json.dumps(result["dinov2_cosine"]), flush=True)
+        x = batch_of(imgs, args.batch_size)
+        t = time_pair(dino, patched, x, warmup=2, repeats=args.repeats)
+        t["mac_ratio"] = macs(dino, x)["mac_ratio"]
+        t1 = time_pair(dino, patched, imgs[:1], warmup=3, repeats=args.latency_repeats)
+        t["batch1_baseline_ms"], t["batch1_patched_ms"] = t1["baseline_ms"], t1["patched_ms"]
+        t["batch1_latency_change"] = t1["patched_ms"] / t1["baseline_ms"] - 1.0
+        result["dinov2_bench_photos"] = t
+        print("DINOv2 bench on photos:", json.dumps(t), flush=True)
+    else:
+        print(f"skipping DINOv2: {DINO} not found", flush=True)
+
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

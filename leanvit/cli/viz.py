@@ -1,0 +1,46 @@
+"""``leanvit viz``: where the tokens of one image go, per reduction stage, as a PNG."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "viz", help="draw which patches each reduction stage keeps, drops or merges",
+        description="Run one image through the patched model with source tracking and write a "
+                    "figure: the input, then one panel per block that changed the tokens, with "
+                    "dropped patches blanked and merged groups painted in their mean colour "
+                    "and outlined. Random weights unless --checkpoint is given.")
+    p.add_argument("image", metavar="IMAGE", help="image file (anything PIL reads)")
+    p.add_argument("--model", required=True, metavar="M",
+                   help="timm model name, e.g. vit_small_patch14_dinov2")
+    p.add_argument("--method", default="none", metavar="M",
+                   help="method name (see 'leanvit methods'); default: none")
+    p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option as a Python literal, e.g. --set max_tokens=100; "
+                        "repeatable")
+    p.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="timm state dict (.safetensors/.pth) to load; random weights otherwise")
+    p.add_argument("--img-size", type=int, default=None, metavar="S",
+                   help="input size in pixels, passed to timm.create_model(img_size=S)")
+    p.add_argument("--out", required=True, metavar="OUT.png", help="figure to write (PNG)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import leanvit
+    from leanvit.cli.common import parse_set
+    from leanvit.models import create_model
+    from leanvit.viz import visualize
+
+    options = parse_set(args.options)
+    model = create_model(args.model, img_size=args.img_size, checkpoint=args.checkpoint).eval()
+    leanvit.patch(model, args.method, **options)
+    shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    weights = f"weights {Path(args.checkpoint).name}" if args.checkpoint else "random weights"
+    title = (f"{args.model} ({weights}) / {args.method}" + (f" ({shown})" if shown else ""))
+    stages = visualize(model, args.image, args.out, title=title)
+    counts = ", ".join(f"block {s.block}: {s.num_tokens}" for s in stages) or "no reduction"
+    print(f"wrote {args.out} ({len(stages) + 1} panels; tokens after {counts})")
+    return 0
