@@ -73,15 +73,20 @@ def merge_tail(x: Tensor, size: Tensor, prefix: int, k: int, end: Optional[int] 
     """
     B, N, C = x.shape
     end = N if end is None else end
+    S = end - k
     dst, src = x[:, :k], x[:, k:end]
     with torch.no_grad():
-        metric = x[:, :end] / x[:, :end].norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        metric = F.normalize(x[:, :end], dim=-1)
         sim = metric[:, k:] @ metric[:, :k].transpose(1, 2)  # [B, S, k]
         sim[..., :prefix] = -math.inf
         best, idx = sim.max(dim=-1)  # [B, S]
-    merged = dst.scatter_reduce(1, idx[..., None].expand(-1, -1, C), src, reduce="mean",
-                                include_self=True)
-    new_size = size[:, :k].scatter_add(1, idx, size[:, k:end] * best.clamp_min(0).to(size.dtype))
+        # one flat index over the batch: index_add is parallel on CPU (scatter_reduce is not)
+        flat = (idx + torch.arange(B, device=x.device)[:, None] * k).reshape(-1)
+        count = x.new_ones(B * k).index_add(0, flat, x.new_ones(B * S))
+    merged = dst.reshape(B * k, C).index_add(0, flat, src.reshape(B * S, C))
+    merged = (merged / count[:, None]).reshape(B, k, C)  # plain mean of dst and its sources
+    gain = (size[:, k:end] * best.clamp_min(0).to(size.dtype)).reshape(-1)
+    new_size = size[:, :k].reshape(B * k).index_add(0, flat, gain).reshape(B, k)
     new_source = None
     if source is not None:
         new_source = source[:, :k].scatter_reduce(
