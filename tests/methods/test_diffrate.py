@@ -322,3 +322,28 @@ def test_schedule_file_round_trip_through_patch(tmp_path):
         leanvit.patch(model, "diffrate", schedule=s)
         b = model(images)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("objective", ["ce", "distill-logits"])
+def test_search_objectives_with_a_head(objective):
+    model = tiny(depth=2, num_classes=4)
+    dense = leanvit.count_macs(model, torch.randn(1, 3, 64, 64)).gmacs
+    images, labels = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
+    r = search(model, 0.8 * dense, images, labels=labels, objective=objective, epochs=1,
+               batch_size=2, progress=False)
+    assert r.steps == 2 and r.schedule.obtained["objective"] == objective
+    assert all(math.isfinite(h["task"]) for h in r.history)
+
+
+def test_search_bad_inputs():
+    model = tiny(depth=2, num_classes=0)
+    images = torch.randn(2, 3, 64, 64)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        search(model, 0.01, images, objective="mse")
+    with pytest.raises(ValueError, match="needs a classifier head"):
+        search(model, 0.01, images, objective="ce")
+    with pytest.raises(ValueError, match="not below the dense"):
+        search(model, 100.0, images)
+    leanvit.patch(model, "none")
+    with pytest.raises(ValueError, match="unpatched model"):
+        search(model, 0.01, images)
