@@ -45,6 +45,12 @@ def main() -> None:
     ratio = result["speedup"] / result["mac_ratio"]
     verdict = "PASS" if ratio >= 0.95 else "FAIL"
     print(f"speedup / MAC ratio = {ratio:.3f} (needs >= 0.95): {verdict}")
+    # the machine is shared: preemption only adds time, so the fastest round of each model is
+    # a second, noise-robust estimate (reported beside the median, not instead of it)
+    best = min(result["baseline"]["round_ms"]) / min(result["patched"]["round_ms"])
+    print(f"fastest-round speedup {best:.3f}x = {best / result['mac_ratio']:.3f} x MAC ratio")
+    print("rounds ms baseline", [round(t) for t in result["baseline"]["round_ms"]])
+    print("rounds ms patched ", [round(t) for t in result["patched"]["round_ms"]])
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
