@@ -40,6 +40,7 @@ import ast
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,12 +254,11 @@ def save_schedule(schedule: Schedule, path: Union[str, os.PathLike]) -> Path:
 
 
 def _format(d: dict) -> str:
-    """Indented JSON with each count list on one line (readable diffs, one glance per list)."""
-    lists = {k: d[k] for k in ("img_size", "prune_kept", "merge_kept")}
-    body = json.dumps({k: (f"@{k}@" if k in lists else v) for k, v in d.items()}, indent=2)
-    for k, v in lists.items():
-        body = body.replace(f"\"@{k}@\"", json.dumps(v))
-    return body + "\n"
+    """Indented JSON with each list of numbers on one line (one glance per list)."""
+    body = json.dumps(d, indent=2)
+    return re.sub(r"\[\s*([-\d.,\s]*?)\s*\]",
+                  lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")
+                                            if v.strip()) + "]", body) + "\n"
 
 
 def load_schedule(path: Union[str, os.PathLike]) -> Schedule:
