@@ -31,6 +31,8 @@ class ModelInfo:
     num_patches: int
     global_pool: str
     name: str = ""
+    #: input size ``(H, W)`` in pixels the model was built for (``None`` if unknown)
+    img_size: Optional[tuple[int, int]] = None
 
 
 class Reducer(nn.Module):

@@ -69,6 +69,8 @@ def describe(model: nn.Module) -> ModelInfo:
         name=getattr(getattr(model, "pretrained_cfg", None) or {}, "get", lambda *_: "")(
             "architecture", ""
         ),
+        img_size=tuple(model.patch_embed.img_size)
+        if getattr(model.patch_embed, "img_size", None) is not None else None,
     )
 
 
@@ -235,6 +237,31 @@ def forward_features(model: nn.Module, x: Tensor, recorder=None, trace_source: b
         if on_block is not None:
             on_block(i, x, state)
     x = model.norm(x)
+    return x, state
+
+
+def embed(model: nn.Module, x: Tensor) -> tuple[Tensor, TokenState]:
+    """Tokens entering block 0, ``[B, N0, C]``, and the method's initial state (the first
+    part of :func:`forward_features`; with :func:`run_blocks` a caller can cache what frozen
+    blocks compute, e.g. a rate search)."""
+    check_input(model, x)
+    x = model.patch_embed(x)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    x = model.norm_pre(x)
+    state = TokenState(prefix=model.num_prefix_tokens, n0=x.shape[1])
+    return x, model.leanvit.init_state(state, x)
+
+
+def run_blocks(model: nn.Module, x: Tensor, state: TokenState, start: int = 0,
+               stop: Optional[int] = None) -> tuple[Tensor, TokenState]:
+    """Blocks ``start .. stop - 1`` with the method's hooks; with ``stop=None`` also the final
+    norm, so ``run_blocks(model, *embed(model, images))`` equals :func:`forward_features`."""
+    end = len(model.blocks) if stop is None else stop
+    for i in range(start, end):
+        x, state = block_forward(model.blocks[i], i, x, state, model.leanvit)
+    if stop is None:
+        x = model.norm(x)
     return x, state
 
 

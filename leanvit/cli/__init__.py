@@ -11,7 +11,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-COMMANDS = ("bench", "macs", "methods", "viz")
+COMMANDS = ('bench', 'macs', 'methods', 'viz', 'search')
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,67 @@
+"""``leanvit search``: search a per-block token schedule to a MAC budget (DiffRate)."""
+from __future__ import annotations
+
+import argparse
+
+METHODS = ("diffrate",)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "search", help="search per-block kept-token counts to a MAC budget (DiffRate)",
+        description="Learn DiffRate's per-block prune/merge rates for a frozen model against a "
+                    "target GMACs on a few images, and write the schedule as JSON (deploy it "
+                    "with --method diffrate --set schedule=FILE). Headless models (DINOv2) "
+                    "distil the unpatched model's features, so no labels are needed.")
+    p.add_argument("model", metavar="MODEL", help="timm model name, e.g. deit_small_patch16_224")
+    p.add_argument("--method", default="diffrate", choices=METHODS,
+                   help="search method (default diffrate)")
+    p.add_argument("--target-gmacs", type=float, required=True, metavar="G",
+                   help="MACs per image to reach, in 1e9")
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="ImageFolder directory (DIR/<class>/*.png); DIR/train is used if present")
+    p.add_argument("--images", type=int, default=1000, help="images to use (default 1000)")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the images (default 3)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
+    p.add_argument("--objective", default="auto",
+                   choices=("auto", "ce", "distill-logits", "distill-features"),
+                   help="task loss: auto = distill-features for headless models, "
+                        "distill-logits otherwise")
+    p.add_argument("--lr", type=float, default=0.01, help="AdamW lr (default 0.01, authors)")
+    p.add_argument("--min-lr", type=float, default=0.001, help="cosine floor (default 0.001)")
+    p.add_argument("--mac-weight", type=float, default=5.0,
+                   help="weight of (GMACs - target)^2 (default 5, authors)")
+    p.add_argument("--granularity", type=int, default=None,
+                   help="candidate spacing in tokens (default: 4 per 196 patches)")
+    p.add_argument("--img-size", type=int, default=None, metavar="S")
+    p.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="timm state dict to load (random weights otherwise)")
+    p.add_argument("--num-classes", type=int, default=None, metavar="N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, metavar="FILE", help="schedule JSON to write")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from leanvit.methods.diffrate import search
+    from leanvit.models import create_model
+    from leanvit.schedule import save_schedule
+
+    model = create_model(args.model, img_size=args.img_size, checkpoint=args.checkpoint,
+                         num_classes=args.num_classes).eval()
+    data = Path(args.data)
+    if (data / "train").is_dir():
+        data = data / "train"
+    result = search(model, args.target_gmacs, data, objective=args.objective,
+                    epochs=args.epochs, batch_size=args.batch_size, num_images=args.images,
+                    lr=args.lr, min_lr=args.min_lr, mac_weight=args.mac_weight,
+                    granularity=args.granularity, seed=args.seed)
+    s = result.schedule
+    save_schedule(s, args.out)
+    print(f"prune_kept {list(s.prune_kept)}")
+    print(f"merge_kept {list(s.merge_kept)}")
+    print(f"{s.gmacs:.4f} GMACs (target {args.target_gmacs}), {result.steps} steps, "
+          f"{result.seconds:.0f} s; wrote {args.out}")
+    return 0
