@@ -5,3 +5,4 @@ Each file holds the method's options dataclass (defaults with their source) and 
 :mod:`leanvit.ops`.
 """
 from leanvit.methods import none  # noqa: F401
+from leanvit.methods import dynamicvit  # noqa: F401
