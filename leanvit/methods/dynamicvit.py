@@ -28,6 +28,7 @@ recorded as ``extra["predictor"]`` in :func:`leanvit.count_macs`.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -193,3 +194,35 @@ METHOD = register(Method(
     "dynamicvit", DynamicViTOptions, build, families=("vit",),
     summary="learned prediction modules drop tokens before blocks (Rao et al. 2021; needs "
             "training: leanvit train --method dynamicvit)"))
+
+
+#: the authors' predictor names (``PredictorLG``: ``in_conv`` = LayerNorm, Linear, GELU;
+#: ``out_conv`` = Linear, GELU, Linear, GELU, Linear, LogSoftmax) -> this module's names
+_AUTHORS_NAMES = {"in_conv.0": "norm", "in_conv.1": "proj", "out_conv.0": "fc1",
+                  "out_conv.2": "fc2", "out_conv.4": "fc3"}
+
+
+def from_authors_state_dict(sd: dict[str, Tensor]
+                            ) -> tuple[dict[str, Tensor], dict[str, Tensor], int]:
+    """Split an authors' DynamicViT state dict (raoyongming/DynamicViT, DeiT models) into
+    (timm backbone state dict, this reducer's state dict, number of predictors).
+
+    Their backbone uses timm's ViT names; predictors are ``score_predictor.{s}.{in,out}_conv.*``.
+    ``ValueError`` for predictor tensors this module does not know.
+    """
+    backbone, reducer, stages = {}, {}, set()
+    pattern = re.compile(r"score_predictor\.(\d+)\.((?:in|out)_conv\.\d+)\.(weight|bias)$")
+    for k, v in sd.items():
+        if not k.startswith("score_predictor."):
+            backbone[k] = v
+            continue
+        m = pattern.match(k)
+        if m is None or m.group(2) not in _AUTHORS_NAMES:
+            raise ValueError(f"unknown DynamicViT predictor tensor {k!r} in the authors' "
+                             "checkpoint (expected score_predictor.S.in_conv.{0,1} / "
+                             "out_conv.{0,2,4})")
+        stages.add(int(m.group(1)))
+        reducer[f"predictor.{m.group(1)}.{_AUTHORS_NAMES[m.group(2)]}.{m.group(3)}"] = v
+    if sorted(stages) != list(range(len(stages))):
+        raise ValueError(f"authors' checkpoint has predictors {sorted(stages)}, not 0..S-1")
+    return backbone, reducer, len(stages)
