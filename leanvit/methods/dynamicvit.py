@@ -138,6 +138,10 @@ class DynamicViT(Reducer):
     def acts_before(self, i: int) -> bool:
         return i in self.stage
 
+    def keep_targets(self) -> list[float]:
+        """Target kept fraction of each stage for the ratio loss: ``rho ** (s + 1)``."""
+        return [self.options.keep_rate ** (s + 1) for s in range(len(self.locations))]
+
     def before_block(self, i: int, x: Tensor, state: TokenState) -> tuple[Tensor, TokenState]:
         s = self.stage[i]
         P = state.prefix
