@@ -461,8 +461,7 @@ def train(config: TrainConfig | dict) -> dict:
     runner: nn.Module = step_module
     if world > 1:
         runner = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False)
+            step_module, device_ids=[device.index] if device.type == "cuda" else None)
     mixup = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,

@@ -137,3 +137,35 @@ def test_ddp_two_processes_match_one(folder, tmp_path):
     assert moved <= 1e-5
     log = (tmp_path / "two" / "log.jsonl").read_text()
     assert '"rank_count": 2' in log
+
+
+def test_keep_rate_warmup_hook(temp_method):
+    """EViT-style warm-up: keep_rate follows a cosine from 1 to the target; methods without
+    learned parameters get a rebuilt reducer, learned ones keep their modules."""
+    import dataclasses as dc
+
+    import timm
+
+    import leanvit
+    from leanvit.registry import Method, Reducer
+    from leanvit.train import _keep_rate_at, _set_keep_rate
+
+    cfg = TrainConfig(data="x", keep_rate_warmup_epochs=4)
+    assert _keep_rate_at(0.0, cfg, 0.7) == pytest.approx(1.0)
+    assert _keep_rate_at(2.0, cfg, 0.7) == pytest.approx(0.85)
+    assert _keep_rate_at(4.0, cfg, 0.7) == 0.7
+
+    @dc.dataclass(frozen=True)
+    class Opts:
+        keep_rate: float = 0.7
+
+    temp_method(Method("kr_test", Opts, lambda o, i: Reducer(o, i)))
+    model = leanvit.patch(timm.create_model("vit_tiny_patch16_224", depth=2, img_size=32,
+                                            patch_size=8), "kr_test")
+    _set_keep_rate(model, 0.9)
+    assert model.leanvit.options.keep_rate == 0.9 and leanvit.patched_method(model)[0] == "kr_test"
+    model = leanvit.patch(timm.create_model("vit_tiny_patch16_224", depth=2, img_size=32,
+                                            patch_size=8), "dynamicvit", locations=(1,))
+    predictor = model.leanvit.predictor
+    _set_keep_rate(model, 0.9)
+    assert model.leanvit.predictor is predictor and model.leanvit.keep_targets() == [0.9]

@@ -80,6 +80,9 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from leanvit.train import train
 
+    import os
+
     summary = train(config_from_args(args))
-    print(json.dumps(summary))
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not per torchrun process
+        print(json.dumps(summary))
     return 0
