@@ -74,6 +74,7 @@ class TrainConfig:
     img_size: Optional[int] = None
     num_classes: Optional[int] = None  #: default: the number of class folders
     model_kwargs: dict = field(default_factory=dict)  #: more timm.create_model arguments
+    probe_head: Optional[str] = None  #: a probe head file (leanvit.probe.save_head) to attach
     epochs: int = 30
     batch_size: int = 96  #: per process (authors: 96 x 8 GPUs)
     lr: Optional[float] = None  #: default 1e-3 * global batch / 1024 (authors: 5e-4 per 512)
@@ -431,7 +432,14 @@ def train(config: TrainConfig | dict) -> dict:
     num_classes = cfg.num_classes if cfg.num_classes is not None else len(val_set.classes)
     _seed_all(cfg.seed)
     model = create_model(cfg.model, img_size=cfg.img_size, checkpoint=cfg.checkpoint,
-                         num_classes=num_classes, **cfg.model_kwargs)
+                         num_classes=0 if cfg.probe_head else num_classes, **cfg.model_kwargs)
+    if cfg.probe_head is not None:  # a headless backbone made a classifier by a fitted probe
+        try:
+            from leanvit.probe import attach_head, load_head
+        except ImportError:
+            raise ValueError("probe_head needs leanvit.probe (the probe module is not "
+                             "installed in this copy of leanvit)") from None
+        attach_head(model, load_head(cfg.probe_head))
     teacher = None
     if cfg.distill:
         teacher = copy.deepcopy(model).eval().requires_grad_(False).to(device)
