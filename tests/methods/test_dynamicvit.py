@@ -236,3 +236,19 @@ def test_avg_pool_training_ignores_dropped_tokens():
         feats, state = adapter.forward_features(model, _images())
         pooled = adapter.forward_head(model, feats, state, pre_logits=True)
     torch.testing.assert_close(pooled, model.fc_norm(feats[:, 0::2].mean(1)))
+
+
+def test_prefix_tokens_are_never_scored_or_pruned():
+    """Class + 2 register tokens: eval keeps all three in front, training never masks them."""
+    model = _spread(leanvit.patch(_tiny(reg_tokens=2), "dynamicvit", keep_rate=0.5,
+                                  locations=(1, 2)))
+    adapter = leanvit.adapters.find_adapter(model)
+    x = _images()
+    with torch.no_grad():
+        feats, state = adapter.forward_features(model, x)
+        assert feats.shape[1] == 3 + 16 and state.prefix == 3  # int(64 * 0.25) patches
+        ref = _reference_eval(model, x, 0.5, (1, 2))
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+        model.train()
+        _, st = adapter.forward_features(model, x)
+    assert bool((st.mask[:, :3] == 1).all()) and st.aux_values(dv.DECISION)[0].shape == (3, 64)
