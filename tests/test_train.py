@@ -169,3 +169,13 @@ def test_keep_rate_warmup_hook(temp_method):
     predictor = model.leanvit.predictor
     _set_keep_rate(model, 0.9)
     assert model.leanvit.predictor is predictor and model.leanvit.keep_targets() == [0.9]
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from leanvit.cli import main
+
+    assert main(["train", "vit_tiny_patch16_224", "--data", str(tmp_path)]) == 2
+    assert "no train/ folder" in capsys.readouterr().err
+    assert main(["train", "vit_tiny_patch16_224", "--data", str(tmp_path), "--cfg",
+                 "nonsense=1"]) == 2
+    assert "unknown --cfg key" in capsys.readouterr().err
