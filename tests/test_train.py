@@ -179,3 +179,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["train", "vit_tiny_patch16_224", "--data", str(tmp_path), "--cfg",
                  "nonsense=1"]) == 2
     assert "unknown --cfg key" in capsys.readouterr().err
+
+
+def test_worker_count_does_not_change_the_run(folder, tmp_path):
+    """Augmentation is seeded per (seed, epoch, image): 0 or 2 loader workers, same weights."""
+    torch.set_num_threads(1)
+    a = train(_cfg(folder, tmp_path / "w0", epochs=1, workers=0, freeze_backbone_epochs=0))
+    b = train(_cfg(folder, tmp_path / "w2", epochs=1, workers=2, freeze_backbone_epochs=0))
+    wa, wb = _weights(a["weights"]), _weights(b["weights"])
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
