@@ -6,9 +6,12 @@ Public API::
     model = timm.create_model("deit_small_patch16_224")
     leanvit.patch(model, "none")            # a method, in place; weights untouched
     report = leanvit.count_macs(model, images)
+    leanvit.save(model, "m.safetensors")    # the method's learned state (predictors, ...)
     leanvit.unpatch(model)                  # back to the original, exactly
+    leanvit.load(model, "m.safetensors")    # patch again with the saved method and state
 """
 from leanvit import methods as _methods  # noqa: F401  (registers the built-in methods)
+from leanvit.io import load, save
 from leanvit.macs import MacReport, count_macs
 from leanvit.patching import is_patched, patch, patched_method, unpatch
 from leanvit.registry import available_methods
@@ -17,5 +20,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "patch", "unpatch", "is_patched", "patched_method", "available_methods", "count_macs",
-    "MacReport", "__version__",
+    "MacReport", "save", "load", "__version__",
 ]

@@ -51,6 +51,7 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
     p = next(model.parameters(), None)
     if p is not None:
         reducer.to(device=p.device)
+    reducer.train(model.training)  # a fresh module is in train mode; follow the model's mode
     model.add_module(ATTR, reducer)
     model.__class__ = adapters.patched_class(adapter, type(model))
     return model

@@ -40,6 +40,10 @@ class TokenState:
         prop_attn: add ``log(size)`` to the attention logits of each key (proportional
             attention, ToMe).
         recorder: a :class:`~leanvit.macs.MacRecorder` while MACs are being counted.
+        aux: side outputs of the method for training losses and inspection, an immutable
+            tuple of ``(name, tensor)`` pairs that hooks extend with
+            ``state.replace(aux=state.aux + ((name, t),))`` (e.g. DynamicViT's per-stage keep
+            decisions ``[B, N0 - prefix]``). Not per-token: :meth:`gather` leaves it as it is.
     """
 
     prefix: int
@@ -50,6 +54,7 @@ class TokenState:
     mask: Optional[Tensor] = None
     prop_attn: bool = False
     recorder: Optional["MacRecorder"] = None
+    aux: tuple = ()
 
     def replace(self, **changes) -> "TokenState":
         """A copy with some fields changed."""
@@ -63,6 +68,10 @@ class TokenState:
             valid=None if self.valid is None else self.valid.gather(1, index),
             mask=None if self.mask is None else self.mask.gather(1, index),
         )
+
+    def aux_values(self, name: str) -> list[Tensor]:
+        """The tensors recorded in :attr:`aux` under ``name``, in the order they were added."""
+        return [t for n, t in self.aux if n == name]
 
     def sizes_like(self, x: Tensor) -> Tensor:
         """``size`` as a ``[B, N]`` tensor in ``x``'s dtype (ones when nothing is merged)."""

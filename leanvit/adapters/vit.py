@@ -266,20 +266,23 @@ def run_blocks(model: nn.Module, x: Tensor, state: TokenState, start: int = 0,
 
 
 def pool(model: nn.Module, x: Tensor, state: TokenState) -> Tensor:
-    """The model's pooling with merged tokens weighted by size and padding left out.
+    """The model's pooling with merged tokens weighted by size, padding and masked-out
+    (training keep-mask) tokens left out.
 
     ``token`` pooling and attention pooling read tokens as timm does; ``avg`` and ``avgmax``
     average over the patch tokens weighted by how many patches each stands for.
     """
     if model.attn_pool is not None or model.global_pool not in ("avg", "avgmax", "max"):
         return model.pool(x)
-    if state.size is None and state.valid is None:
+    if state.size is None and state.valid is None and state.mask is None:
         return model.pool(x)
     start = 0 if model.pool_include_prefix else model.num_prefix_tokens
     xs = x[:, start:]
     w = state.sizes_like(x)[:, start:]
     if state.valid is not None:
         w = w * state.valid[:, start:].to(w.dtype)
+    if state.mask is not None:  # training keep-mask: dropped tokens stay in place, unpooled
+        w = w * state.mask[:, start:].to(w.dtype)
     avg = (xs * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True)
     if model.global_pool == "avg":
         return avg
@@ -298,7 +301,7 @@ def forward_head(model: nn.Module, x: Tensor, state: TokenState, pre_logits: boo
         if isinstance(dist, nn.Linear):
             head += _linear_macs(dist)
         recorder.record_head(0 if pre_logits else head)
-    needs_own_pool = state.size is not None or state.valid is not None
+    needs_own_pool = state.size is not None or state.valid is not None or state.mask is not None
     if not needs_own_pool or model.global_pool == "token" or type(model).forward_head is not \
             _vit_forward_head():
         return model.forward_head(x, pre_logits=pre_logits)

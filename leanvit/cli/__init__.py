@@ -11,7 +11,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-COMMANDS = ('bench', 'macs', 'methods', 'viz', 'search')
+COMMANDS = ('bench', 'macs', 'methods', 'viz', 'search', 'train')
 
 
 def build_parser() -> argparse.ArgumentParser:

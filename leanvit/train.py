@@ -1,0 +1,631 @@
+"""Fine-tuning a patched timm ViT: DynamicViT's recipe, and any other method.
+
+One script for one process and for many (``torchrun``, PyTorch DDP; NCCL on GPUs, gloo on
+CPU). Everything a run does is in one :class:`TrainConfig`; ``leanvit train`` fills it from
+the command line. What it does:
+
+- Data: an ImageFolder (``DIR/train/<class>/*``, ``DIR/val/<class>/*``) with timm's data
+  config of the model (mean/std, interpolation, crop) and timm's training transforms
+  (RandAugment, random erasing) and ``timm.data.Mixup`` (mixup/cutmix/label smoothing).
+- Model: ``leanvit.models.create_model`` (local checkpoint or random weights), patched with the
+  method. Teacher (distillation): a frozen copy of the unpatched model, made before patching.
+- Loss: :func:`leanvit.losses.total_loss` (DynamicViT: CE + ratio + KL + token terms).
+- Parameter groups (the DynamicViT authors' ``get_param_groups``/``adjust_learning_rate``):
+  the method's own parameters (predictors) at the base lr; the backbone at
+  ``min(backbone_lr_scale * lr, scheduled lr)`` and at lr 0 for the first
+  ``freeze_backbone_epochs`` (frozen the authors' way: in the optimizer at lr 0, which also
+  keeps DDP's set of trained parameters fixed); class token, position embedding (and
+  distillation/register tokens) never updated; biases and 1-D parameters without weight
+  decay. For methods without learned parameters (EViT, ToMe, ATS, top-k) the backbone is
+  trained at the full lr from the start, as in their fine-tuning recipes.
+- Schedule: linear warm-up over ``warmup_epochs`` then cosine to ``min_lr``, per step.
+- AMP: ``amp="bf16"`` autocast (CUDA, or CPU: works, but is only fast on CPUs with bf16
+  units), ``"fp16"`` (CUDA, with a gradient scaler), ``"none"``; ``"auto"`` = bf16 on CUDA,
+  none on CPU. Optional EMA of the weights (``timm.utils.ModelEmaV3``).
+- Logs: tqdm progress (rank 0) and JSON lines in ``OUTPUT/log.jsonl``.
+- Checkpoints: ``OUTPUT/last.pt`` written atomically at the end of every epoch and every
+  ``checkpoint_interval_s`` seconds inside an epoch: model, optimizer, scaler, EMA, epoch, step
+  inside the epoch, RNG states, config. ``resume`` continues exactly where it stopped.
+  Exactness does not depend on the RNG states: every random draw of step ``t`` (data order,
+  augmentation of each image, mixup, Gumbel noise, drop-path) is seeded from
+  ``(seed, epoch, t, rank)`` or ``(seed, epoch, image index)``, so a resumed run replays the
+  same numbers and a run does not depend on the number of data-loader workers.
+- Result: ``OUTPUT/final.safetensors`` (:func:`leanvit.save` with the backbone) and
+  ``OUTPUT/final_ema.safetensors`` when EMA is on.
+
+Data handling is a private helper here (torchvision ``ImageFolder`` + timm transforms) until
+the shared ``leanvit.data`` module exists.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from leanvit.losses import LossWeights, Output, total_loss
+
+#: parameters never updated by the recipe (DynamicViT's get_param_groups skips these)
+FROZEN_NAMES = ("cls_token", "pos_embed", "dist_token", "reg_token")
+
+
+@dataclass
+class TrainConfig:
+    """A training run. Defaults: the DynamicViT DeiT-S recipe (Rao et al. 2021, authors'
+    ``main_dynamic_vit.py``; DeiT's augmentation defaults) unless said otherwise."""
+
+    model: str = "deit_small_patch16_224"
+    data: str = ""  #: ImageFolder root with train/ and val/
+    method: str = "dynamicvit"
+    options: dict = field(default_factory=dict)  #: the method's options
+    output: str = "runs/leanvit"
+    checkpoint: Optional[str] = None  #: timm weights to start from (random otherwise)
+    img_size: Optional[int] = None
+    num_classes: Optional[int] = None  #: default: the number of class folders
+    model_kwargs: dict = field(default_factory=dict)  #: more timm.create_model arguments
+    probe_head: Optional[str] = None  #: a probe head file (leanvit.probe.save_head) to attach
+    epochs: int = 30
+    batch_size: int = 96  #: per process (authors: 96 x 8 GPUs)
+    lr: Optional[float] = None  #: default 1e-3 * global batch / 1024 (authors: 5e-4 per 512)
+    min_lr: float = 1e-5  #: DeiT
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.0  #: linear warm-up of every group (authors: none)
+    backbone_lr_scale: Optional[float] = None  #: 0.01 with learned method parameters, else 1
+    freeze_backbone_epochs: Optional[int] = None  #: 5 with learned method parameters, else 0
+    keep_rate_warmup_epochs: float = 0.0  #: EViT-style: keep_rate cosine from 1 to target
+    loss: dict = field(default_factory=dict)  #: LossWeights fields: cls, ratio, distill, token
+    distill: bool = True  #: teacher = frozen unpatched model (KL + token terms)
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    smoothing: float = 0.1
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    amp: str = "auto"
+    ema: bool = False
+    ema_decay: float = 0.99996  #: DeiT
+    clip_grad: Optional[float] = None
+    workers: int = 4
+    seed: int = 0
+    device: Optional[str] = None  #: default: cuda:LOCAL_RANK if available, else cpu
+    log_every: int = 50
+    checkpoint_interval_s: float = 1800.0
+    resume: Optional[str] = None  #: a checkpoint path, or "auto" (OUTPUT/last.pt if present)
+    max_steps: Optional[int] = None  #: stop after this many optimizer steps in this run
+    eval_every: int = 1  #: evaluate on val every N epochs (0: never)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.amp not in ("auto", "none", "bf16", "fp16"):
+            raise ValueError(f"amp must be auto, none, bf16 or fp16, got {self.amp!r}")
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.mixup > 0 or self.cutmix > 0:
+            if self.batch_size % 2:
+                raise ValueError("mixup/cutmix need an even batch_size per process "
+                                 f"(got {self.batch_size}); or set mixup=0 cutmix=0")
+        LossWeights(**self.loss)  # validates names and values
+
+    @classmethod
+    def fields(cls) -> dict[str, Any]:
+        return {f.name: f for f in dataclasses.fields(cls)}
+
+
+# ------------------------------------------------------------------------------------------
+# Seeding: every random draw is a function of (seed, epoch, step/index, rank)
+
+
+def _mix(*xs: int) -> int:
+    """A 63-bit seed from integers (SplitMix64-style mixing)."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _rng_states() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_states(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ------------------------------------------------------------------------------------------
+# Data (private until leanvit.data exists)
+
+
+class _SeededImages(torch.utils.data.Dataset):
+    """An ImageFolder whose random transform of image ``i`` in epoch ``e`` is seeded from
+    ``(seed, e, i)``: the same pixels whatever the worker count, the rank, or a resume."""
+
+    def __init__(self, folder, seed: int):
+        self.folder, self.seed, self.epoch = folder, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int):
+        _seed_all(_mix(self.seed, self.epoch, i, 1))
+        return self.folder[i]
+
+
+def _data_config(model: nn.Module) -> dict:
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is not None:  # a model built with img_size=S: its pretrained_cfg still says 224
+        cfg["input_size"] = (3, *size)
+    return cfg
+
+
+def _datasets(cfg: TrainConfig, model: nn.Module):
+    from timm.data import create_transform
+    from torchvision.datasets import ImageFolder
+
+    root = Path(cfg.data)
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise ValueError(f"--data {root}: no {split}/ folder (expected an ImageFolder "
+                             f"layout: {root}/train/<class>/*.png and {root}/val/<class>/*)")
+    dc = _data_config(model)
+    train_tf = create_transform(
+        dc["input_size"], is_training=True, auto_augment=cfg.auto_augment or None,
+        re_prob=cfg.reprob, interpolation=dc["interpolation"], mean=dc["mean"], std=dc["std"])
+    val_tf = create_transform(
+        dc["input_size"], is_training=False, interpolation=dc["interpolation"], mean=dc["mean"],
+        std=dc["std"], crop_pct=dc["crop_pct"], crop_mode=dc.get("crop_mode", "center"))
+    train = ImageFolder(str(root / "train"), transform=train_tf)
+    val = ImageFolder(str(root / "val"), transform=val_tf)
+    if train.classes != val.classes:
+        raise ValueError(f"train and val class folders differ: {train.classes} vs {val.classes}")
+    return _SeededImages(train, cfg.seed), val, dc
+
+
+def _epoch_batches(n: int, epoch: int, seed: int, global_batch: int, world: int, rank: int
+                   ) -> list[list[int]]:
+    """This rank's batches of one epoch: a seeded permutation cut into global batches (the
+    tail that does not fill one is dropped), each split into ``world`` equal contiguous
+    parts, so the union over ranks of step ``t`` is the same global batch for any ``world``."""
+    g = torch.Generator().manual_seed(_mix(seed, epoch, 2))
+    perm = torch.randperm(n, generator=g).tolist()
+    per = global_batch // world
+    steps = n // global_batch
+    return [perm[t * global_batch + rank * per: t * global_batch + (rank + 1) * per]
+            for t in range(steps)]
+
+
+# ------------------------------------------------------------------------------------------
+# Model pieces
+
+
+class _TrainStep(nn.Module):
+    """The student's forward returning what the loss needs (wrapped by DDP as a whole)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor):
+        from leanvit import adapters
+        from leanvit.methods.dynamicvit import DECISION
+
+        adapter = adapters.find_adapter(self.model)
+        tokens, state = adapter.forward_features(self.model, x)
+        logits = adapter.forward_head(self.model, tokens, state)
+        return logits, tokens, state.mask, tuple(state.aux_values(DECISION))
+
+
+def _teacher_forward(teacher: nn.Module, x: Tensor) -> Output:
+    tokens = teacher.forward_features(x)
+    return Output(teacher.forward_head(tokens), tokens)
+
+
+def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """(method, backbone decay, backbone no-decay) groups; frozen names left out."""
+    method, decay, no_decay = [], [], []
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    for name, p in model.named_parameters():
+        if name.startswith("leanvit."):
+            method.append(p)
+        elif name in FROZEN_NAMES or name.split(".")[0] in FROZEN_NAMES:
+            p.requires_grad_(False)
+        elif not p.requires_grad:
+            continue
+        elif p.ndim <= 1 or name.endswith(".bias") or name in skip:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": method, "weight_decay": cfg.weight_decay, "name": "method"},
+              {"params": decay, "weight_decay": cfg.weight_decay, "name": "backbone"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "backbone_no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+def _resolve(cfg: TrainConfig, has_method_params: bool, world: int) -> dict:
+    r = {"global_batch": cfg.batch_size * world}
+    r["lr"] = cfg.lr if cfg.lr is not None else 1e-3 * r["global_batch"] / 1024
+    r["backbone_lr_scale"] = (cfg.backbone_lr_scale if cfg.backbone_lr_scale is not None
+                              else (0.01 if has_method_params else 1.0))
+    r["freeze_backbone_epochs"] = (cfg.freeze_backbone_epochs
+                                   if cfg.freeze_backbone_epochs is not None
+                                   else (5 if has_method_params else 0))
+    return r
+
+
+def lr_at(progress_epochs: float, cfg: TrainConfig, base_lr: float) -> float:
+    """Learning rate after ``progress_epochs`` (fractional): linear warm-up, then cosine from
+    ``base_lr`` to ``min_lr`` over the remaining epochs."""
+    if cfg.warmup_epochs > 0 and progress_epochs < cfg.warmup_epochs:
+        return base_lr * progress_epochs / cfg.warmup_epochs
+    span = max(cfg.epochs - cfg.warmup_epochs, 1e-12)
+    t = min(max((progress_epochs - cfg.warmup_epochs) / span, 0.0), 1.0)
+    low = min(cfg.min_lr, base_lr)  # small batches scale base_lr below DeiT's min_lr
+    return low + 0.5 * (1 + math.cos(math.pi * t)) * (base_lr - low)
+
+
+def _set_lrs(optimizer, progress: float, epoch: int, cfg: TrainConfig, res: dict) -> float:
+    lr = lr_at(progress, cfg, res["lr"])
+    if epoch < res["freeze_backbone_epochs"]:
+        backbone = 0.0
+    elif res["backbone_lr_scale"] < 1.0:  # the authors' min(0.01 * init_lr, cosine lr)
+        backbone = min(res["backbone_lr_scale"] * res["lr"], lr)
+    else:
+        backbone = lr
+    for g in optimizer.param_groups:
+        g["lr"] = lr if g["name"] == "method" else backbone
+    return lr
+
+
+def _set_keep_rate(model: nn.Module, value: float) -> None:
+    """Keep-rate warm-up hook: give the method a new ``keep_rate`` between steps.
+
+    Methods without learned parameters get a freshly built reducer with the new options;
+    methods with learned parameters keep their modules and get new ``options`` (they must
+    read ``self.options.keep_rate`` when called, as DynamicViT does).
+    """
+    from leanvit.registry import get_method
+
+    reducer = model.leanvit
+    if reducer.options.keep_rate == value:
+        return
+    opts = dataclasses.replace(reducer.options, keep_rate=value)
+    if any(True for _ in reducer.parameters()):
+        reducer.options = opts
+        return
+    new = get_method(reducer.method_name).build(opts, reducer.info)
+    new.method_name = reducer.method_name
+    new.train(reducer.training)
+    model.leanvit = new
+
+
+def _keep_rate_at(progress: float, cfg: TrainConfig, target: float) -> float:
+    if cfg.keep_rate_warmup_epochs <= 0 or progress >= cfg.keep_rate_warmup_epochs:
+        return target
+    t = progress / cfg.keep_rate_warmup_epochs
+    return target + (1.0 - target) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class _Logger:
+    def __init__(self, path: Optional[Path]):
+        self.path = path
+
+    def __call__(self, **record) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.device is not None:
+        device = torch.device(cfg.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return world, rank, device
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    amp = cfg.amp
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp=fp16 needs CUDA; use bf16 or none on CPU")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return amp, dtype
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None) -> dict:
+    """Top-1 accuracy (%) of ``model`` in eval mode over ``loader`` (summed over ranks)."""
+    was = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x)
+        correct += (logits.argmax(-1) == y).sum()
+        total += y.numel()
+    if dist.is_initialized():
+        dist.all_reduce(correct)
+        dist.all_reduce(total)
+    model.train(was)
+    return {"top1": float(100.0 * correct / total.clamp_min(1)), "images": int(total)}
+
+
+def train(config: TrainConfig | dict) -> dict:
+    """Run (or resume) a training run; returns a summary dict (final top-1, paths, steps).
+
+    ``config`` is a :class:`TrainConfig` or a dict of its fields.
+    """
+    from timm.data import Mixup
+
+    from leanvit.io import save
+    from leanvit.models import create_model
+    from leanvit.patching import patch
+
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig(**config)
+    if not cfg.data:
+        raise ValueError("config.data must name an ImageFolder root (with train/ and val/)")
+    world, rank, device = _setup_distributed(cfg)
+    amp, amp_dtype = _autocast(cfg, device)
+    out = Path(cfg.output)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    log = _Logger(out / "log.jsonl" if rank == 0 else None)
+
+    # -- model, teacher, method (the same seed on every rank and on resume)
+    _seed_all(cfg.seed)
+    probe = create_model(cfg.model, img_size=cfg.img_size, checkpoint=cfg.checkpoint,
+                         num_classes=0, **cfg.model_kwargs)
+    train_set, val_set, data_cfg = _datasets(cfg, probe)
+    del probe
+    num_classes = cfg.num_classes if cfg.num_classes is not None else len(val_set.classes)
+    _seed_all(cfg.seed)
+    model = create_model(cfg.model, img_size=cfg.img_size, checkpoint=cfg.checkpoint,
+                         num_classes=0 if cfg.probe_head else num_classes, **cfg.model_kwargs)
+    if cfg.probe_head is not None:  # a headless backbone made a classifier by a fitted probe
+        try:
+            from leanvit.probe import attach_head, load_head
+        except ImportError:
+            raise ValueError("probe_head needs leanvit.probe (the probe module is not "
+                             "installed in this copy of leanvit)") from None
+        attach_head(model, load_head(cfg.probe_head))
+    teacher = None
+    if cfg.distill:
+        teacher = copy.deepcopy(model).eval().requires_grad_(False).to(device)
+    patch(model, cfg.method, **cfg.options)
+    model.to(device).train()
+    target_keep = getattr(model.leanvit.options, "keep_rate", None)
+    if cfg.keep_rate_warmup_epochs > 0 and target_keep is None:
+        raise ValueError(f"keep_rate_warmup_epochs needs a method with a keep_rate option; "
+                         f"{cfg.method!r} has none")
+    has_method_params = any(True for _ in model.leanvit.parameters())
+    res = _resolve(cfg, has_method_params, world)
+    if res["global_batch"] > len(train_set):
+        raise ValueError(f"global batch {res['global_batch']} is larger than the training set "
+                         f"({len(train_set)} images)")
+    weights = LossWeights(**cfg.loss)
+    keep_targets = getattr(model.leanvit, "keep_targets", lambda: [])()
+
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=res["lr"],
+                                  weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    ema = None
+    if cfg.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.ema_decay)
+    step_module = _TrainStep(model)
+    runner: nn.Module = step_module
+    if world > 1:
+        runner = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None)
+    mixup = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
+                      label_smoothing=cfg.smoothing, num_classes=num_classes)
+    val_loader = torch.utils.data.DataLoader(
+        val_set, batch_size=cfg.batch_size, num_workers=cfg.workers,
+        sampler=(torch.utils.data.distributed.DistributedSampler(val_set, world, rank,
+                                                                 shuffle=False)
+                 if world > 1 else None))
+
+    # -- resume
+    start_epoch, start_step, global_step, best = 0, 0, 0, None
+    resume = cfg.resume
+    if resume == "auto":
+        resume = str(out / "last.pt") if (out / "last.pt").is_file() else None
+    if resume:
+        try:
+            ck = torch.load(resume, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise ValueError(f"cannot read checkpoint {resume}: {type(e).__name__}: {e}") from None
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        if ema is not None and ck.get("ema") is not None:
+            ema.load_state_dict(ck["ema"])
+        start_epoch, start_step, global_step = ck["epoch"], ck["step"], ck["global_step"]
+        best = ck.get("best")
+        _set_rng_states(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
+        log(event="resume", checkpoint=str(resume), epoch=start_epoch, step=start_step)
+
+    def save_checkpoint(epoch: int, step: int) -> None:
+        states = [None] * world
+        if world > 1:
+            dist.all_gather_object(states, _rng_states())
+        else:
+            states = [_rng_states()]
+        if rank == 0:
+            _atomic_torch_save({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "ema": ema.state_dict() if ema is not None else None,
+                "epoch": epoch, "step": step, "global_step": global_step, "best": best,
+                "rng": states, "config": dataclasses.asdict(cfg), "world_size": world,
+            }, out / "last.pt")
+
+    steps_per_epoch = len(train_set) // res["global_batch"]
+    log(event="start", rank_count=world, device=str(device), amp=amp, config=dataclasses.asdict(cfg),
+        resolved=res, steps_per_epoch=steps_per_epoch, data_config={k: list(v) if isinstance(
+            v, tuple) else v for k, v in data_cfg.items()}, num_classes=num_classes)
+    bar = None
+    if cfg.progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=global_step, unit="step",
+                   desc=f"train {cfg.model} / {cfg.method}")
+    last_ckpt = time.monotonic()
+    steps_this_run = 0
+    stopped = False
+    metrics: dict = {}
+    epochs_done = start_epoch
+    for epoch in range(start_epoch, cfg.epochs):
+        train_set.epoch = epoch
+        batches = _epoch_batches(len(train_set), epoch, cfg.seed, res["global_batch"], world,
+                                 rank)
+        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches[start_step:],
+                                             num_workers=cfg.workers)
+        t0, seen = time.perf_counter(), 0
+        for step, (x, y) in enumerate(loader, start=start_step):
+            progress = epoch + step / steps_per_epoch
+            lr = _set_lrs(optimizer, progress, epoch, cfg, res)
+            if target_keep is not None and cfg.keep_rate_warmup_epochs > 0:
+                _set_keep_rate(model, _keep_rate_at(progress, cfg, target_keep))
+            _seed_all(_mix(cfg.seed, epoch, step, rank, 3))  # mixup, Gumbel noise, drop-path
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if mixup is not None:
+                x, y = mixup(x, y)
+            elif cfg.smoothing > 0:  # timm's label smoothing without mixup
+                off = cfg.smoothing / num_classes
+                y = torch.full((y.shape[0], num_classes), off, device=device).scatter_(
+                    1, y[:, None], 1.0 - cfg.smoothing + off)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits, tokens, keep, decisions = runner(x)
+                t_out = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_out = _teacher_forward(teacher, x)
+            loss, parts = total_loss(Output(logits, tokens, keep, decisions), y, t_out,
+                                     weights, keep_targets, prefix=model.num_prefix_tokens)
+            if not torch.isfinite(loss.detach()):
+                raise FloatingPointError(f"loss is {float(loss.detach())} at epoch {epoch} step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if cfg.clip_grad:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            if ema is not None:
+                ema.update(model, step=global_step)
+            global_step += 1
+            steps_this_run += 1
+            seen += x.shape[0] * world
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{lr:.2e}")
+            if step % cfg.log_every == 0 or step == steps_per_epoch - 1:
+                log(event="step", epoch=epoch, step=step, global_step=global_step, lr=lr,
+                    loss=float(loss.detach()), **{f"loss_{k}": v for k, v in parts.items()},
+                    images_per_s=seen / max(time.perf_counter() - t0, 1e-9))
+            stop = cfg.max_steps is not None and steps_this_run >= cfg.max_steps
+            last_in_epoch = step == steps_per_epoch - 1
+            due = time.monotonic() - last_ckpt >= cfg.checkpoint_interval_s
+            if world > 1:  # every rank must agree (the checkpoint gathers RNG states)
+                flag = torch.tensor([float(due)])
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                due = bool(flag.item())
+            if (due or stop) and not last_in_epoch:
+                save_checkpoint(epoch, step + 1)
+                last_ckpt = time.monotonic()
+            if stop and not last_in_epoch:
+                stopped = True
+                break
+        if stopped:
+            break
+        start_step = 0
+        if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            metrics = evaluate(model, val_loader, device, amp_dtype)
+            if ema is not None:
+                metrics["ema_top1"] = evaluate(ema.module, val_loader, device, amp_dtype)["top1"]
+            best = max(best or 0.0, metrics["top1"])
+            log(event="eval", epoch=epoch, **metrics)
+        save_checkpoint(epoch + 1, 0)
+        last_ckpt = time.monotonic()
+        epochs_done = epoch + 1
+        if cfg.max_steps is not None and steps_this_run >= cfg.max_steps:
+            stopped = epoch + 1 < cfg.epochs
+            break
+    if bar is not None:
+        bar.close()
+    summary = {"epochs_done": epochs_done, "global_step": global_step, "stopped_early": stopped,
+               "best_top1": best, **{f"last_{k}": v for k, v in metrics.items()},
+               "checkpoint": str(out / "last.pt")}
+    if not stopped and rank == 0:
+        summary["weights"] = str(save(model, out / "final.safetensors", backbone=True))
+        if ema is not None:
+            ema_model = ema.module
+            summary["ema_weights"] = str(save(ema_model, out / "final_ema.safetensors",
+                                              backbone=True))
+    log(event="end", **summary)
+    if world > 1:
+        dist.barrier()
+    return summary
