@@ -7,8 +7,10 @@ Public API::
     leanvit.patch(model, "none")            # a method, in place; weights untouched
     report = leanvit.count_macs(model, images)
     leanvit.unpatch(model)                  # back to the original, exactly
+    leanvit.compact(model); leanvit.reparameterize(model)   # hMHSA + cFFN layer compaction
 """
 from leanvit import methods as _methods  # noqa: F401  (registers the built-in methods)
+from leanvit.compact import compact, compaction_spec, reparameterize
 from leanvit.macs import MacReport, count_macs
 from leanvit.patching import is_patched, patch, patched_method, unpatch
 from leanvit.registry import available_methods
@@ -17,5 +19,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "patch", "unpatch", "is_patched", "patched_method", "available_methods", "count_macs",
-    "MacReport", "__version__",
+    "MacReport", "compact", "reparameterize", "compaction_spec", "__version__",
 ]
