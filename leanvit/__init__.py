@@ -10,7 +10,7 @@ Public API::
     leanvit.compact(model); leanvit.reparameterize(model)   # hMHSA + cFFN layer compaction
 """
 from leanvit import methods as _methods  # noqa: F401  (registers the built-in methods)
-from leanvit.compact import compact, compaction_spec, reparameterize
+from leanvit.compaction import compact, compaction_spec, reparameterize
 from leanvit.macs import MacReport, count_macs
 from leanvit.patching import is_patched, patch, patched_method, unpatch
 from leanvit.registry import available_methods

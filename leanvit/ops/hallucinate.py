@@ -151,11 +151,13 @@ def fit_dwconv(computed: Tensor, target: Tensor, kernel_size: int, ridge: float 
     zero padding as in :func:`dwconv_logits`).
     """
     hh, k = target.shape[1], kernel_size
-    x = center_rows(computed[:, :hh].double())
+    x = computed[:, :hh].double()
     y = center_rows(target.double())
-    # the k*k shifted copies of each map: [B, Hh, k*k, Nq*Nk]
-    cols = F.unfold(x.reshape(-1, 1, *x.shape[-2:]), k, padding=k // 2)
-    cols = cols.reshape(x.shape[0], hh, k * k, -1)
+    nq, nk = x.shape[-2:]
+    # the k*k shifted copies of each map, each row-centred (centring is linear, so the
+    # centred prediction is the same combination of centred copies): [B, Hh, k*k, Nq*Nk]
+    cols = F.unfold(x.reshape(-1, 1, nq, nk), k, padding=k // 2)
+    cols = center_rows(cols.reshape(x.shape[0], hh, k * k, nq, nk)).flatten(3)
     feats = cols.transpose(0, 1).transpose(1, 2).reshape(hh, k * k, -1)  # [Hh, k*k, P]
     tgt = y.transpose(0, 1).reshape(hh, -1, 1)  # [Hh, P, 1]
     gram = feats @ feats.transpose(1, 2)

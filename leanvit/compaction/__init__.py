@@ -38,8 +38,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from leanvit.compact import modules as M
-from leanvit.compact.families import Family, Site, find_family
+from leanvit.compaction import modules as M
+from leanvit.compaction.families import Family, Site, find_family
 from leanvit.ops.hallucinate import (choose_computed_heads, fit_dwconv, fit_mix, split_heads,
                                      truncated_svd_factors)
 
@@ -118,7 +118,8 @@ def compact(
         raise ValueError("model is already compacted (leanvit.compaction_spec(model) says how)")
     att_sites = list(family.attention_sites(model)) if attention else []
     ffn_sites = list(family.ffn_sites(model)) if ffn else []
-    captured = _capture(model, att_sites, ffn_sites, images) if images is not None else {}
+    captured = _capture(model, att_sites, [], images) if images is not None and att_sites \
+        else {}
     gen = torch.Generator().manual_seed(seed)
 
     orders: dict[str, list[int]] = {}
@@ -141,10 +142,15 @@ def compact(
 
     for site in ffn_sites:
         src = site.module
-        new = _compact_projection(src, ffn_ratio, branches, family.conv_ffn, gen,
-                                  captured.get(site.path))
+        new = _compact_projection(src, ffn_ratio, branches, family.conv_ffn, gen)
         new.train(src.training)
         setattr(site.parent, site.name, new)
+    if images is not None and ffn_sites:
+        # BatchNorm calibration on the inputs the COMPACTED model gives each cFFN (in eval
+        # mode these do not depend on the calibration, which leaves eval outputs unchanged)
+        captured = _capture(model, [], ffn_sites, images)
+        for site in ffn_sites:
+            _calibrate(site.module, captured[site.path][0])
 
     setattr(model, SPEC_ATTR, dict(
         attention=attention, ffn=ffn, ffn_ratio=float(ffn_ratio), branches=branches,
@@ -244,7 +250,7 @@ def _plan_heads(logits: Tensor, hallucination: str, kernel_size: int):
 
 
 def _compact_projection(src: nn.Module, ffn_ratio: float, branches: int, conv: bool,
-                        gen: torch.Generator, args: Optional[tuple]) -> M.CompactProjection:
+                        gen: torch.Generator) -> M.CompactProjection:
     """A cFFN projection replacing ``src`` (``nn.Linear`` or 1x1 ``nn.Conv2d``), initialised
     from the truncated SVD of ``src``'s weight; its bias goes to the second factor."""
     if conv:
@@ -265,8 +271,6 @@ def _compact_projection(src: nn.Module, ffn_ratio: float, branches: int, conv: b
     if src.bias is not None:
         with torch.no_grad():
             new.second.branches[0][1].bias.copy_(src.bias.detach())
-    if args is not None:
-        _calibrate(new, args[0])
     return new
 
 

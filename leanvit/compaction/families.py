@@ -19,7 +19,7 @@ from typing import Callable, Iterator, NamedTuple
 
 from torch import Tensor, nn
 
-from leanvit.compact import modules as M
+from leanvit.compaction import modules as M
 
 
 class Site(NamedTuple):
