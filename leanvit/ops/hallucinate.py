@@ -101,20 +101,25 @@ def hallucinated_attention(
             rows (the depthwise convolution) see the same maps as without selection.
     """
     logits = (q * scale) @ k.transpose(-2, -1)
-    if hallucinate is not None:
-        logits = torch.cat([logits, hallucinate(logits)], dim=1)
-    if rows is not None:
-        logits = logits.gather(2, rows[:, None, :, None].expand(-1, logits.shape[1], -1,
-                                                                logits.shape[3]))
-    if bias is not None:
-        logits = logits + bias
-    if keep is not None:
-        attn = masked_softmax(logits, keep).to(q.dtype)
-    else:
-        attn = logits.softmax(dim=-1)
-    if dropout is not None:
-        attn = dropout(attn)
-    return attn @ v
+    # computed and hallucinated heads go through softmax and values separately: the same
+    # result as one [B, H, Nq, Nk] map, without copying the maps into one tensor
+    parts = [logits] if hallucinate is None else [logits, hallucinate(logits)]
+    outs, h0 = [], 0
+    for part in parts:
+        nh = part.shape[1]
+        if rows is not None:
+            part = part.gather(2, rows[:, None, :, None].expand(-1, nh, -1, part.shape[3]))
+        if bias is not None:
+            part = part + bias
+        if keep is not None:
+            attn = masked_softmax(part, keep).to(q.dtype)
+        else:
+            attn = part.softmax(dim=-1)
+        if dropout is not None:
+            attn = dropout(attn)
+        outs.append(attn @ v[:, h0:h0 + nh])
+        h0 += nh
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 # --------------------------------------------------------------------------------------------
