@@ -40,11 +40,15 @@ from torch import Tensor, nn
 
 from leanvit.compaction import modules as M
 from leanvit.compaction.families import Family, Site, find_family
-from leanvit.ops.hallucinate import (choose_computed_heads, fit_dwconv, fit_mix, split_heads,
-                                     truncated_svd_factors)
+from leanvit.ops.hallucinate import (choose_computed_heads, dwconv_logits, fit_dwconv, fit_mix,
+                                     mix_logits, refine_kl, split_heads, truncated_svd_factors)
 
 #: attribute under which a compacted model records how it was compacted (a plain dict)
 SPEC_ATTR = "leanvit_compaction"
+
+#: Adam steps refining the least-squares hallucination fit on the maps' KL divergence
+#: (leanvit's choice; 0 = least squares only). See benchmarks/compaction_head_similarity.py.
+KL_STEPS = 50
 
 ATTENTION_CHOICES = ("hallucinate", None)
 FFN_CHOICES = ("compact", None)
@@ -243,8 +247,10 @@ def _plan_heads(logits: Tensor, hallucination: str, kernel_size: int):
     def fit(order: list[int]) -> Tensor:
         comp, hall = logits[:, order[:n_c]], logits[:, order[n_c:]]
         if hallucination == "mix":
-            return fit_mix(comp, hall)
-        return fit_dwconv(comp, hall, kernel_size)
+            w, apply = fit_mix(comp, hall), mix_logits
+        else:
+            w, apply = fit_dwconv(comp, hall, kernel_size), dwconv_logits
+        return refine_kl(apply, w, comp, hall, steps=KL_STEPS) if KL_STEPS else w
 
     return computed, fit
 

@@ -230,3 +230,38 @@ def truncated_svd_factors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
         first = torch.cat([first, first.new_zeros(rank - r, first.shape[1])])
         second = torch.cat([second, second.new_zeros(second.shape[0], rank - r)], dim=1)
     return first.to(weight.dtype), second.to(weight.dtype)
+
+
+def refine_kl(apply: Callable[[Tensor, Tensor], Tensor], weight: Tensor, computed: Tensor,
+              target: Tensor, steps: int = 50, lr: float = 1e-2) -> Tensor:
+    """A few Adam steps on the cheap operation's ``weight`` minimising the mean KL divergence
+    from the pretrained heads' maps ``softmax(target)`` to the hallucinated ones
+    ``softmax(apply(computed, weight))`` (what attention uses, unlike the least-squares fit
+    on logits, which weighs every logit alike). Starts from ``weight`` (the least-squares
+    solution); returns the refined weight (the better of start and end by the same loss).
+
+    Args:
+        apply: ``mix_logits`` or ``dwconv_logits``.
+        computed: ``[B, Hc, Nq, Nk]``; target: ``[B, Hh, Nq, Nk]`` logits.
+    """
+    log_p = target.float().log_softmax(-1)
+    p = log_p.exp()
+    comp = computed.float()
+
+    def loss_of(w: Tensor) -> Tensor:
+        log_q = apply(comp, w).log_softmax(-1)
+        return (p * (log_p - log_q)).sum(-1).mean()
+
+    w = weight.detach().float().clone().requires_grad_(True)
+    with torch.no_grad():
+        start = float(loss_of(w))
+    opt = torch.optim.Adam([w], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = loss_of(w)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        end = float(loss_of(w))
+    return (w.detach() if end < start else weight.float()).to(weight.dtype)
