@@ -172,3 +172,57 @@ def test_traced_macs_see_pvt_and_nextvit_savings():
     assert traced_macs(model, x) < base
     base = traced_macs(tiny("nextvit_small"), x)  # attention only: no SVD of wide layers
     assert traced_macs(leanvit.compact(tiny("nextvit_small"), ffn=None), x) < base
+
+
+class _SoftMask(Reducer):
+    """Sets a training keep-mask before block 0 (as DynamicViT does while training)."""
+
+    def acts_before(self, i):
+        return i == 0
+
+    def before_block(self, i, x, state):
+        keep = torch.ones(x.shape[0], x.shape[1])
+        keep[:, 3::2] = 0.0
+        keep[1, 4] = 0.5
+        return x, state.replace(mask=keep)
+
+
+def _masked_block_by_hand(blk, x, keep):
+    """hMHSA (mix) with the eps-softmax keep-mask, per head from the raw qkv weights."""
+    from leanvit.ops.attention import masked_softmax
+
+    attn = blk.attn
+    B, N, C = x.shape
+    Hc, H, D = attn.computed_heads, attn.num_heads, attn.head_dim
+    y = blk.norm1(x)
+    qkv = y @ attn.qkv.weight.T + attn.qkv.bias
+    q = [qkv[..., h * D:(h + 1) * D] for h in range(Hc)]
+    k = [qkv[..., (Hc + h) * D:(Hc + h + 1) * D] for h in range(Hc)]
+    v = [qkv[..., (2 * Hc + h) * D:(2 * Hc + h + 1) * D] for h in range(H)]
+    logits = [attn.scale * q[h] @ k[h].transpose(1, 2) for h in range(Hc)]
+    w = attn.hallucinate.weight
+    logits += [sum(w[j, c] * logits[c] for c in range(Hc)) for j in range(H - Hc)]
+    a = masked_softmax(torch.stack(logits, 1), keep)
+    out = torch.cat([a[:, h] @ v[h] for h in range(H)], dim=-1)
+    x = x + blk.ls1(attn.proj(out))
+    return x + blk.ls2(blk.mlp(blk.norm2(x)))
+
+
+def test_training_keep_mask_runs_through_hallucinated_heads(methods):
+    model = _compacted("mix")
+    registry.register(Method("_test_soft_mask", _NoOptions, lambda o, info: _SoftMask(o, info)))
+    x = images()
+    try:
+        with torch.no_grad():
+            h = model._pos_embed(model.patch_embed(x))
+            keep = torch.ones(h.shape[0], h.shape[1])
+            keep[:, 3::2] = 0.0
+            keep[1, 4] = 0.5
+            for blk in model.blocks:
+                h = _masked_block_by_hand(blk, h, keep)
+            ref = model.forward_head(model.norm(h))
+            leanvit.patch(model, "_test_soft_mask")
+            out = model(x)
+    finally:
+        registry._METHODS.pop("_test_soft_mask", None)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
