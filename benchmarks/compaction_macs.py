@@ -26,13 +26,13 @@ VARIANTS = {"baseline": None, "hMHSA": dict(ffn=None), "cFFN": dict(attention=No
             "hMHSA+cFFN": dict()}
 
 
-def measure(name: str, x: torch.Tensor, hallucination: str) -> dict:
+def measure(name: str, x: torch.Tensor, hallucination: str, ffn_ratio: float) -> dict:
     rows = {}
     for variant, opts in VARIANTS.items():
         torch.manual_seed(0)
         model = timm.create_model(name).eval()
         if opts is not None:
-            leanvit.compact(model, hallucination=hallucination, **opts)
+            leanvit.compact(model, hallucination=hallucination, ffn_ratio=ffn_ratio, **opts)
             if opts.get("ffn", "compact") is not None:
                 leanvit.reparameterize(model)
         row = {"params": sum(p.numel() for p in model.parameters()),
@@ -51,6 +51,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--hallucination", default="mix", choices=("mix", "dwconv"))
+    ap.add_argument("--ffn-ratio", type=float, default=2 / 3,
+                    help="cFFN rank as a fraction of the width (paper's t = 2/3)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -59,14 +61,15 @@ def main() -> None:
     print(f"{'model':24} {'variant':11} {'params M':>9} {'dParams':>8} {'GMACs':>7} {'dMACs':>7}"
           f" {'count_macs G':>12}")
     for name in args.models:
-        results[name] = measure(name, x, args.hallucination)
+        results[name] = measure(name, x, args.hallucination, args.ffn_ratio)
         for variant, r in results[name].items():
             cm = f"{r['macs_count'] / 1e9:12.4f}" if "macs_count" in r else f"{'':12}"
             print(f"{name:24} {variant:11} {r['params'] / 1e6:9.3f} {100 * r['params_change']:7.1f}%"
                   f" {r['macs_traced'] / 1e9:7.4f} {100 * r['macs_change']:6.1f}% {cm}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"hallucination": args.hallucination, "results": results}, f, indent=1)
+            json.dump({"hallucination": args.hallucination, "ffn_ratio": args.ffn_ratio,
+                       "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
