@@ -9,8 +9,10 @@ Public API::
     leanvit.save(model, "m.safetensors")    # the method's learned state (predictors, ...)
     leanvit.unpatch(model)                  # back to the original, exactly
     leanvit.load(model, "m.safetensors")    # patch again with the saved method and state
+    leanvit.compact(model); leanvit.reparameterize(model)   # hMHSA + cFFN layer compaction
 """
 from leanvit import methods as _methods  # noqa: F401  (registers the built-in methods)
+from leanvit.compaction import compact, compaction_spec, reparameterize
 from leanvit.io import load, save
 from leanvit.macs import MacReport, count_macs
 from leanvit.patching import is_patched, patch, patched_method, unpatch
@@ -20,5 +22,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "patch", "unpatch", "is_patched", "patched_method", "available_methods", "count_macs",
-    "MacReport", "save", "load", "__version__",
+    "MacReport", "save", "load", "compact", "reparameterize", "compaction_spec", "__version__",
 ]

@@ -53,6 +53,41 @@ def _time(model: nn.Module, x: torch.Tensor, iters: int, device: torch.device) -
     return (time.perf_counter() - t0) / iters
 
 
+def time_models(baseline: nn.Module, candidate: nn.Module, x: torch.Tensor, *,
+                warmup: int = 2, repeats: int = 5, iters: int = 1,
+                desc: Optional[str] = None) -> dict[str, list[float]]:
+    """Seconds per batch of two models on the same input ``x``, timed back to back.
+
+    Under ``torch.inference_mode``: ``warmup`` untimed rounds, then ``repeats`` rounds in which
+    both run ``iters`` times, the order alternating every round (neither always runs on a
+    warmer machine); CUDA is synchronised around each timing. The models must already be in
+    eval mode on ``x``'s device and dtype. ``desc``: show a progress bar with this label.
+    Returns ``{"baseline": [...], "candidate": [...]}`` (one entry per round); take medians.
+    """
+    dev = x.device
+    runners = {"baseline": baseline, "candidate": candidate}
+    times: dict[str, list[float]] = {"baseline": [], "candidate": []}
+    bar = None
+    if desc is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=2 * (warmup + repeats), desc=desc, unit="round", file=sys.stderr,
+                   leave=False)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for m in runners.values():
+                _time(m, x, 1, dev)
+                bar is not None and bar.update(1)
+        for r in range(repeats):
+            order = ("baseline", "candidate") if r % 2 == 0 else ("candidate", "baseline")
+            for key in order:
+                times[key].append(_time(runners[key], x, iters, dev))
+                bar is not None and bar.update(1)
+    if bar is not None:
+        bar.close()
+    return times
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     import timm
 
@@ -171,25 +206,10 @@ def run_benchmark(
     if compile:
         runners = {k: torch.compile(m) for k, m in runners.items()}
 
-    times: dict[str, list[float]] = {"baseline": [], "patched": []}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=2 * (warmup + repeats), desc=f"bench {model} / {method}",
-                   unit="round", file=sys.stderr, leave=False)
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for m in runners.values():
-                _time(m, x, 1, dev)
-                bar is not None and bar.update(1)
-        for r in range(repeats):
-            order = ("baseline", "patched") if r % 2 == 0 else ("patched", "baseline")
-            for key in order:
-                times[key].append(_time(runners[key], x, iters, dev))
-                bar is not None and bar.update(1)
-    if bar is not None:
-        bar.close()
+    rounds = time_models(runners["baseline"], runners["patched"], x, warmup=warmup,
+                         repeats=repeats, iters=iters,
+                         desc=f"bench {model} / {method}" if progress else None)
+    times = {"baseline": rounds["baseline"], "patched": rounds["candidate"]}
 
     peak: dict[str, Optional[float]] = {"baseline": None, "patched": None}
     if memory:

@@ -144,3 +144,29 @@ def count_macs(model: nn.Module, images: Tensor) -> MacReport:
         model.train(was_training)
         if not was_patched:
             unpatch(model)
+
+
+def traced_macs(model: nn.Module, images: Tensor) -> float:
+    """MACs per image of one eval forward pass, counted by ``torch.utils.flop_counter``.
+
+    For models no leanvit adapter describes (PVTv2, NextViT, layer-compacted models): the
+    counter sees every matrix product and convolution that actually runs (``aten`` level:
+    ``mm``/``addmm``/``bmm``/``einsum``'s products, convolutions, SDPA), so materialised
+    attention maps and hallucination operations count as they execute. MACs = FLOPs / 2; as in
+    :func:`count_macs`, normalisations, activations and softmax are not counted (the counter
+    has no formulas for them). Token methods' data-dependent counts are not averaged here.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    try:
+        model.eval()
+        p = next(model.parameters(), None)
+        if p is not None:
+            images = images.to(device=p.device, dtype=p.dtype)
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(images)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() / 2 / images.shape[0]

@@ -48,11 +48,24 @@ def check_supported(model: nn.Module) -> None:
                 f"block {i} is a {type(blk).__name__}; the vit adapter supports timm's pre-norm "
                 "`Block` (post-norm and parallel blocks are not supported yet)"
             )
-        if type(blk.attn) is not Attention:
+        if type(blk.attn) is not Attention and not _has_contract(blk.attn):
             raise ValueError(
                 f"block {i} uses {type(blk.attn).__name__}; the vit adapter supports timm's "
                 "`Attention` (rotary and other attention variants are not supported yet)"
             )
+
+
+def _has_contract(attn: nn.Module) -> bool:
+    """Whether ``attn`` runs itself under the adapter (e.g. leanvit.compact's hMHSA).
+
+    The contract: ``attn.leanvit_forward(y, bias, keep, select) -> (out [B, K, C], signals,
+    rows)`` where ``bias`` is the attention bias ``[B, 1, 1, N]`` or ``None``, ``keep`` the
+    training keep-mask ``[B, N]`` or ``None``, ``select(signals) -> rows [B, K] | None`` the
+    method's query selection (``None`` when the method selects none); and
+    ``attn.leanvit_macs(n_q, n_kv)`` giving its MACs per image (projections included).
+    """
+    return callable(getattr(attn, "leanvit_forward", None)) and callable(
+        getattr(attn, "leanvit_macs", None))
 
 
 def describe(model: nn.Module) -> ModelInfo:
@@ -87,6 +100,8 @@ def _attention(
     the method changes nothing. Returns (output ``[B, K, C]``, signals, selected query rows
     ``[B, K]`` or ``None``, state).
     """
+    if _has_contract(attn):
+        return _contract_attention(attn, i, y, state, reducer)
     B, N, C = y.shape
     gate = attn.gate(y).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(y).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -133,6 +148,20 @@ def _attention(
     return out, signals, rows, state
 
 
+def _contract_attention(attn, i, y, state, reducer):
+    """:func:`_attention` for a module with the adapter contract (see :func:`_has_contract`)."""
+    bias = attention_bias(state, y.dtype)
+    box = [state]
+
+    def select(signals: Signals) -> Optional[Tensor]:
+        rows, box[0] = reducer.select_queries(i, signals, box[0])
+        return rows
+
+    out, signals, rows = attn.leanvit_forward(
+        y, bias, state.mask, select if reducer.selects_queries(i) else None)
+    return out, signals, rows, box[0]
+
+
 def _linear_macs(module: nn.Module) -> int:
     """Multiply-accumulates per token of every ``nn.Linear`` inside ``module``."""
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
@@ -142,14 +171,18 @@ def _block_macs(blk: nn.Module, n_kv: Tensor, n_q: Tensor, n_mlp: Tensor,
                 signals: Optional[Signals]) -> dict[str, Tensor]:
     """Per-image MACs of one block from the token counts it saw (``[B]`` each)."""
     attn = blk.attn
-    qkv = n_kv * (attn.qkv.in_features * attn.qkv.out_features)
-    gate = getattr(attn, "gate", None)
-    if gate is not None:
-        qkv = qkv + n_kv * gate.in_features * gate.out_features
-    scores = 2 * n_q * n_kv * attn.attn_dim  # q k^T and attn @ v
-    proj = n_q * attn.proj.in_features * attn.proj.out_features
+    if _has_contract(attn):  # the module counts itself (e.g. hallucinated heads)
+        attention = attn.leanvit_macs(n_q, n_kv)
+    else:
+        qkv = n_kv * (attn.qkv.in_features * attn.qkv.out_features)
+        gate = getattr(attn, "gate", None)
+        if gate is not None:
+            qkv = qkv + n_kv * gate.in_features * gate.out_features
+        scores = 2 * n_q * n_kv * attn.attn_dim  # q k^T and attn @ v
+        proj = n_q * attn.proj.in_features * attn.proj.out_features
+        attention = qkv + scores + proj
     sig = float(signals.macs) if signals is not None else 0.0
-    return dict(tokens_in=n_kv, tokens_out=n_mlp, attention=qkv + scores + proj,
+    return dict(tokens_in=n_kv, tokens_out=n_mlp, attention=attention,
                 mlp=n_mlp * _linear_macs(blk.mlp), signals=torch.full_like(n_kv, sig))
 
 
