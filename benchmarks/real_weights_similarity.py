@@ -49,7 +49,10 @@ def load_photos(model: torch.nn.Module, mirror: bool = True) -> tuple[torch.Tens
     from PIL import Image
     from timm.data import create_transform, resolve_data_config
 
-    transform = create_transform(**resolve_data_config({}, model=model))
+    # The model's own data config (bicubic, ImageNet mean/std), at the size it was built for
+    # (DINOv2's pretrained config says 518 px; the shared weights are for 224).
+    size = tuple(model.patch_embed.img_size)
+    transform = create_transform(**resolve_data_config({"input_size": (3, *size)}, model=model))
     images, names = [], []
     for name in PHOTOS:
         arr = getattr(skimage.data, name)()
