@@ -72,7 +72,9 @@ class ATSOptions:
 
     def __post_init__(self) -> None:
         if self.locations is not None:
-            if isinstance(self.locations, list):
+            if isinstance(self.locations, int) and not isinstance(self.locations, bool):
+                object.__setattr__(self, "locations", (self.locations,))
+            elif isinstance(self.locations, list):
                 object.__setattr__(self, "locations", tuple(self.locations))
             locs = self.locations
             if not isinstance(locs, tuple) or not all(

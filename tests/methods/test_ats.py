@@ -220,6 +220,8 @@ def test_default_locations_scale_with_depth():
     model = tiny_vit()
     leanvit.patch(model, "ats")
     assert sorted(model.leanvit.locations) == [1, 2, 3]
+    assert leanvit.patch(tiny_vit(), "ats", locations=2).leanvit.locations == {2}
+    assert leanvit.patch(tiny_vit(), "ats", locations=[3, 1]).leanvit.locations == {1, 3}
 
 
 # -- bad input ---------------------------------------------------------------------------------
