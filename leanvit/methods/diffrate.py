@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leanvit.registry import Method, ModelInfo, Reducer, check_bool, check_number, register
-from leanvit.schedule import Schedule, ScheduleError, as_schedule, effective_counts
+from leanvit.schedule import Schedule, as_schedule, effective_counts
 from leanvit.signals import Signals
 from leanvit.state import TokenState, gather_tokens
 
