@@ -44,7 +44,8 @@ def _idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def fashion_mnist(split: str, n: int, seed: int, size: int = 224) -> tuple[torch.Tensor, torch.Tensor]:
+def fashion_mnist(split: str, n: int, seed: int, size: int = 224
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` images of a split (fixed random subset) as normalised ``[n, 3, size, size]``."""
     prefix = "train" if split == "train" else "t10k"
     images = _idx(FMNIST / f"{prefix}-images-idx3-ubyte.gz")

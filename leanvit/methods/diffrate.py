@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leanvit.registry import Method, ModelInfo, Reducer, check_bool, check_number, register
-from leanvit.schedule import Schedule, ScheduleError, as_schedule, effective_counts
+from leanvit.schedule import Schedule, as_schedule, effective_counts
 from leanvit.signals import Signals
 from leanvit.state import TokenState, gather_tokens
 
@@ -412,14 +412,13 @@ def mac_model(model: nn.Module) -> dict:
     :func:`leanvit.count_macs` of the dense model: ``constant`` (patch embedding, head),
     ``attn_token`` (q/k/v and output projections per token), ``attn_pair`` (scores and
     weighted values per query-key pair), ``mlp_token`` (MLP per token)."""
+    from leanvit.adapters import find_adapter
     from leanvit.macs import count_macs
-    from leanvit.patching import patch, unpatch
 
-    h, w = model.patch_embed.img_size
+    info = find_adapter(model).describe(model)
+    h, w = info.img_size
     p = next(model.parameters())
     report = count_macs(model, torch.zeros(1, 3, h, w, device=p.device, dtype=p.dtype))
-    info = __import__("leanvit.adapters", fromlist=["find_adapter"]).find_adapter(model) \
-        .describe(model)
     n = info.num_patches + info.num_prefix_tokens
     b = report.per_block[0]
     attn_pair = 2.0 * info.embed_dim  # q k^T and attn @ v: 2 N^2 C
@@ -628,7 +627,7 @@ def search(
             if len(reducer.candidates) > 1 else 1,
             "first_block": first_block, "expected_gmacs": expected,
             "seconds": round(seconds, 1), "seed": seed,
-            "leanvit": __import__("leanvit").__version__,
+            "leanvit": _version(),
         }
         schedule = reducer.to_schedule(info.name, info.img_size, obtained)
         unpatch(model)
@@ -643,6 +642,12 @@ def search(
         for p, flag in zip(model.parameters(), grad_flags):
             p.requires_grad_(flag)
         model.train(was_training)
+
+
+def _version() -> str:
+    import leanvit
+
+    return leanvit.__version__
 
 
 def _fields(s: Schedule) -> dict:
@@ -665,7 +670,9 @@ def _image_folder(path: Any, model: nn.Module, num_images: Optional[int], seed: 
     if not root.is_dir():
         raise ValueError(f"data directory {root} does not exist")
     cfg = resolve_data_config({}, model=model)
-    h, w = model.patch_embed.img_size
+    from leanvit.adapters import find_adapter
+
+    h, w = find_adapter(model).describe(model).img_size
     cfg["input_size"] = (3, h, w)
     try:
         ds = ImageFolder(str(root), transform=create_transform(**cfg))
