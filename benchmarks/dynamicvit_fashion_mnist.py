@@ -202,6 +202,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--keep-rate", type=float, default=0.7)
+    p.add_argument("--ratio-weight", type=float, default=2.0,
+                   help="ratio-loss weight (paper 2.0 for 30 ImageNet epochs; a short "
+                        "schedule needs more to bring stages 2-3 to their targets)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(OUT / "dynamicvit_fashion_mnist.json"))
     args = p.parse_args()
@@ -259,7 +262,7 @@ def main() -> None:
     opt = torch.optim.AdamW(preds.parameters(), lr=args.lr, weight_decay=0.05)
     steps_per_epoch = math.ceil(args.train / args.batch_size)
     total_steps = args.epochs * steps_per_epoch
-    weights = LossWeights()
+    weights = LossWeights(ratio=args.ratio_weight)
     targets = model.leanvit.keep_targets()
     log = []
     step = 0

@@ -175,6 +175,19 @@ class _SeededImages(torch.utils.data.Dataset):
         return self.folder[i]
 
 
+def _count_classes(root: str) -> int:
+    """Class folders in ``root/train`` (what ImageFolder will find); checks the layout."""
+    r = Path(root)
+    for split in ("train", "val"):
+        if not (r / split).is_dir():
+            raise ValueError(f"--data {r}: no {split}/ folder (expected an ImageFolder "
+                             f"layout: {r}/train/<class>/*.png and {r}/val/<class>/*)")
+    classes = [d for d in (r / "train").iterdir() if d.is_dir()]
+    if not classes:
+        raise ValueError(f"--data {r}: train/ has no class folders")
+    return len(classes)
+
+
 def _data_config(model: nn.Module) -> dict:
     from timm.data import resolve_data_config
 
@@ -424,15 +437,11 @@ def train(config: TrainConfig | dict) -> dict:
     log = _Logger(out / "log.jsonl" if rank == 0 else None)
 
     # -- model, teacher, method (the same seed on every rank and on resume)
-    _seed_all(cfg.seed)
-    probe = create_model(cfg.model, img_size=cfg.img_size, checkpoint=cfg.checkpoint,
-                         num_classes=0, **cfg.model_kwargs)
-    train_set, val_set, data_cfg = _datasets(cfg, probe)
-    del probe
-    num_classes = cfg.num_classes if cfg.num_classes is not None else len(val_set.classes)
+    num_classes = cfg.num_classes if cfg.num_classes is not None else _count_classes(cfg.data)
     _seed_all(cfg.seed)
     model = create_model(cfg.model, img_size=cfg.img_size, checkpoint=cfg.checkpoint,
                          num_classes=0 if cfg.probe_head else num_classes, **cfg.model_kwargs)
+    train_set, val_set, data_cfg = _datasets(cfg, model)
     if cfg.probe_head is not None:  # a headless backbone made a classifier by a fitted probe
         try:
             from leanvit.probe import attach_head, load_head
