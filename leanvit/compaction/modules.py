@@ -146,8 +146,10 @@ class HallucinatedAttention(nn.Module):
                 q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0)
+        row_wise = self.hallucinate is None or self.hallucinate.context_rows == 0
         return hallucinated_attention(q, k, v, self.scale, self.hallucinate, bias=bias,
-                                      keep=keep, dropout=self.attn_drop, rows=rows)
+                                      keep=keep, dropout=self.attn_drop, rows=rows,
+                                      row_wise=row_wise)
 
     @torch.no_grad()
     def attention_maps(self, q: Tensor, k: Tensor) -> Tensor:
@@ -157,13 +159,15 @@ class HallucinatedAttention(nn.Module):
             logits = torch.cat([logits, self.hallucinate(logits)], dim=1)
         return logits.softmax(-1)
 
-    def attention_macs(self, n_q, n_kv):
+    def attention_macs(self, n_q, n_kv, n_map=None):
         """MACs per image of the maps and the value weighting (projections excluded):
-        ``Hc D Nq Nk`` (``q k^T``) + the cheap operation + ``H D Nq Nk`` (``attn @ v``)."""
+        ``Hc D Nm Nk`` (``q k^T``) + the cheap operation on ``Nm x Nk`` maps + ``H D Nq Nk``
+        (``attn @ v``); ``Nm`` = rows of the maps computed (``n_map``, default ``n_q``)."""
         d = self.head_dim
-        m = self.computed_heads * d * n_q * n_kv + self.num_heads * d * n_q * n_kv
+        n_map = n_q if n_map is None else n_map
+        m = self.computed_heads * d * n_map * n_kv + self.num_heads * d * n_q * n_kv
         if self.hallucinate is not None:
-            m = m + self.hallucinate.macs(n_q, n_kv)
+            m = m + self.hallucinate.macs(n_map, n_kv)
         return m
 
 
@@ -301,8 +305,10 @@ class ViTHallucinatedAttention(HallucinatedAttention):
         m = n_kv * self.qkv.in_features * self.qkv.out_features
         if self.gate is not None:
             m = m + n_kv * self.gate.in_features * self.gate.out_features
-        return m + self.attention_macs(n_q, n_kv) + n_q * self.proj.in_features * \
-            self.proj.out_features
+        # under query selection (n_q < n_kv) a convolution still needs every row's logits
+        wide = self.hallucinate is not None and self.hallucinate.context_rows > 0
+        return m + self.attention_macs(n_q, n_kv, n_kv if wide else n_q) + \
+            n_q * self.proj.in_features * self.proj.out_features
 
 
 class PvtHallucinatedAttention(HallucinatedAttention):

@@ -226,3 +226,16 @@ def test_training_keep_mask_runs_through_hallucinated_heads(methods):
     finally:
         registry._METHODS.pop("_test_soft_mask", None)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hallucination", ["mix", "dwconv"])
+def test_query_selection_macs_match_what_runs(methods, hallucination):
+    """With query selection, mix maps only the selected rows; dwconv needs all rows' logits:
+    the adapter's count equals what the flop counter sees in the attention."""
+    model = _compacted(hallucination)
+    leanvit.patch(model, "_test_select_rows")
+    x = images()
+    counted = leanvit.count_macs(model, x)
+    traced = traced_macs(model, x)
+    # the signals the test reducer does not read cost nothing; the rest is the same products
+    assert counted.total == pytest.approx(traced, rel=1e-9)

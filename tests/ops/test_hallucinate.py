@@ -69,6 +69,9 @@ def test_hallucinated_attention_matches_per_head_reference_with_bias_and_rows():
     sel = hallucinated_attention(q, k, v, scale, lambda l: mix_logits(l, w), bias=bias, rows=rows)
     ref = out.gather(2, rows[:, None, :, None].expand(-1, Hc + Hh, -1, D))
     torch.testing.assert_close(sel, ref, atol=1e-6, rtol=1e-6)
+    sel = hallucinated_attention(q, k, v, scale, lambda l: mix_logits(l, w), bias=bias, rows=rows,
+                                 row_wise=True)  # mixing is row by row: only the rows needed
+    torch.testing.assert_close(sel, ref, atol=1e-6, rtol=1e-6)
 
 
 def test_fit_mix_recovers_an_exact_mixture_up_to_row_shifts():
