@@ -11,7 +11,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-COMMANDS = ("bench", "macs", "methods")
+COMMANDS = ("bench", "compare", "data", "eval", "macs", "methods", "probe")
 
 
 def build_parser() -> argparse.ArgumentParser:

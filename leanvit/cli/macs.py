@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from leanvit.models import create_model
 
     model = create_model(args.model, img_size=args.img_size, checkpoint=args.checkpoint,
-                         num_classes=args.num_classes).eval()
+                         num_classes=args.num_classes, head=args.head).eval()
     base = leanvit.count_macs(model, _images(model, args.batch_size))
     if args.method != "none" or args.options:
         leanvit.patch(model, args.method, **parse_set(args.options))
