@@ -457,6 +457,7 @@ def probe_folder(
         if cache_dir is not None:
             h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
             cache = Path(cache_dir) / f"{model_name}-{split}-{h}.safetensors"
+        seconds[f"{split}_from_cache"] = float(cache is not None and cache.is_file())
         t0 = time.perf_counter()
         feats[split] = cached_features(model, ds, cache, key, batch_size, workers, progress,
                                        desc=f"{split} features")
