@@ -147,7 +147,7 @@ def _lbfgs(x: Tensor, y: Tensor, num_classes: int, weight_decay: float, max_iter
     w = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, requires_grad=True)
     b = torch.zeros(num_classes, dtype=x.dtype, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20,
-                            tolerance_grad=1e-9, tolerance_change=1e-12,
+                            tolerance_grad=1e-7, tolerance_change=1e-10,
                             line_search_fn="strong_wolfe")
 
     def closure():
