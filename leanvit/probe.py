@@ -332,6 +332,13 @@ def attach_head(model: nn.Module, head: nn.Linear | str | Path) -> nn.Module:
     if not isinstance(head, nn.Linear):
         raise TypeError(f"head must be an nn.Linear or a path, got {type(head).__name__}")
     _check_vit(model)
+    from leanvit import adapters
+    from timm.models.vision_transformer import VisionTransformer
+
+    if adapters.original_class(model).forward_head is not VisionTransformer.forward_head:
+        raise ValueError(f"{adapters.original_class(model).__name__} has its own forward_head "
+                         "(e.g. DeiT's distillation head); attach_head supports plain timm "
+                         "VisionTransformer heads")
     width = model.embed_dim
     if head.in_features != 2 * width:
         raise ValueError(

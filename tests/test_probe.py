@@ -92,6 +92,9 @@ def test_head_for_another_width_is_a_clear_error():
     model = tiny_vit(num_classes=0)
     with pytest.raises(ValueError, match="width"):
         attach_head(model, nn.Linear(10, 3))
+    with pytest.raises(ValueError, match="distillation"):
+        attach_head(tiny_vit("deit_tiny_distilled_patch16_224", num_classes=0),
+                    nn.Linear(2 * model.embed_dim, 3))
     with pytest.raises(ValueError, match="class token"):
         attach_head(tiny_vit(class_token=False, global_pool="avg", num_classes=0),
                     nn.Linear(2 * model.embed_dim, 3))
