@@ -212,10 +212,11 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> P
             ax.scatter([r[key] for r in sel], [r["top1"] for r in sel], color=color,
                        marker=marker, s=60, label=m, zorder=3)
         for r in rows:
-            if r["method"] != "none":
-                text = r["method"] if r["settings"] == "(defaults)" else r["settings"]
-                ax.annotate(text, (r[key], r["top1"]), textcoords="offset points",
-                            xytext=(5, 4), fontsize=7, color="0.25")
+            text = r["method"] if r["settings"] == "(defaults)" else r["settings"]
+            if r["method"] == "none" and r["settings"] == "(defaults)":
+                text = "unmodified"
+            ax.annotate(text, (r[key], r["top1"]), textcoords="offset points",
+                        xytext=(5, 4), fontsize=7, color="0.25")
         front = pareto(pts, lower_x_better=lower)
         ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="black",
                 linewidth=1, drawstyle="steps-post" if lower else "steps-pre", zorder=2,
