@@ -60,6 +60,10 @@ def main() -> int:
     p.add_argument("--train", type=int, default=3000)
     p.add_argument("--val", type=int, default=1000)
     p.add_argument("--limit", type=int, default=500, help="val images evaluated per setting")
+    p.add_argument("--train-limit", type=int, default=None,
+                   help="probe on a fixed subset of the train images (default: all)")
+    p.add_argument("--val-limit", type=int, default=None,
+                   help="probe accuracy on a fixed subset of val (default: all)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--cache", default="results/tmp/cache")
     p.add_argument("--head", default="results/tmp/dinov2_vits14_fmnist_head.safetensors")
@@ -88,7 +92,8 @@ def main() -> int:
 
     t0 = time.perf_counter()
     probe = probe_folder(MODEL, data, args.head, checkpoint=WEIGHTS, img_size=224,
-                         batch_size=args.batch_size, cache_dir=args.cache)
+                         batch_size=args.batch_size, cache_dir=args.cache,
+                         limit=args.train_limit, val_limit=args.val_limit)
     probe_wall = time.perf_counter() - t0
     print(f"probe: val accuracy {probe['val_accuracy']:.2f}% ({probe['seconds']})")
 

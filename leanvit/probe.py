@@ -425,12 +425,14 @@ def probe_folder(
     img_size: Optional[int] = None,
     batch_size: int = 64,
     limit: Optional[int] = None,
+    val_limit: Optional[int] = None,
     workers: int = 0,
     cache_dir: Optional[str | Path] = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """``leanvit probe``: features of ``data/train`` -> :func:`fit_probe` -> head saved to
-    ``out``; accuracy on ``data/val``. Returns the numbers (accuracy in percent, seconds).
+    ``out``; accuracy on ``data/val``. ``limit`` / ``val_limit``: fixed seeded subsets of
+    train / val (:func:`leanvit.data.fixed_subset`). Returns the numbers (accuracy in percent, seconds).
 
     The unpatched backbone (no head) gives the features; with ``cache_dir`` they are kept
     in ``cache_dir/<model>-<split>-<hash>.safetensors``, keyed by model, checkpoint (path,
@@ -446,7 +448,7 @@ def probe_folder(
                          num_classes=0).eval()
     _check_vit(model)
     train = fixed_subset(image_folder(split_dir(data, "train"), model), limit)
-    val = image_folder(split_dir(data, "val"), model)
+    val = fixed_subset(image_folder(split_dir(data, "val"), model), val_limit)
     classes = classes_of(train)
     if classes_of(val) != classes:
         raise ValueError(f"{data}/train and {data}/val have different classes: {classes} vs "
