@@ -27,12 +27,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _build(model_name: str, method: Optional[str], options: dict, img_size, checkpoint,
-           num_classes) -> nn.Module:
+           num_classes, head=None) -> nn.Module:
     from leanvit.models import create_model
     from leanvit.patching import patch
 
     model = create_model(model_name, img_size=img_size, checkpoint=checkpoint,
-                         num_classes=num_classes)
+                         num_classes=num_classes, head=head)
     if method is not None:
         patch(model, method, **options)
     return model.eval()
@@ -135,7 +135,7 @@ def _memory_probe(spec: dict) -> None:
     """Entry of the child process: build, warm up, then measure one forward's peak RSS."""
     torch.set_num_threads(spec["threads"])
     model = _build(spec["model"], spec["method"], spec["options"], spec["img_size"],
-                   spec["checkpoint"], spec["num_classes"]).to(DTYPES[spec["dtype"]])
+                   spec["checkpoint"], spec["num_classes"], spec.get("head")).to(DTYPES[spec["dtype"]])
     torch.manual_seed(0)
     x = torch.randn(spec["batch_size"], 3, spec["height"], spec["width"],
                     dtype=DTYPES[spec["dtype"]])
@@ -161,6 +161,7 @@ def run_benchmark(
     compile: bool = False,
     checkpoint: Optional[str] = None,
     num_classes: Optional[int] = None,
+    head: Optional[str] = None,
     warmup: int = 2,
     repeats: int = 5,
     iters: int = 1,
@@ -189,7 +190,7 @@ def run_benchmark(
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
 
-    base = _build(model, None, {}, img_size, checkpoint, num_classes)
+    base = _build(model, None, {}, img_size, checkpoint, num_classes, head)
     patched = patch(copy.deepcopy(base), method, **options).eval()
     h, w = base.patch_embed.img_size if hasattr(base, "patch_embed") else (img_size, img_size)
     torch.manual_seed(seed)
@@ -224,7 +225,8 @@ def run_benchmark(
             for key, meth in (("baseline", None), ("patched", method)):
                 peak[key] = _cpu_peak_memory_mb(dict(
                     model=model, method=meth, options=options, img_size=img_size,
-                    checkpoint=checkpoint, num_classes=num_classes, batch_size=batch_size,
+                    checkpoint=checkpoint, num_classes=num_classes, head=head,
+                    batch_size=batch_size,
                     height=h, width=w, dtype=dtype, threads=torch.get_num_threads()))
 
     def summary(key: str, gmacs: float) -> dict[str, Any]:
@@ -237,7 +239,8 @@ def run_benchmark(
         "patched": summary("patched", gmacs_patched),
         "config": {"model": model, "method": method, "options": _jsonable(options),
                    "img_size": [h, w], "batch_size": batch_size, "dtype": dtype,
-                   "compile": compile, "checkpoint": checkpoint, "warmup": warmup,
+                   "compile": compile, "checkpoint": checkpoint, "head": head,
+                   "warmup": warmup,
                    "repeats": repeats, "iters": iters},
         "environment": environment(dev),
     }

@@ -122,8 +122,17 @@ def count_macs(model: nn.Module, images: Tensor) -> MacReport:
     gradients; its train/eval mode is restored. Data-dependent methods are averaged over the
     images; padding does not count.
     """
+    return forward_with_macs(model, images)[1]
+
+
+def forward_with_macs(model: nn.Module, images: Tensor) -> tuple[Tensor, MacReport]:
+    """The model's output on ``images`` and its :class:`MacReport`, from ONE forward pass.
+
+    As :func:`count_macs` (same conditions), for evaluation loops that need the predictions
+    and the MACs of the same images without running the model twice.
+    """
     from leanvit import adapters
-    from leanvit.patching import ATTR, patch, unpatch
+    from leanvit.patching import patch, unpatch
 
     adapter = adapters.find_adapter(model)
     was_patched = adapters.is_patched(model)
@@ -138,8 +147,8 @@ def count_macs(model: nn.Module, images: Tensor) -> MacReport:
         recorder = MacRecorder()
         with torch.no_grad():
             x, state = adapter.forward_features(model, images, recorder=recorder)
-            adapter.forward_head(model, x, state, recorder=recorder)
-        return report_from(recorder, images.shape[0])
+            out = adapter.forward_head(model, x, state, recorder=recorder)
+        return out, report_from(recorder, images.shape[0])
     finally:
         model.train(was_training)
         if not was_patched:

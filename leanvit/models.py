@@ -27,6 +27,7 @@ def create_model(
     img_size: Optional[int] = None,
     checkpoint: Optional[str | Path] = None,
     num_classes: Optional[int] = None,
+    head: Optional[str | Path] = None,
     **kwargs: Any,
 ) -> nn.Module:
     """``timm.create_model`` with random weights, or weights from a local ``checkpoint``.
@@ -39,11 +40,32 @@ def create_model(
             way (``pretrained_cfg_overlay=dict(file=...)``), so the model's own key filters
             apply. A safetensors file without classifier weights gives a headless model.
         num_classes: classifier size; ``0`` for a headless backbone.
+        head: a linear-probe head file (``leanvit probe``, :func:`leanvit.probe.save_head`)
+            attached with :func:`leanvit.probe.attach_head`: the model then classifies from
+            its class token + mean patch token.
 
     Raises:
         ValueError: unknown model name, missing or unreadable checkpoint, or a checkpoint that
-            does not fit the model.
+            does not fit the model; a head fitted for another model or width.
     """
+    model = _create(name, img_size=img_size, checkpoint=checkpoint, num_classes=num_classes,
+                    **kwargs)
+    if head is not None:
+        _attach_head_file(model, name, head)
+    return model
+
+
+def _attach_head_file(model: nn.Module, name: str, head: str | Path) -> None:
+    from leanvit.probe import attach_head, head_metadata, load_head
+
+    meta = head_metadata(head)
+    fitted_on = meta.get("model")
+    if fitted_on and fitted_on != name:
+        raise ValueError(f"head {head} was fitted on {fitted_on} features, not {name}")
+    attach_head(model, load_head(head))
+
+
+def _create(name: str, *, img_size, checkpoint, num_classes, **kwargs: Any) -> nn.Module:
     if not isinstance(name, str) or not timm.is_model(name):
         close = timm.list_models(f"*{name}*")[:8] if isinstance(name, str) else []
         hint = f"; similar names: {', '.join(close)}" if close else ""

@@ -69,7 +69,9 @@ def _has_contract(attn: nn.Module) -> bool:
 
 
 def describe(model: nn.Module) -> ModelInfo:
-    pool = model.global_pool if model.attn_pool is None else "map"
+    # a pooling module may name its kind (leanvit.probe's class-token + mean pooling does)
+    pool = model.global_pool if model.attn_pool is None else getattr(
+        model.attn_pool, "pool_type", "map")
     return ModelInfo(
         family=FAMILY,
         depth=len(model.blocks),
@@ -298,24 +300,38 @@ def run_blocks(model: nn.Module, x: Tensor, state: TokenState, start: int = 0,
     return x, state
 
 
+def token_weights(state: TokenState, x: Tensor) -> Tensor:
+    """Pooling weight of each token, ``[B, N]`` in ``x``'s dtype: how many patches it stands
+    for (1 before any merge), 0 for padding, times the training keep-mask (dropped tokens stay
+    in place during training but are not pooled)."""
+    w = state.sizes_like(x)
+    if state.valid is not None:
+        w = w * state.valid.to(w.dtype)
+    if state.mask is not None:
+        w = w * state.mask.to(w.dtype)
+    return w
+
+
 def pool(model: nn.Module, x: Tensor, state: TokenState) -> Tensor:
     """The model's pooling with merged tokens weighted by size, padding and masked-out
     (training keep-mask) tokens left out.
 
     ``token`` pooling and attention pooling read tokens as timm does; ``avg`` and ``avgmax``
-    average over the patch tokens weighted by how many patches each stands for.
+    average over the patch tokens weighted by how many patches each stands for. A pooling
+    module in ``model.attn_pool`` with ``takes_token_weights = True`` is called as
+    ``attn_pool(x, weights=w)`` with ``w`` ``[B, N]`` = token size, 0 on padding (e.g.
+    :class:`leanvit.probe.ClassMeanPool`, the linear-probe pooling).
     """
+    if model.attn_pool is not None and getattr(model.attn_pool, "takes_token_weights", False):
+        start = 0 if model.pool_include_prefix else model.num_prefix_tokens
+        return model.attn_pool(x[:, start:], weights=token_weights(state, x)[:, start:])
     if model.attn_pool is not None or model.global_pool not in ("avg", "avgmax", "max"):
         return model.pool(x)
     if state.size is None and state.valid is None and state.mask is None:
         return model.pool(x)
     start = 0 if model.pool_include_prefix else model.num_prefix_tokens
     xs = x[:, start:]
-    w = state.sizes_like(x)[:, start:]
-    if state.valid is not None:
-        w = w * state.valid[:, start:].to(w.dtype)
-    if state.mask is not None:  # training keep-mask: dropped tokens stay in place, unpooled
-        w = w * state.mask[:, start:].to(w.dtype)
+    w = token_weights(state, x)[:, start:]
     avg = (xs * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True)
     if model.global_pool == "avg":
         return avg
@@ -335,8 +351,8 @@ def forward_head(model: nn.Module, x: Tensor, state: TokenState, pre_logits: boo
             head += _linear_macs(dist)
         recorder.record_head(0 if pre_logits else head)
     needs_own_pool = state.size is not None or state.valid is not None or state.mask is not None
-    if not needs_own_pool or model.global_pool == "token" or type(model).forward_head is not \
-            _vit_forward_head():
+    token_pool = model.global_pool == "token" and model.attn_pool is None
+    if not needs_own_pool or token_pool or type(model).forward_head is not _vit_forward_head():
         return model.forward_head(x, pre_logits=pre_logits)
     x = pool(model, x, state)
     x = model.fc_norm(x)

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_benchmark(
         args.model, args.method, parse_set(args.options), img_size=args.img_size,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, compile=args.compile,
-        checkpoint=args.checkpoint, num_classes=args.num_classes, warmup=args.warmup,
+        checkpoint=args.checkpoint, num_classes=args.num_classes, head=args.head, warmup=args.warmup,
         repeats=args.repeats, iters=args.iters, memory=not args.no_memory)
     print(format_table(result))
     write_json(args.json, result)

@@ -43,6 +43,9 @@ def add_model_args(p: argparse.ArgumentParser, method: bool = True) -> None:
     p.add_argument("--num-classes", type=int, default=None, metavar="N",
                    help="classifier size (0: headless backbone); default: the model's, or 0 "
                         "for a safetensors checkpoint without head weights")
+    p.add_argument("--head", default=None, metavar="FILE",
+                   help="linear-probe head (from 'leanvit probe') to attach: the backbone then "
+                        "classifies from its class token + mean patch token")
 
 
 def write_json(path: str | None, data: Any) -> None:

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from leanvit.adapters import find_adapter
 
     model = create_model(args.model, img_size=args.img_size, checkpoint=args.checkpoint,
-                         num_classes=args.num_classes).eval()
+                         num_classes=args.num_classes, head=args.head).eval()
     find_adapter(model)  # a clear error for unsupported families before any input is made
     base = leanvit.count_macs(model, _images(model, args.batch_size))
     if args.method != "none" or args.options:

@@ -1,0 +1,192 @@
+"""Regenerate ``docs/results.md`` and its plot: every registered method at two or three budgets
+on the real DINOv2 ViT-S/14 (``shared/weights``) with a linear probe, on Fashion-MNIST.
+
+One command (from the repository root; heavy, so under the shared CPU lock)::
+
+    flock /tmp/leanvit-cpu.lock python benchmarks/results_page.py
+
+Steps (each re-used when its output exists, so re-runs after adding a method are fast):
+1. ``results/tmp/fmnist``: ``leanvit data fashion-mnist`` (3000 train / 1000 val, seed 0);
+2. the probe: features of train and val (cached in ``results/tmp/cache``), L-BFGS fit,
+   head ``results/tmp/dinov2_vits14_fmnist_head.safetensors``;
+3. ``leanvit compare`` of the settings below that are available on a fixed, seeded subset of
+   ``--limit`` val images: table + ``docs/img/results_dinov2_fmnist.png``.
+Methods not registered in this checkout, and learned/searched settings whose saved state
+(``load=``, written by ``leanvit.save`` after training/search) is absent, are listed as skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODEL = "vit_small_patch14_dinov2"
+WEIGHTS = ROOT.parent / "shared" / "weights" / "dinov2_vits14_224.safetensors"
+ARTIFACTS = "results/tmp/artifacts"  # trained / searched method state (leanvit.save files)
+
+#: Two or three budgets per method, mildest first. ViT-S/14 at 224 px: 12 blocks, 256 patches.
+#: evit/topk: keep rates of the EViT paper (0.7, 0.5); tome: r per block (ToMe's ViT-S
+#: settings scaled to 256 patches); ats: default (K = N0 in blocks 3..11) and token caps;
+#: dynamicvit/diffrate: trained predictors / searched schedules saved by their commands.
+SETTINGS = """
+none
+evit keep_rate=0.7
+evit keep_rate=0.5
+topk keep_rate=0.7
+topk keep_rate=0.5
+tome r=8
+tome r=13
+tome r=16
+ats
+ats max_tokens=128
+ats max_tokens=64
+diffrate load={a}/diffrate_dinov2_3.0g.safetensors
+diffrate load={a}/diffrate_dinov2_4.0g.safetensors
+dynamicvit load={a}/dynamicvit_dinov2_0.7.safetensors
+dynamicvit load={a}/dynamicvit_dinov2_0.5.safetensors
+"""
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="results/tmp/fmnist")
+    p.add_argument("--train", type=int, default=3000)
+    p.add_argument("--val", type=int, default=1000)
+    p.add_argument("--limit", type=int, default=500, help="val images evaluated per setting")
+    p.add_argument("--train-limit", type=int, default=None,
+                   help="probe on a fixed subset of the train images (default: all)")
+    p.add_argument("--val-limit", type=int, default=None,
+                   help="probe accuracy on a fixed subset of val (default: all)")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--cache", default="results/tmp/cache")
+    p.add_argument("--head", default="results/tmp/dinov2_vits14_fmnist_head.safetensors")
+    p.add_argument("--artifacts", default=ARTIFACTS)
+    p.add_argument("--page", default="docs/results.md")
+    p.add_argument("--img", default="docs/img/results_dinov2_fmnist.png")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+
+    import torch
+
+    import leanvit
+    from leanvit.bench import environment
+    from leanvit.compare import apply_setting, parse_methods, run_compare, write_outputs
+    from leanvit.data import export_fashion_mnist, loader
+    from leanvit.evaluate import load_split
+    from leanvit.models import create_model
+    from leanvit.probe import probe_folder
+
+    if not WEIGHTS.is_file():
+        print(f"DINOv2 weights not found at {WEIGHTS}", file=sys.stderr)
+        return 2
+    data = Path(args.data)
+    if not (data / "val").is_dir():
+        export_fashion_mnist(data, train=args.train, val=args.val, seed=0)
+
+    t0 = time.perf_counter()
+    probe = probe_folder(MODEL, data, args.head, checkpoint=WEIGHTS, img_size=224,
+                         batch_size=args.batch_size, cache_dir=args.cache,
+                         limit=args.train_limit, val_limit=args.val_limit)
+    probe_wall = time.perf_counter() - t0
+    print(f"probe: val accuracy {probe['val_accuracy']:.2f}% ({probe['seconds']})")
+
+    model = create_model(MODEL, img_size=224, checkpoint=WEIGHTS, head=args.head).eval()
+    available = set(leanvit.available_methods())
+    settings, skipped = [], []
+    for s in parse_methods(SETTINGS.format(a=args.artifacts)):
+        if s.method not in available:
+            skipped.append((s.label, "method not registered in this checkout"))
+            continue
+        if s.load is not None and not Path(s.load).is_file():
+            skipped.append((s.label, "saved method state not found (train/search it first)"))
+            continue
+        try:
+            apply_setting(copy.deepcopy(model), s)
+        except (ValueError, TypeError) as e:
+            skipped.append((s.label, f"error: {e}"))
+            continue
+        settings.append(s)
+    ds = load_split(model, data, "val", args.limit)
+    rows = run_compare(model, settings, loader(ds, args.batch_size), repeats=args.repeats)
+    env = environment(torch.device("cpu"))
+    meta = {"model": MODEL, "weights": WEIGHTS.name, "img_size": [224, 224], "data": str(data),
+            "limit": args.limit, "images": len(ds), "batch_size": args.batch_size,
+            "probe": probe, "environment": env}
+    out = Path("results/tmp/compare")
+    title = (f"DINOv2 ViT-S/14 + linear probe, Fashion-MNIST val ({len(ds)} images), "
+             f"CPU batch {args.batch_size}")
+    paths = write_outputs(rows, out, meta, title=title)
+    Path(args.img).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(paths["png"], args.img)
+    _write_page(Path(args.page), Path(args.img), rows, skipped, probe, probe_wall, meta, args)
+    print(f"wrote {args.page} and {args.img}")
+    return 0
+
+
+def _write_page(page: Path, img: Path, rows, skipped, probe, probe_wall, meta, args) -> None:
+    from leanvit.compare import markdown_table
+
+    env = meta["environment"]
+    sec = probe["seconds"]
+    cached = sec.get("train_from_cache") and sec.get("val_from_cache")
+    lines = [
+        "# Results: accuracy against cost on a real model and real images",
+        "",
+        "Generated by `flock /tmp/leanvit-cpu.lock python benchmarks/results_page.py` "
+        "(see its docstring); do not edit by hand. Every method registered in the checkout "
+        "appears at two or three budgets; methods that are missing are listed at the end.",
+        "",
+        "## Setup",
+        "",
+        f"- Model: `{MODEL}` (DINOv2 ViT-S/14, `shared/weights/{meta['weights']}`, 224 px, "
+        "257 tokens), headless: classified by a linear probe on the class token concatenated "
+        "with the mean patch token (DINOv2's linear evaluation; `leanvit probe`).",
+        f"- Data: Fashion-MNIST from Debian's `dataset-fashion-mnist`, exported by "
+        f"`leanvit data fashion-mnist` (seed 0): {probe['train_images']} train images (official "
+        f"training set), {probe['val_images']} val images (official test set), balanced over "
+        "the 10 classes; 28x28 grayscale as RGB, resized to 224 (bicubic, ImageNet mean/std: "
+        "the model's timm data config).",
+        f"- Probe: logistic regression, full-batch L-BFGS on standardised features, weight "
+        f"decay {probe['weight_decay']:g} chosen on a held-out 20% of train. **Val accuracy of "
+        f"the unpruned model: {probe['val_accuracy']:.2f}%** ({probe['val_images']} images; "
+        f"train {probe['train_accuracy']:.2f}%).",
+        f"- Probe time on CPU ({env['device_name']}, {env['threads']} threads): features "
+        f"{sec['train_features']:.0f} s train + {sec['val_features']:.0f} s val, fit "
+        f"{sec['fit']:.1f} s" + (" (features read from the cache of an earlier run)"
+                                  if cached else "") + ".",
+        f"- Comparison: fixed seeded subset of {meta['images']} val images (`--limit "
+        f"{args.limit}`), batch {meta['batch_size']}, fp32, CPU; GMACs per image averaged over "
+        "those images; images/s = the model alone on one batch (median of "
+        f"{args.repeats} passes after a warm-up); speedup over `none` measured in the same run. "
+        "CPU timings on a shared 2-core machine are noisy: compare GMACs for cost, images/s "
+        "as an indication.",
+        f"- torch {env['torch']}, timm {env['timm']}, leanvit {env['leanvit']}.",
+        "",
+        "## Table",
+        "",
+        markdown_table(rows).rstrip(),
+        "",
+        f"![top-1 against GMACs and throughput]({img.relative_to(page.parent) if img.is_relative_to(page.parent) else img})",
+        "",
+    ]
+    if skipped:
+        lines += ["## Skipped settings", ""]
+        lines += [f"- `{label}`: {why}" for label, why in skipped]
+        lines.append("")
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text("\n".join(lines))
+    (page.parent / "img").mkdir(exist_ok=True)
+    Path("results/tmp/results_page.json").write_text(
+        json.dumps({"meta": meta, "rows": rows, "skipped": skipped,
+                    "probe_wall_s": probe_wall}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""``leanvit compare``: accuracy against GMACs and throughput for several method settings."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare", help="evaluate several method settings: Markdown table + accuracy/cost plot",
+        description="Evaluate each method setting on the same images of DATA/SPLIT (fresh copy "
+                    "of the same model each time) and write OUT/results.md (method, settings, "
+                    "top-1, top-5, GMACs, images/s, speedup over 'none' in the same run), "
+                    "OUT/results.png (top-1 against GMACs and against images/s, Pareto front "
+                    "marked) and OUT/results.json.")
+    p.add_argument("model", metavar="MODEL", help="timm model name")
+    p.add_argument("--methods", required=True, metavar="SPECS",
+                   help="settings separated by ';', each a method and key=value options, e.g. "
+                        "\"none; evit keep_rate=0.7; tome r=13\"; load=FILE applies saved "
+                        "method state (leanvit.save)")
+    p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder root (DIR/SPLIT)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the results files")
+    p.add_argument("--split", default="val", help="sub-folder to evaluate (default val)")
+    p.add_argument("--checkpoint", default=None, metavar="FILE", help="timm state dict to load")
+    p.add_argument("--head", default=None, metavar="FILE", help="linear-probe head to attach")
+    p.add_argument("--img-size", type=int, default=None, metavar="S", help="input size (pixels)")
+    p.add_argument("--num-classes", type=int, default=None, metavar="N", help="classifier size")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="a fixed seeded subset of N images (default: all)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes per setting (default 3)")
+    p.add_argument("--title", default=None, help="plot title (default: model and data)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import leanvit
+    from leanvit.compare import markdown_table, parse_methods, run_compare, write_outputs
+    from leanvit.data import classes_of, loader
+    from leanvit.evaluate import check_classes, load_split
+    from leanvit.models import create_model
+
+    settings = parse_methods(args.methods)
+    model = create_model(args.model, img_size=args.img_size, checkpoint=args.checkpoint,
+                         num_classes=args.num_classes, head=args.head).eval().to(args.device)
+    data = load_split(model, args.data, args.split, args.limit)
+    check_classes(model, classes_of(data), args.head)
+    rows = run_compare(model, settings, loader(data, args.batch_size, args.workers),
+                       progress=not args.no_progress, repeats=args.repeats)
+    from leanvit.bench import environment
+    import torch
+
+    meta = {"model": args.model, "checkpoint": args.checkpoint, "head": args.head,
+            "img_size": list(model.patch_embed.img_size), "data": args.data,
+            "split": args.split, "limit": args.limit, "images": len(data),
+            "batch_size": args.batch_size, "methods": args.methods,
+            "environment": environment(torch.device(args.device)),
+            "leanvit": leanvit.__version__}
+    title = args.title or (f"{args.model} on {args.data}/{args.split} ({len(data)} images, "
+                           f"batch {args.batch_size}, {args.device})")
+    paths = write_outputs(rows, args.out, meta, title=title)
+    print(markdown_table(rows))
+    print(f"wrote {paths['md']}, {paths['png']}, {paths['json']}")
+    return 0

@@ -1,0 +1,263 @@
+"""Accuracy against cost of several method settings on one model and one data split: a table
+(Markdown) and a plot (PNG) of top-1 against GMACs and against measured throughput, with
+the Pareto front marked.
+
+Each setting is evaluated by :func:`leanvit.evaluate.evaluate` on the same images (same
+fixed subset), on a fresh copy of the same model, in one process; ``speedup`` is images/s
+over the images/s of the unmodified model (``none``) measured in the same run.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import json
+import os
+import shlex
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from torch import nn
+
+
+@dataclass
+class Setting:
+    """One method with its options, e.g. ``Setting("tome", {"r": 13})``.
+
+    ``load`` names a file written by ``leanvit.save`` (learned or searched method state,
+    e.g. a trained DynamicViT or a DiffRate schedule), applied with ``leanvit.load`` instead
+    of ``leanvit.patch``.
+    """
+
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    load: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        """``"evit keep_rate=0.7"``: the method and its options as written on the command line."""
+        parts = [self.method] + [f"{k}={_fmt(v)}" for k, v in self.options.items()]
+        if self.load:
+            parts.append(f"load={self.load}")
+        return " ".join(parts)
+
+    @property
+    def settings_text(self) -> str:
+        parts = [f"{k}={_fmt(v)}" for k, v in self.options.items()]
+        if self.load:
+            parts.append(f"load={Path(self.load).name}")
+        return " ".join(parts) or "(defaults)"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (tuple, list)):
+        return "(" + ",".join(_fmt(x) for x in v) + ("," if len(v) == 1 else "") + ")"
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def parse_methods(text: str) -> list[Setting]:
+    """``"none; evit keep_rate=0.7; tome r=13 prop_attn=False"`` -> settings.
+
+    Settings are separated by ``;`` (or new lines); each is a method name followed by
+    ``key=value`` options (Python literals, as ``--set``; quote values with spaces, e.g.
+    ``'locations=(3, 6, 9)'``); ``load=FILE`` loads saved method state.
+    """
+    out = []
+    for chunk in text.replace("\n", ";").split(";"):
+        words = shlex.split(chunk)
+        if not words:
+            continue
+        method, items = words[0], words[1:]
+        if "=" in method:
+            raise ValueError(f"setting {chunk.strip()!r} must start with a method name")
+        options = {}
+        for item in items:
+            key, sep, raw = item.partition("=")
+            if not sep or not key.isidentifier():
+                raise ValueError(f"options take key=value, got {item!r} in {chunk.strip()!r}")
+            try:
+                options[key] = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                options[key] = raw  # not a literal: a path or a word
+        load = options.pop("load", None)
+        out.append(Setting(method, options, None if load is None else str(load)))
+    if not out:
+        raise ValueError("no method settings given; e.g. --methods 'none; tome r=13'")
+    return out
+
+
+def apply_setting(model: nn.Module, setting: Setting) -> nn.Module:
+    """``leanvit.patch`` (or ``leanvit.load`` for saved state) on ``model``, in place."""
+    import leanvit
+
+    if setting.load is not None:
+        try:
+            from leanvit.io import load
+        except ImportError:
+            raise ValueError("load= needs leanvit.io (saved method state), which this version "
+                             "of leanvit lacks") from None
+        if not Path(setting.load).is_file():
+            raise ValueError(f"saved method state {setting.load} does not exist")
+        model = load(model, setting.load)
+        got = leanvit.patched_method(model)
+        if got is not None and got[0] != setting.method:
+            raise ValueError(f"{setting.load} holds method {got[0]!r}, not {setting.method!r}")
+        return model
+    if setting.method == "none" and not setting.options:
+        return model
+    return leanvit.patch(model, setting.method, **setting.options)
+
+
+def run_compare(
+    model: nn.Module,
+    settings: Sequence[Setting],
+    loader,
+    *,
+    progress: bool = True,
+    warmup: int = 1,
+    repeats: int = 3,
+) -> list[dict[str, Any]]:
+    """Evaluate every setting on ``loader`` with a fresh copy of the unpatched ``model``.
+
+    The unmodified model (``none``) is evaluated first (also when not listed; then it is
+    marked ``"listed": False``) and gives ``speedup`` = images/s / baseline images/s and
+    ``mac_ratio`` = baseline GMACs / GMACs. Returns one row dict per setting.
+    """
+    from leanvit.evaluate import evaluate
+
+    if any(s.method != "none" and s.load is None for s in settings):
+        available = set(__import__("leanvit").available_methods())
+        unknown = sorted({s.method for s in settings if s.load is None} - available)
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; available methods: "
+                             f"{', '.join(sorted(available))}")
+    rows: list[dict[str, Any]] = []
+    plain = [s for s in settings if s.method == "none" and not s.options and s.load is None]
+    order = list(settings) if plain else [Setting("none")] + list(settings)
+    base = None
+    for s in order:
+        m = apply_setting(copy.deepcopy(model), s).eval()
+        r = evaluate(m, loader, progress=progress, warmup=warmup, repeats=repeats,
+                     desc=s.label[:40])
+        row = {"method": s.method, "settings": s.settings_text, "label": s.label,
+               "options": {k: (list(v) if isinstance(v, tuple) else v)
+                           for k, v in s.options.items()},
+               "load": s.load, "listed": bool(plain) or s is not order[0], **r}
+        if base is None:
+            base = row
+        row["speedup"] = row["images_per_s"] / base["images_per_s"]
+        row["mac_ratio"] = base["gmacs"] / row["gmacs"]
+        rows.append(row)
+        del m
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs
+
+
+def pareto(points: Sequence[tuple[float, float]], lower_x_better: bool) -> list[int]:
+    """Indices of the points not dominated: no other point has accuracy (second value) at
+    least as high and cost (first value) at least as good (lower x if ``lower_x_better``,
+    else higher x), with one of them strictly better. Sorted by x."""
+    idx = []
+    for i, (xi, yi) in enumerate(points):
+        dominated = False
+        for j, (xj, yj) in enumerate(points):
+            if j == i:
+                continue
+            better_x = xj <= xi if lower_x_better else xj >= xi
+            strictly = (xj != xi) or (yj > yi)
+            if better_x and yj >= yi and strictly:
+                dominated = True
+                break
+        if not dominated:
+            idx.append(i)
+    return sorted(idx, key=lambda i: points[i][0])
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Method, settings, top-1, top-5, GMACs, images/s, speedup (over ``none``, same run)."""
+    lines = ["| method | settings | top-1 (%) | top-5 (%) | GMACs | images/s | speedup |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['settings'].replace('|', '/')} | {r['top1']:.2f} | "
+                     f"{r['top5']:.2f} | {r['gmacs']:.3f} | {r['images_per_s']:.1f} | "
+                     f"{r['speedup']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """PNG: top-1 against GMACs (left) and against images/s (right), one colour and marker
+    per method, each point labelled with its settings, the Pareto front as a dashed line
+    with the points on it ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cmap = plt.get_cmap("tab10")
+    markers = "osD^vP*Xph"
+    style = {m: (cmap(i % 10), markers[i % len(markers)]) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.6), constrained_layout=True)
+    panels = (("gmacs", "GMACs per image (lower is cheaper)", True),
+              ("images_per_s", "throughput (images/s, higher is faster)", False))
+    for ax, (key, xlabel, lower) in zip(axes, panels):
+        pts = [(r[key], r["top1"]) for r in rows]
+        for m in methods:
+            sel = [r for r in rows if r["method"] == m]
+            color, marker = style[m]
+            ax.scatter([r[key] for r in sel], [r["top1"] for r in sel], color=color,
+                       marker=marker, s=60, label=m, zorder=3)
+        for r in rows:
+            text = r["method"] if r["settings"] == "(defaults)" else r["settings"]
+            if r["method"] == "none" and r["settings"] == "(defaults)":
+                text = "unmodified"
+            ax.annotate(text, (r[key], r["top1"]), textcoords="offset points",
+                        xytext=(5, 4), fontsize=7, color="0.25")
+        front = pareto(pts, lower_x_better=lower)
+        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="black",
+                linewidth=1, drawstyle="steps-post" if lower else "steps-pre", zorder=2,
+                label="Pareto front")
+        ax.scatter([pts[i][0] for i in front], [pts[i][1] for i in front], s=180,
+                   facecolors="none", edgecolors="black", linewidths=1, zorder=4)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_title("accuracy vs. compute")
+    axes[1].set_title("accuracy vs. measured throughput")
+    axes[1].legend(loc="best", fontsize=9, title="method (ringed: Pareto front)")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=130)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def write_outputs(rows: Sequence[dict[str, Any]], out_dir: str | Path, meta: dict[str, Any],
+                  title: str = "") -> dict[str, Path]:
+    """``out_dir/results.{json,md,png}``: the rows with ``meta``, the table, the plot."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
+    _atomic_text(paths["json"], json.dumps({"meta": meta, "rows": list(rows)}, indent=2) + "\n")
+    _atomic_text(paths["md"], markdown_table(rows))
+    plot(rows, paths["png"], title=title)
+    return paths
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

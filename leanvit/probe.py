@@ -1,0 +1,491 @@
+"""Linear probes: a classifier on a headless backbone's features, DINOv2's linear evaluation.
+
+The feature of an image is the final-norm class token concatenated with the mean of the
+patch tokens, ``[B, 2C]`` (Oquab et al. 2023, DINOv2, linear evaluation: "class token
+concatenated with the average-pooled patch tokens"). When a method merged tokens, the mean
+is weighted by how many patches each token stands for, and padding is left out, so a
+patched model pools the same image content as the unpatched one.
+
+Typical use::
+
+    feats = features(model, images)                    # [B, 2C]
+    head = fit_probe(feats, labels)                    # nn.Linear(2C, K)
+    save_head(head, "head.safetensors", model="vit_small_patch14_dinov2", classes=[...])
+    attach_head(model, load_head("head.safetensors"))  # model(images) -> logits [B, K]
+
+Fitting (:func:`fit_probe`): multinomial logistic regression on standardised features,
+full-batch L-BFGS (strong-Wolfe line search), L2 weight decay chosen from a grid by accuracy
+on a class-stratified held-out part of the training features (20 %), then refit on all of
+them. The standardisation is folded into the returned layer, so it takes raw features.
+Deterministic for a given input (no mini-batch noise), seconds on a few thousand features.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: weight-decay grid of :func:`fit_probe` (coefficient of ``0.5 * ||W||^2`` added to the mean
+#: cross-entropy on standardised features); a decade grid as in DINOv2's and CLIP's linear
+#: evaluations, which sweep their regularisation over powers of ten.
+WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+#: name under which the probe pooling reports itself (``ModelInfo.global_pool``)
+POOL_TYPE = "token+avg"
+
+
+class ClassMeanPool(nn.Module):
+    """``[B, N, C]`` tokens (prefix tokens first) -> ``[B, 2C]``: class token, weighted mean
+    of the patch tokens.
+
+    ``weights`` ``[B, N]`` (token sizes, 0 for padding; the leanvit adapter passes them, see
+    ``leanvit.adapters.vit.pool``) weight the mean; ``None`` is a plain mean. Installed as
+    the ViT's ``attn_pool`` by :func:`attach_head`, so timm's own ``forward_head`` uses it too.
+    """
+
+    takes_token_weights = True  # the adapter passes per-token weights to such a pool
+    pool_type = POOL_TYPE
+
+    def __init__(self, num_prefix_tokens: int):
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward(self, x: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+        return class_mean(x, self.num_prefix_tokens, weights)
+
+    def extra_repr(self) -> str:
+        return f"num_prefix_tokens={self.num_prefix_tokens}"
+
+
+def class_mean(x: Tensor, num_prefix_tokens: int, weights: Optional[Tensor] = None) -> Tensor:
+    """``cat(x[:, 0], weighted mean of x[:, num_prefix_tokens:])``: ``[B, N, C]`` -> ``[B, 2C]``.
+
+    Register tokens (prefix tokens after the class token) are in neither half, as in DINOv2.
+    """
+    patches = x[:, num_prefix_tokens:]
+    if weights is None:
+        mean = patches.mean(dim=1)
+    else:
+        w = weights[:, num_prefix_tokens:].to(x.dtype).unsqueeze(-1)
+        mean = (patches * w).sum(dim=1) / w.sum(dim=1)
+    return torch.cat([x[:, 0], mean], dim=-1)
+
+
+def _check_vit(model: nn.Module):
+    from leanvit import adapters
+
+    adapter = adapters.find_adapter(model)
+    if getattr(model, "cls_token", None) is None:
+        raise ValueError("the probe feature needs a class token; this model has none "
+                         "(class_token=False)")
+    return adapter
+
+
+@torch.no_grad()
+def features(model: nn.Module, images: Tensor) -> Tensor:
+    """Probe features of ``images`` ``[B, 3, H, W]``: ``[B, 2C]`` (see module docstring).
+
+    Works on unpatched and leanvit-patched timm ViTs (merged tokens weighted by size), with
+    or without a head attached. Runs without gradients in the model's current mode.
+    """
+    from leanvit import adapters
+
+    adapter = _check_vit(model)
+    p = next(model.parameters(), None)
+    if p is not None:
+        images = images.to(device=p.device, dtype=p.dtype)
+    if adapters.is_patched(model):
+        x, state = adapter.forward_features(model, images)
+        return class_mean(x, model.num_prefix_tokens, adapter.token_weights(state, x))
+    return class_mean(model.forward_features(images), model.num_prefix_tokens)
+
+
+def extract_features(model: nn.Module, loader: Iterable, progress: bool = True,
+                     desc: str = "features") -> tuple[Tensor, Tensor]:
+    """:func:`features` of every batch of ``loader`` (``(images, labels)`` pairs), in eval
+    mode: ``([M, 2C] float32 on CPU, [M] long)``."""
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    try:
+        for images, y in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
+            feats.append(features(model, images).float().cpu())
+            labels.append(y.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Fitting
+
+
+def _stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Indices (fit, held out): ``fraction`` of each class held out, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    fit, held = [], []
+    for c in labels.unique():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_held = int(round(fraction * len(idx)))
+        held.append(idx[:n_held])
+        fit.append(idx[n_held:])
+    return torch.cat(fit).sort().values, torch.cat(held).sort().values
+
+
+def _lbfgs(x: Tensor, y: Tensor, num_classes: int, weight_decay: float, max_iter: int
+           ) -> tuple[Tensor, Tensor]:
+    """Minimise mean CE + ``weight_decay/2 * ||W||^2`` over ``x`` ``[M, D]`` (float64)."""
+    w = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=x.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20,
+                            tolerance_grad=1e-7, tolerance_change=1e-10,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w.T + b, y) + 0.5 * weight_decay * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def _accuracy(w: Tensor, b: Tensor, x: Tensor, y: Tensor) -> float:
+    return float(((x @ w.T + b).argmax(1) == y).double().mean()) if len(y) else float("nan")
+
+
+def fit_probe(
+    features: Tensor,
+    labels: Tensor,
+    num_classes: Optional[int] = None,
+    *,
+    weight_decays: Sequence[float] = WEIGHT_DECAYS,
+    held_out: float = 0.2,
+    max_iter: int = 150,
+    seed: int = 0,
+    info: Optional[dict] = None,
+) -> nn.Linear:
+    """Fit a linear classifier ``[M, D]`` features -> ``num_classes`` logits.
+
+    Multinomial logistic regression on standardised features (mean/std of the training
+    features) by full-batch L-BFGS; the weight decay is the value of ``weight_decays`` with
+    the best accuracy on a stratified ``held_out`` fraction of the features (fitted on the
+    rest), ties to the larger decay; then the model is refit on all features with it.
+
+    Args:
+        features: ``[M, D]`` (e.g. :func:`features`, D = 2C).
+        labels: ``[M]`` int class indices in ``[0, num_classes)``.
+        num_classes: default ``labels.max() + 1``.
+        weight_decays: grid (see :data:`WEIGHT_DECAYS`); one value skips the selection.
+        held_out: fraction of each class held out for the selection (default 0.2).
+        max_iter: L-BFGS iterations per fit (default 150).
+        seed: seed of the held-out split.
+        info: if given, filled with ``weight_decay`` (chosen), ``held_out_accuracy`` (per
+            decay), ``train_accuracy``.
+
+    Returns:
+        ``nn.Linear(D, num_classes)`` in float32 taking raw (unstandardised) features.
+    """
+    if not isinstance(features, Tensor) or features.dim() != 2:
+        raise ValueError(f"features must be a [M, D] tensor, got "
+                         f"{tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__}")
+    labels = torch.as_tensor(labels).long().flatten()
+    if labels.shape[0] != features.shape[0]:
+        raise ValueError(f"{features.shape[0]} feature rows but {labels.shape[0]} labels")
+    if labels.numel() == 0:
+        raise ValueError("no features to fit")
+    if num_classes is None:
+        num_classes = int(labels.max()) + 1
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got "
+                         f"{int(labels.min())}..{int(labels.max())}")
+    if not weight_decays or any(float(wd) < 0 for wd in weight_decays):
+        raise ValueError(f"weight_decays must be non-negative numbers, got {weight_decays!r}")
+    if not 0 < held_out < 1:
+        raise ValueError(f"held_out must be in (0, 1), got {held_out}")
+
+    x = features.detach().double().cpu()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mean) / std
+    scores: dict[float, float] = {}
+    if len(weight_decays) > 1:
+        fit_idx, held_idx = _stratified_split(labels, held_out, seed)
+        for wd in weight_decays:
+            w, b = _lbfgs(z[fit_idx], labels[fit_idx], num_classes, float(wd), max_iter)
+            scores[float(wd)] = _accuracy(w, b, z[held_idx], labels[held_idx])
+        best = max(scores.items(), key=lambda kv: (kv[1], kv[0]))[0]
+    else:
+        best = float(weight_decays[0])
+    w, b = _lbfgs(z, labels, num_classes, best, max_iter)
+    # fold the standardisation in: W (x - m) / s + b = (W / s) x + (b - (W / s) m)
+    w_raw = w / std
+    b_raw = b - w_raw @ mean
+    head = nn.Linear(x.shape[1], num_classes)
+    with torch.no_grad():
+        head.weight.copy_(w_raw.float())
+        head.bias.copy_(b_raw.float())
+    if info is not None:
+        info.update(weight_decay=best, held_out_accuracy=scores,
+                    train_accuracy=_accuracy(w, b, z, labels))
+    return head
+
+
+# --------------------------------------------------------------------------------------------
+# Saving, loading, attaching
+
+
+def save_head(head: nn.Linear, path: str | Path, **meta: Any) -> Path:
+    """Write ``head`` (``weight`` ``[K, D]``, ``bias`` ``[K]``) to a safetensors file, atomically.
+
+    ``meta`` (e.g. ``model=``, ``classes=[names]``, ``img_size=``, ``accuracy=``) is stored
+    as JSON strings in the file's metadata, with ``in_features``, ``num_classes``, ``width``
+    (C = D / 2) and ``feature`` added.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"head must be an nn.Linear, got {type(head).__name__}")
+    path = Path(path)
+    info = dict(meta, in_features=head.in_features, num_classes=head.out_features,
+                width=head.in_features // 2, feature="class token + mean patch token")
+    if "classes" in info and len(info["classes"]) != head.out_features:
+        raise ValueError(f"{len(info['classes'])} class names for {head.out_features} outputs")
+    tensors = {"weight": head.weight.detach().cpu().contiguous(),
+               "bias": (head.bias if head.bias is not None
+                        else torch.zeros(head.out_features)).detach().cpu().contiguous()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in info.items()})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def head_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata :func:`save_head` stored (decoded from JSON)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"head file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"head {path} is not a readable safetensors file: {e}") from None
+    out = {}
+    for k, v in raw.items():
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def load_head(path: str | Path) -> nn.Linear:
+    """The ``nn.Linear`` :func:`save_head` wrote (bit-identical weights, float32)."""
+    from safetensors.torch import load_file
+
+    head_metadata(path)  # existence and readability, with clear errors
+    tensors = load_file(str(path))
+    if set(tensors) != {"weight", "bias"} or tensors["weight"].dim() != 2:
+        raise ValueError(f"{path} is not a leanvit probe head (expected 'weight' [K, D] and "
+                         f"'bias' [K], found {', '.join(sorted(tensors))})")
+    k, d = tensors["weight"].shape
+    head = nn.Linear(d, k, dtype=tensors["weight"].dtype)
+    with torch.no_grad():
+        head.weight.copy_(tensors["weight"])
+        head.bias.copy_(tensors["bias"])
+    return head
+
+
+def attach_head(model: nn.Module, head: nn.Linear | str | Path) -> nn.Module:
+    """Make the timm ViT ``model`` a classifier on the probe feature, IN PLACE; returns it.
+
+    Installs :class:`ClassMeanPool` as the model's ``attn_pool`` (with
+    ``pool_include_prefix = True`` so it sees the class token), ``fc_norm`` as identity (the
+    probe feature is built from the final-norm tokens) and ``head`` as ``model.head``. timm's
+    own ``forward`` then gives logits ``[B, K]``; so does a leanvit-patched model, whose
+    adapter passes token sizes to the pool. Works before or after :func:`leanvit.patch`.
+
+    Raises:
+        ValueError: not a timm ViT with a class token, or a head for another width
+            (``head.in_features != 2 * model.embed_dim``).
+    """
+    if isinstance(head, (str, Path)):
+        head = load_head(head)
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"head must be an nn.Linear or a path, got {type(head).__name__}")
+    _check_vit(model)
+    from leanvit import adapters
+    from timm.models.vision_transformer import VisionTransformer
+
+    if adapters.original_class(model).forward_head is not VisionTransformer.forward_head:
+        raise ValueError(f"{adapters.original_class(model).__name__} has its own forward_head "
+                         "(e.g. DeiT's distillation head); attach_head supports plain timm "
+                         "VisionTransformer heads")
+    width = model.embed_dim
+    if head.in_features != 2 * width:
+        raise ValueError(
+            f"head takes {head.in_features} features (a probe for width {head.in_features // 2}),"
+            f" but the model's probe feature is {2 * width} wide (width {width}); fit a probe "
+            "for this model")
+    p = next(model.parameters(), None)
+    if p is not None:
+        head = head.to(device=p.device, dtype=p.dtype)
+    model.attn_pool = ClassMeanPool(model.num_prefix_tokens)
+    model.pool_include_prefix = True
+    model.fc_norm = nn.Identity()
+    model.head = head
+    model.num_classes = head.out_features
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Feature cache (probe fits and results pages re-use extracted features)
+
+
+def cached_features(model: nn.Module, dataset, cache: Optional[str | Path], key: dict[str, Any],
+                    batch_size: int = 64, workers: int = 0, progress: bool = True,
+                    desc: str = "features") -> tuple[Tensor, Tensor]:
+    """:func:`extract_features` of ``dataset``, stored in / read from the file ``cache``.
+
+    The file holds the features, the labels and ``key`` (JSON: what they were computed from,
+    e.g. model name, checkpoint, image size, image files); a cache whose key differs is
+    recomputed and overwritten. ``cache=None`` always computes.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from leanvit.data import loader
+
+    key_text = json.dumps(key, sort_keys=True, default=str)
+    if cache is not None and Path(cache).is_file():
+        try:
+            if head_metadata(cache).get("key") == key_text:
+                t = load_file(str(cache))
+                return t["features"], t["labels"]
+        except ValueError:
+            pass  # unreadable cache: recompute
+    feats, labels = extract_features(model, loader(dataset, batch_size, workers),
+                                     progress=progress, desc=desc)
+    if cache is not None:
+        path = Path(cache)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file({"features": feats.contiguous(), "labels": labels.contiguous()}, tmp,
+                      metadata={"key": json.dumps(key_text)})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return feats, labels
+
+
+def dataset_key(dataset) -> list:
+    """Image files (relative names) and labels of an ImageFolder or Subset, for cache keys."""
+    from torch.utils.data import Subset
+
+    idx = None
+    while isinstance(dataset, Subset):
+        idx = list(dataset.indices) if idx is None else [dataset.indices[i] for i in idx]
+        dataset = dataset.dataset
+    samples = dataset.samples if idx is None else [dataset.samples[i] for i in idx]
+    root = Path(dataset.root)
+    import hashlib
+
+    h = hashlib.sha256()
+    for path, label in samples:
+        h.update(f"{Path(path).relative_to(root)}\t{label}\n".encode())
+    return [len(samples), h.hexdigest()]
+
+
+def probe_folder(
+    model_name: str,
+    data: str | Path,
+    out: str | Path,
+    *,
+    checkpoint: Optional[str | Path] = None,
+    img_size: Optional[int] = None,
+    batch_size: int = 64,
+    limit: Optional[int] = None,
+    val_limit: Optional[int] = None,
+    workers: int = 0,
+    cache_dir: Optional[str | Path] = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``leanvit probe``: features of ``data/train`` -> :func:`fit_probe` -> head saved to
+    ``out``; accuracy on ``data/val``. ``limit`` / ``val_limit``: fixed seeded subsets of
+    train / val (:func:`leanvit.data.fixed_subset`). Returns the numbers (accuracy in percent, seconds).
+
+    The unpatched backbone (no head) gives the features; with ``cache_dir`` they are kept
+    in ``cache_dir/<model>-<split>-<hash>.safetensors``, keyed by model, checkpoint (path,
+    size, mtime), image size and image files.
+    """
+    import hashlib
+    import time
+
+    from leanvit.data import classes_of, fixed_subset, image_folder, split_dir
+    from leanvit.models import create_model
+
+    model = create_model(model_name, img_size=img_size, checkpoint=checkpoint,
+                         num_classes=0).eval()
+    _check_vit(model)
+    train = fixed_subset(image_folder(split_dir(data, "train"), model), limit)
+    val = fixed_subset(image_folder(split_dir(data, "val"), model), val_limit)
+    classes = classes_of(train)
+    if classes_of(val) != classes:
+        raise ValueError(f"{data}/train and {data}/val have different classes: {classes} vs "
+                         f"{classes_of(val)}")
+    ck = None
+    if checkpoint is not None:
+        st = Path(checkpoint).stat()
+        ck = [str(Path(checkpoint).resolve()), st.st_size, int(st.st_mtime)]
+    seconds: dict[str, float] = {}
+    feats = {}
+    for split, ds in (("train", train), ("val", val)):
+        key = {"model": model_name, "checkpoint": ck, "img_size": list(model.patch_embed.img_size),
+               "images": dataset_key(ds), "feature": "cls+mean v1"}
+        cache = None
+        if cache_dir is not None:
+            h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+            cache = Path(cache_dir) / f"{model_name}-{split}-{h}.safetensors"
+        seconds[f"{split}_from_cache"] = float(cache is not None and cache.is_file())
+        t0 = time.perf_counter()
+        feats[split] = cached_features(model, ds, cache, key, batch_size, workers, progress,
+                                       desc=f"{split} features")
+        seconds[f"{split}_features"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    info: dict[str, Any] = {}
+    head = fit_probe(*feats["train"], num_classes=len(classes), info=info)
+    seconds["fit"] = time.perf_counter() - t0
+    with torch.no_grad():
+        fv, yv = feats["val"]
+        val_acc = 100.0 * float((head(fv).argmax(1) == yv).double().mean())
+    save_head(head, out, model=model_name, img_size=list(model.patch_embed.img_size),
+              classes=classes, checkpoint=None if checkpoint is None else Path(checkpoint).name,
+              val_accuracy=val_acc, weight_decay=info["weight_decay"],
+              train_images=len(train))
+    return {"model": model_name, "checkpoint": None if checkpoint is None else str(checkpoint),
+            "img_size": list(model.patch_embed.img_size), "data": str(data),
+            "classes": classes, "train_images": len(train), "val_images": len(val),
+            "val_accuracy": val_acc, "train_accuracy": 100 * info["train_accuracy"],
+            "weight_decay": info["weight_decay"],
+            "held_out_accuracy": info["held_out_accuracy"], "seconds": seconds,
+            "threads": torch.get_num_threads(), "head": str(out)}
