@@ -165,12 +165,10 @@ def _linear_macs(module: nn.Module) -> int:
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
-def _record_block(blk, i, state_in, x_in, state_q, n_q_tokens, state_out, x_out, signals):
-    """Per-image MACs of one block from the token counts it saw."""
+def _block_macs(blk: nn.Module, n_kv: Tensor, n_q: Tensor, n_mlp: Tensor,
+                signals: Optional[Signals]) -> dict[str, Tensor]:
+    """Per-image MACs of one block from the token counts it saw (``[B]`` each)."""
     attn = blk.attn
-    n_kv = state_in.token_counts(x_in)
-    n_q = state_q.token_counts(n_q_tokens)
-    n_mlp = state_out.token_counts(x_out)
     if _has_contract(attn):  # the module counts itself (e.g. hallucinated heads)
         attention = attn.leanvit_macs(n_q, n_kv)
     else:
@@ -181,16 +179,9 @@ def _record_block(blk, i, state_in, x_in, state_q, n_q_tokens, state_out, x_out,
         scores = 2 * n_q * n_kv * attn.attn_dim  # q k^T and attn @ v
         proj = n_q * attn.proj.in_features * attn.proj.out_features
         attention = qkv + scores + proj
-    mlp = n_mlp * _linear_macs(blk.mlp)
     sig = float(signals.macs) if signals is not None else 0.0
-    state_in.recorder.record_block(
-        i,
-        tokens_in=n_kv,
-        tokens_out=n_mlp,
-        attention=attention,
-        mlp=mlp,
-        signals=torch.full_like(n_kv, sig),
-    )
+    return dict(tokens_in=n_kv, tokens_out=n_mlp, attention=attention,
+                mlp=n_mlp * _linear_macs(blk.mlp), signals=torch.full_like(n_kv, sig))
 
 
 def block_forward(blk: nn.Module, i: int, x: Tensor, state: TokenState, reducer: Reducer
@@ -198,7 +189,8 @@ def block_forward(blk: nn.Module, i: int, x: Tensor, state: TokenState, reducer:
     """timm ``Block.forward`` with the method's hooks; ``x`` ``[B, N, C]`` -> ``[B, N', C]``."""
     if reducer.acts_before(i):
         x, state = reducer.before_block(i, x, state)
-    state_in, x_in = state, x
+    counting = state.recorder is not None
+    n_kv = state.token_counts(x) if counting else None
     rows, signals = None, None
     y = blk.norm1(x)
     if reducer.needs_signals(i) or state.valid is not None or state.mask is not None or (
@@ -209,13 +201,16 @@ def block_forward(blk: nn.Module, i: int, x: Tensor, state: TokenState, reducer:
             x = gather_tokens(x, rows)
     else:
         a = blk.attn(y)  # nothing to expose or bias: the module itself, untouched
+    del y
     x = x + blk.drop_path1(blk.ls1(a))
-    state_q, x_q = state, x
+    del a
+    n_q = state.token_counts(x) if counting else None
     if reducer.acts_after(i):
         x, state = reducer.after_attention(i, x, signals, state)
     x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-    if state.recorder is not None:
-        _record_block(blk, i, state_in, x_in, state_q, x_q, state, x, signals)
+    if counting:
+        state.recorder.record_block(i, **_block_macs(blk, n_kv, n_q, state.token_counts(x),
+                                                     signals))
     return x, state
 
 

@@ -24,8 +24,11 @@ def run(args: argparse.Namespace) -> int:
     import leanvit
     from leanvit.models import create_model
 
+    from leanvit.adapters import find_adapter
+
     model = create_model(args.model, img_size=args.img_size, checkpoint=args.checkpoint,
                          num_classes=args.num_classes).eval()
+    find_adapter(model)  # a clear error for unsupported families before any input is made
     base = leanvit.count_macs(model, _images(model, args.batch_size))
     if args.method != "none" or args.options:
         leanvit.patch(model, args.method, **parse_set(args.options))
