@@ -34,7 +34,9 @@ ARTIFACTS = "results/tmp/artifacts"  # trained / searched method state (leanvit.
 #: Two or three budgets per method, mildest first. ViT-S/14 at 224 px: 12 blocks, 256 patches.
 #: evit/topk: keep rates of the EViT paper (0.7, 0.5); tome: r per block (ToMe's ViT-S
 #: settings scaled to 256 patches); ats: default (K = N0 in blocks 3..11) and token caps;
-#: dynamicvit/diffrate: trained predictors / searched schedules saved by their commands.
+#: diffrate: the schedules `benchmarks/diffrate_dinov2.py` searched (4.0 G target, two lrs);
+#: dynamicvit: predictors trained by `benchmarks/dynamicvit_fashion_mnist.py --ratio-weight 10`
+#: (copied to ARTIFACTS; a short schedule, see docs/results.md).
 SETTINGS = """
 none
 evit keep_rate=0.7
@@ -47,10 +49,9 @@ tome r=16
 ats
 ats max_tokens=128
 ats max_tokens=64
-diffrate load={a}/diffrate_dinov2_3.0g.safetensors
-diffrate load={a}/diffrate_dinov2_4.0g.safetensors
+diffrate schedule=benchmarks/results/diffrate_dinov2_4.0_lr0.05_schedule.json
+diffrate schedule=benchmarks/results/diffrate_dinov2_4.0_schedule.json
 dynamicvit load={a}/dynamicvit_dinov2_0.7.safetensors
-dynamicvit load={a}/dynamicvit_dinov2_0.5.safetensors
 """
 
 

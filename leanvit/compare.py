@@ -11,14 +11,14 @@ from __future__ import annotations
 import ast
 import copy
 import json
-import os
 import shlex
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from torch import nn
+
+from leanvit._files import atomic_path, atomic_write_text
 
 
 @dataclass
@@ -232,15 +232,11 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> P
     if title:
         fig.suptitle(title, fontsize=11)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=130)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=130, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 
@@ -257,7 +253,4 @@ def write_outputs(rows: Sequence[dict[str, Any]], out_dir: str | Path, meta: dic
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)

@@ -23,12 +23,13 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
+
+from leanvit._files import atomic_path
 
 FORMAT = "leanvit"
 FORMAT_VERSION = "1"
@@ -109,16 +110,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, backbone: bool = False) -
         "backbone": "1" if backbone else "0",
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

@@ -22,14 +22,14 @@ Deterministic for a given input (no mini-batch noise), seconds on a few thousand
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from leanvit._files import atomic_path
 
 #: weight-decay grid of :func:`fit_probe` (coefficient of ``0.5 * ||W||^2`` added to the mean
 #: cross-entropy on standardised features); a decade grid as in DINOv2's and CLIP's linear
@@ -264,15 +264,8 @@ def save_head(head: nn.Linear, path: str | Path, **meta: Any) -> Path:
     tensors = {"weight": head.weight.detach().cpu().contiguous(),
                "bias": (head.bias if head.bias is not None
                         else torch.zeros(head.out_features)).detach().cpu().contiguous()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in info.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in info.items()})
     return path
 
 
@@ -385,16 +378,9 @@ def cached_features(model: nn.Module, dataset, cache: Optional[str | Path], key:
                                      progress=progress, desc=desc)
     if cache is not None:
         path = Path(cache)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({"features": feats.contiguous(), "labels": labels.contiguous()}, tmp,
+        with atomic_path(path) as tmp:
+            save_file({"features": feats.contiguous(), "labels": labels.contiguous()}, str(tmp),
                       metadata={"key": json.dumps(key_text)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
     return feats, labels
 
 

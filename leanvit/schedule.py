@@ -41,10 +41,11 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
+
+from leanvit._files import atomic_write_text
 
 FORMAT = "leanvit-token-schedule"
 FORMAT_VERSION = 1
@@ -236,21 +237,7 @@ def save_schedule(schedule: Schedule, path: Union[str, os.PathLike]) -> Path:
     """Write ``schedule`` as JSON, atomically (temporary file + ``os.replace``)."""
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = _format(schedule.to_dict())
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_text(path, _format(schedule.to_dict()))
 
 
 def _format(d: dict) -> str:

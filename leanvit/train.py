@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from leanvit._files import atomic_path
 from leanvit.losses import LossWeights, Output, total_loss
 
 #: parameters never updated by the recipe (DynamicViT's get_param_groups skips these)
@@ -350,9 +351,8 @@ def _keep_rate_at(progress: float, cfg: TrainConfig, target: float) -> float:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 class _Logger:

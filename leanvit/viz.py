@@ -13,7 +13,6 @@ for pruning and sampling; merging methods combine the rows of the merged tokens)
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -21,6 +20,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from leanvit._files import atomic_path
 
 #: colour of patches that no token holds any more (white, as in the papers' figures)
 BLANK = (1.0, 1.0, 1.0)
@@ -180,19 +181,11 @@ def render(image: np.ndarray, stages: Sequence[Stage], grid: tuple[int, int],
     if title:
         fig.suptitle(title, fontsize=10)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=path.suffix or ".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi, format=(path.suffix.lstrip(".") or "png"))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a figure is not
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=(path.suffix.lstrip(".") or "png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return [head for head, _ in panels]
 
 

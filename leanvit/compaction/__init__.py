@@ -34,14 +34,13 @@ Decisions where the paper is silent (see :mod:`leanvit.ops.hallucinate` too):
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from leanvit.compaction import modules as M
-from leanvit.compaction.families import Family, Site, find_family
+from leanvit.compaction.families import Site, find_family
 from leanvit.ops.hallucinate import (choose_computed_heads, dwconv_logits, fit_dwconv, fit_mix,
                                      mix_logits, refine_kl, split_heads, truncated_svd_factors)
 

@@ -2,7 +2,6 @@
 inverse-transform sampling spelled out point by point."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import timm

@@ -12,7 +12,7 @@ import leanvit
 from leanvit.adapters import vit as vit_adapter
 from leanvit.methods.evit import default_locations
 
-from tests.methods._vit_reference import forward, head, identity_reduce, tiny_vit
+from tests.methods._vit_reference import forward, head, tiny_vit
 
 
 def evit_reference(keep_rate: float, locations, fuse: bool = True):

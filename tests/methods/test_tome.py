@@ -1,7 +1,6 @@
 """ToMe against a plainly written reference (materialised attention, per-image loops)."""
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
