@@ -51,7 +51,7 @@ ats max_tokens=128
 ats max_tokens=64
 diffrate schedule=benchmarks/results/diffrate_dinov2_4.0_lr0.05_schedule.json
 diffrate schedule=benchmarks/results/diffrate_dinov2_4.0_schedule.json
-dynamicvit load={a}/dynamicvit_dinov2_0.7.safetensors
+dynamicvit load=benchmarks/results/dynamicvit_dinov2_fmnist_keep0.7.safetensors
 """
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import copy
 import json
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +189,14 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _point_label(row: dict[str, Any]) -> str:
+    """Short label of a plotted setting: file paths (schedules, saved methods) by file name."""
+    if row["settings"] == "(defaults)":
+        return "unmodified" if row["method"] == "none" else row["method"]
+    return re.sub(r"""(['"]?)[^\s'"=]*/([^/\s'"]+?)(\.json|\.safetensors)?\1(?=\s|$)""",
+                  r"\2", row["settings"])
+
+
 def plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """PNG: top-1 against GMACs (left) and against images/s (right), one colour and marker
     per method, each point labelled with its settings, the Pareto front as a dashed line
@@ -212,9 +221,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> P
             ax.scatter([r[key] for r in sel], [r["top1"] for r in sel], color=color,
                        marker=marker, s=60, label=m, zorder=3)
         for r in rows:
-            text = r["method"] if r["settings"] == "(defaults)" else r["settings"]
-            if r["method"] == "none" and r["settings"] == "(defaults)":
-                text = "unmodified"
+            text = _point_label(r)
             ax.annotate(text, (r[key], r["top1"]), textcoords="offset points",
                         xytext=(5, 4), fontsize=7, color="0.25")
         front = pareto(pts, lower_x_better=lower)
