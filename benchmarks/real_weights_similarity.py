@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
+
+from leanvit._files import atomic_write_text
 
 import torch
 
@@ -111,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write(out.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
     md = _markdown(summary)
-    _write(out.with_suffix(".md"), md)
+    atomic_write_text(out.with_suffix(".md"), md)
     print(md)
     return 0
 
@@ -129,12 +130,6 @@ def _markdown(s: dict) -> str:
         lines.append(f"| {r['method']} | {opts} | {r['mean_cosine']:.4f} | {r['min_cosine']:.4f} "
                      f"| {r['gmacs']:.3f} ({r['base_gmacs']:.3f}) |")
     return "\n".join(lines) + "\n"
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
+
+from leanvit._files import atomic_write_text
 
 MODEL = "deit_small_patch16_224"
 
@@ -96,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"model": MODEL, "batch_size": args.batch_size, "dtype": "fp32", "device": "cpu",
                "command": "python benchmarks/token_reduction.py " + " ".join(argv or sys.argv[1:]),
                "environment": env, "rows": rows, "raw": raw}
-    _write(out.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
-    _write(out.with_suffix(".md"), _markdown(summary))
+    atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".md"), _markdown(summary))
     print(_markdown(summary))
     return 0
 
@@ -131,12 +132,6 @@ def _markdown(s: dict) -> str:
             f"{r['speedup_best_rounds']:.3f}x | {authors} | "
             f"{r['images_per_s']:.1f} ({r['base_images_per_s']:.1f}) | {lat[0]} | {lat[1]} |")
     return "\n".join(lines) + "\n"
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

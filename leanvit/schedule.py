@@ -255,17 +255,22 @@ def load_schedule(path: Union[str, os.PathLike]) -> Schedule:
     is recognised and the error says to use :func:`read_authors_schedule`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ScheduleError(f"schedule file {path} does not exist")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ScheduleError(f"schedule file {path} is not valid JSON: {e}") from None
+    d = _read_json(path, "schedule file")
     if isinstance(d, dict) and "format" not in d and any(k in AUTHORS_MODELS for k in d):
         raise ScheduleError(
             f"{path} is in the DiffRate authors' format (model -> target GMACs); read it with "
             "leanvit.schedule.read_authors_schedule(path, model_key, target)")
     return Schedule.from_dict(d, where=f"schedule file {path}")
+
+
+def _read_json(path: Path, what: str):
+    """The JSON in ``path``; ``ScheduleError`` naming the file if missing or malformed."""
+    if not path.is_file():
+        raise ScheduleError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ScheduleError(f"{what} {path} is not valid JSON: {e}") from None
 
 
 def read_authors_schedule(path: Union[str, os.PathLike], model_key: str,
@@ -284,12 +289,7 @@ def read_authors_schedule(path: Union[str, os.PathLike], model_key: str,
         target: e.g. ``"2.9"`` or ``2.9``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ScheduleError(f"file {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ScheduleError(f"{path} is not valid JSON: {e}") from None
+    data = _read_json(path, "file")
     if not isinstance(data, dict):
         raise ScheduleError(f"{path}: expected a JSON object of models")
     if model_key not in data:
