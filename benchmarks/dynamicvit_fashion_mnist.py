@@ -50,7 +50,7 @@ from leanvit.adapters.vit import block_forward
 from leanvit.losses import LossWeights, Output, total_loss
 from leanvit.methods.dynamicvit import DECISION, keep_counts
 from leanvit.models import create_model
-from leanvit.probe import class_mean, fit_probe
+from leanvit.probe import class_mean, fit_probe, save_head
 from leanvit.data import read_idx
 from leanvit.registry import Method, Reducer, check_locations, register
 from leanvit.state import TokenState
@@ -200,6 +200,9 @@ def main() -> None:
                    help="held-out images scored after each epoch (progress only)")
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 autocast for training and the training-set cache")
+    p.add_argument("--init", default=None,
+                   help="start from predictors saved by an earlier run (leanvit.save file): "
+                        "a longer schedule in several runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(OUT / "dynamicvit_fashion_mnist.json"))
     args = p.parse_args()
@@ -241,11 +244,18 @@ def main() -> None:
                             "steps": 0, "train_s": 0.0}}
 
     # 3. DynamicViT predictors
-    leanvit.patch(model, "dynamicvit", keep_rate=args.keep_rate, locations=(3, 6, 9))
+    if args.init:
+        leanvit.load(model, args.init)
+        if model.leanvit.options.keep_rate != args.keep_rate:
+            raise SystemExit(f"{args.init} was trained at keep_rate "
+                             f"{model.leanvit.options.keep_rate}, not {args.keep_rate}")
+    else:
+        leanvit.patch(model, "dynamicvit", keep_rate=args.keep_rate, locations=(3, 6, 9))
     preds = model.leanvit.predictor
     preds.requires_grad_(True)
     opt = torch.optim.AdamW(preds.parameters(), lr=args.lr, weight_decay=0.05)
     total_steps = args.epochs * math.ceil(args.train / args.batch_size)
+    prior_steps = _prior_steps(args.init)
     weights = LossWeights(ratio=args.ratio_weight)
     targets = model.leanvit.keep_targets()
     log, monitor = [], []
@@ -276,7 +286,7 @@ def main() -> None:
             loss.backward()
             opt.step()
             step += 1
-            kept = [round(float(d.mean()), 4) for d in student.decisions]
+            kept = [round(float(d.detach().mean()), 4) for d in student.decisions]
             log.append({"step": step, "epoch": epoch, "lr": lr, "loss": float(loss.detach()),
                         **parts, "kept": kept, "elapsed_s": round(time.perf_counter() - t0, 1)})
             print(json.dumps(log[-1]), flush=True)
@@ -288,8 +298,14 @@ def main() -> None:
     times["train_s"] = time.perf_counter() - t0
     model.eval()
     results["dynamicvit"] = {**_eval_patched(model, head, val["x3"], yva, n0, mac_images),
-                             "steps": step, "train_s": times["train_s"]}
+                             "steps": step + prior_steps, "train_s": times["train_s"]}
+    t0 = time.perf_counter()
+    diagnosis = _diagnose(model, head, val["x3"], yva, n0, args.seed)
+    times["diagnose_s"] = time.perf_counter() - t0
+    print(json.dumps(diagnosis), flush=True)
     leanvit.save(model, Path(args.out).with_suffix(".predictors.safetensors"))
+    save_head(head, Path(args.out).with_suffix(".head.safetensors"),
+              model="vit_small_patch14_dinov2", accuracy=results["unpruned"]["top1"])
     leanvit.unpatch(model)
 
     # 4. training-free methods and the random control, same keep rate and locations
@@ -315,7 +331,9 @@ def main() -> None:
         "training": {"steps": step, "epochs": args.epochs, "batch_size": args.batch_size,
                      "lr": args.lr, "warmup": args.warmup, "bf16": args.bf16,
                      "loss_weights": dataclasses.asdict(weights), "keep_targets": targets,
+                     "init": args.init, "prior_steps": prior_steps,
                      "first": log[0], "last": log[-1], "monitor": monitor},
+        "diagnosis": diagnosis,
         "results": results, "times_s": times,
         "threads": torch.get_num_threads(),
         "command": "python benchmarks/dynamicvit_fashion_mnist.py " + " ".join(sys.argv[1:]),
@@ -333,13 +351,74 @@ def _table(report: dict) -> str:
              "random_keep": "random keep (DynamicViT's counts)"}
     lines = [f"DINOv2 ViT-S/14 + linear probe on Fashion-MNIST; {report['data']}; keep "
              f"{report['keep_rate']} at blocks 3, 6, 9.", "",
-             "| variant | held-out top-1 | GMACs / image | training steps | training time |",
+             "| variant | held-out top-1 | GMACs / image | training steps | training time (this run) |",
              "|---|---|---|---|---|"]
     for k, name in names.items():
         r = report["results"][k]
         t = f"{r['train_s']:.0f} s" if r["steps"] else "-"
         lines.append(f"| {name} | {r['top1']:.1f}% | {r['gmacs']:.3f} | {r['steps']} | {t} |")
+    d = report.get("diagnosis")
+    if d:
+        lines += ["", f"DynamicViT in training mode (hard Gumbel decisions, tokens masked): "
+                  f"{d['train_mode_top1']:.1f}% held-out top-1. Keep probabilities per stage "
+                  "(mean / share confident, p<0.1 or p>0.9): " + ", ".join(
+                      f"{x['mean_p']:.2f} / {x['confident']:.2f}" for x in d["stages"]) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _prior_steps(init) -> int:
+    """Training steps of the run that saved ``init`` (from its JSON report beside it)."""
+    if not init:
+        return 0
+    report = Path(init).with_suffix("").with_suffix(".json")
+    if not report.is_file():
+        raise SystemExit(f"--init {init}: its report {report} is missing (steps unknown)")
+    return int(json.loads(report.read_text())["results"]["dynamicvit"]["steps"])
+
+
+@torch.inference_mode()
+def _diagnose(model, head, x3: Tensor, labels: Tensor, n0: int, seed: int) -> dict:
+    """What the trained predictors do, on the held-out images.
+
+    - ``train_mode_top1``: top-1 with the decisions the predictors were trained with (hard
+      Gumbel samples of their keep probabilities, tokens masked in place), one sample.
+    - per stage, over the tokens still kept when the predictor runs (training mode):
+      ``mean_p`` (mean keep probability), ``confident`` (share with p < 0.1 or p > 0.9),
+      ``kept`` (share of the stage's input tokens the Gumbel decisions kept).
+    A predictor whose probabilities sit near the target ratio without being confident
+    trains on nearly random subsets, while inference keeps the top-scored tokens: the two
+    diverge until training makes the probabilities confident.
+    """
+    probs: dict[int, list] = {s: [] for s in range(len(model.leanvit.predictor))}
+
+    def hook(s):
+        def fn(mod, args, out):
+            keep = args[1] if len(args) > 1 and args[1] is not None else None
+            p = out[..., 0].float().exp()
+            w = torch.ones_like(p) if keep is None else keep.float()
+            probs[s].append((p, w))
+        return fn
+
+    handles = [m.register_forward_hook(hook(s)) for s, m in enumerate(model.leanvit.predictor)]
+    torch.manual_seed(seed)
+    model.train()
+    correct = 0
+    try:
+        for sl in batches(len(x3), 100):
+            tok, st = run_from(model, x3[sl].float(), n0)
+            correct += int((head(pooled(tok, st)).argmax(-1) == labels[sl]).sum())
+    finally:
+        for h in handles:
+            h.remove()
+        model.eval()
+    stages = []
+    for s, items in probs.items():
+        p = torch.cat([a.flatten() for a, _ in items])
+        w = torch.cat([b.flatten() for _, b in items])
+        n = w.sum()
+        stages.append({"mean_p": float((p * w).sum() / n),
+                       "confident": float((((p < 0.1) | (p > 0.9)).float() * w).sum() / n)})
+    return {"train_mode_top1": 100.0 * correct / len(x3), "stages": stages}
 
 
 def _gmacs(model, head, images_u8) -> float:
