@@ -49,15 +49,10 @@ def _dims(model: nn.Module) -> tuple[int, ...]:
     return tuple(stage.blocks[0].conv_dw.out_channels for stage in model.stages)
 
 
-def input_size(model: nn.Module) -> tuple[int, int]:
-    """The input size the model's config names (ConvNeXt takes any size)."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size", (3, 224, 224))
-    return int(size[1]), int(size[2])
-
-
 def describe(model: nn.Module) -> ModelInfo:
-    h, w = input_size(model)
+    from leanvit.models import input_size
+
+    h, w = input_size(model)  # ConvNeXt takes any size: the one its data config names
     stride = model.stem[0].stride[0] if isinstance(model.stem, nn.Sequential) else 4
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return ModelInfo(
