@@ -153,9 +153,11 @@ class DynamicHierarchical(Reducer):
                                   for _ in range(locations[0], info.stage_depths[STAGE]))
 
     def ratios(self) -> list[float]:
-        """Slow-path ratio of each decision: ``keep_rate - s * ratio_step``."""
+        """Slow-path ratio of each decision: ``keep_rate - s * ratio_step``, rounded to 12
+        decimals so that 0.7 - 0.2 is 0.5 (the authors' float ``0.49999999999999994`` keeps
+        97 of ConvNeXt-T's 196 positions instead of 98)."""
         o = self.options
-        return [o.keep_rate - s * o.ratio_step for s in range(len(self.locations))]
+        return [round(o.keep_rate - s * o.ratio_step, 12) for s in range(len(self.locations))]
 
     def keep_targets(self) -> list[float]:
         """Targets of the ratio loss (the same ratios: independent decisions)."""
