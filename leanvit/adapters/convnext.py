@@ -29,6 +29,7 @@ def matches(cls: type) -> bool:
 
 def check_supported(model: nn.Module) -> None:
     """``ValueError`` for ConvNeXt variants the adapter cannot split faithfully."""
+    from timm.layers import GlobalResponseNormMlp
     from timm.models.convnext import ConvNeXtBlock
 
     for s, stage in enumerate(model.stages):
@@ -40,6 +41,10 @@ def check_supported(model: nn.Module) -> None:
                 raise ValueError(f"stage {s} block {j} uses conv_mlp=True (NCHW 1x1-conv MLP); "
                                  "the convnext adapter supports channels-last MLPs (conv_mlp="
                                  "False, timm's default)")
+            if isinstance(blk.mlp, GlobalResponseNormMlp):
+                raise ValueError(f"stage {s} block {j} uses a GRN MLP (ConvNeXt-V2); its global "
+                                 "response norm pools over all positions, so the convnext "
+                                 "adapter cannot run it on a subset of tokens")
             if not isinstance(blk.shortcut, nn.Identity):
                 raise ValueError(f"stage {s} block {j} changes width or stride inside the "
                                  "block; the convnext adapter supports identity shortcuts")

@@ -23,6 +23,8 @@ def test_found_and_described():
 def test_unsupported_variant_and_family_errors_name_what_is_supported():
     with pytest.raises(ValueError, match="conv_mlp"):
         find_adapter(timm.create_model("convnext_atto", depths=(1, 1, 1, 1)))
+    with pytest.raises(ValueError, match="GRN"):  # ConvNeXt-V2: GRN pools over all positions
+        find_adapter(timm.create_model("convnextv2_atto", depths=(1, 1, 1, 1), conv_mlp=False))
     with pytest.raises(ValueError, match="supported families: vit .*convnext .*swin"):
         find_adapter(timm.create_model("resnet10t"))
 
