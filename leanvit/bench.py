@@ -192,7 +192,9 @@ def run_benchmark(
 
     base = _build(model, None, {}, img_size, checkpoint, num_classes, head)
     patched = patch(copy.deepcopy(base), method, **options).eval()
-    h, w = base.patch_embed.img_size if hasattr(base, "patch_embed") else (img_size, img_size)
+    from leanvit.models import input_size
+
+    h, w = input_size(base)
     torch.manual_seed(seed)
     x = torch.randn(batch_size, 3, h, w)
     mac_images = x[: min(batch_size, 16)]

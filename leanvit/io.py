@@ -206,7 +206,7 @@ def load(model: nn.Module, path: str | os.PathLike, **options: Any) -> nn.Module
                     f"{getattr(info, k)}")
         m = get_method(method)
         try:
-            opts = _options_from_json(m.options, meta.get("options", "{}"))
+            opts = _options_from_json(m.options_for(info.family), meta.get("options", "{}"))
         except json.JSONDecodeError:
             raise ValueError(f"{path}: unreadable options metadata (corrupt file?)") from None
         opts.update(options)

@@ -39,6 +39,17 @@ class LossWeights:
                 raise ValueError(f"loss weight {f.name} must be a number >= 0, got {v!r}")
 
 
+#: DynamicViT's weights for hierarchical backbones (DynamicSwin / DynamicConvNeXt, Rao et al.,
+#: TPAMI extension arXiv 2207.01580; authors' ``main.py`` builds ``ConvNextDistillDiffPruningLoss``
+#: with ``clf_weight=1.0, ratio_weight=10.0, mse_token=True`` and the default
+#: ``distill_weight=0.5`` for both the logit KL and the token MSE). The token term there covers
+#: EVERY position of the final normed map (no token is removed): the adapters' ``loss_tokens``
+#: give an all-ones keep mask, so :func:`token_distillation` is the plain MSE over all
+#: positions and channels. The ratio term is the same :func:`ratio_loss` with the independent
+#: targets ``rho, rho - 0.2, rho - 0.4``.
+HIERARCHICAL_WEIGHTS = LossWeights(cls=1.0, ratio=10.0, distill=0.5, token=0.5)
+
+
 def soft_target_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """Cross-entropy with class indices ``[B]`` or soft targets ``[B, K]`` (mixup/cutmix,
     label smoothing: ``timm.data.Mixup`` output); mean over the batch. Computed in fp32."""

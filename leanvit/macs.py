@@ -26,12 +26,18 @@ class MacRecorder:
         self.head = 0.0
         self.blocks: dict[int, dict[str, Tensor]] = {}
         self.extra: dict[str, Tensor] = defaultdict(lambda: torch.zeros(()))
+        self.layers: dict[str, float] = {}
 
     def record_stem(self, macs: float) -> None:
         self.stem = float(macs)
 
     def record_head(self, macs: float) -> None:
         self.head = float(macs)
+
+    def record_layer(self, name: str, macs: float) -> None:
+        """MACs per image of a backbone layer outside the blocks (hierarchical models'
+        downsampling between stages: ConvNeXt's strided conv, Swin's patch merging)."""
+        self.layers[name] = float(macs)
 
     def record_block(self, i: int, **values: Tensor) -> None:
         """Block ``i``'s per-image values: ``tokens_in``, ``tokens_out`` and MAC terms."""
@@ -72,6 +78,8 @@ class MacReport:
     per_block: list[BlockMacs]
     extra: dict[str, float] = field(default_factory=dict)
     images: int = 0
+    #: backbone layers outside the blocks (downsampling of hierarchical models), per image
+    layers: dict[str, float] = field(default_factory=dict)
 
     @property
     def gmacs(self) -> float:
@@ -86,6 +94,8 @@ class MacReport:
         for b in self.per_block:
             lines.append(f"{b.index:>5} {b.tokens_in:10.1f} {b.tokens_out:10.1f} "
                          f"{b.macs / 1e6:10.2f}")
+        for k, v in self.layers.items():
+            lines.append(f"{k[:5]:>5} {'':>10} {'':>10} {v / 1e6:10.2f}")
         lines.append(f"{'head':>5} {'':>10} {'':>10} {self.head / 1e6:10.2f}")
         for k, v in self.extra.items():
             lines.append(f"{k[:5]:>5} {'':>10} {'':>10} {v / 1e6:10.2f}")
@@ -95,7 +105,7 @@ class MacReport:
     def to_dict(self) -> dict:
         return {
             "total": self.total, "gmacs": self.gmacs, "stem": self.stem, "head": self.head,
-            "extra": dict(self.extra), "images": self.images,
+            "extra": dict(self.extra), "images": self.images, "layers": dict(self.layers),
             "per_block": [b.__dict__ | {"macs": b.macs} for b in self.per_block],
         }
 
@@ -109,9 +119,10 @@ def report_from(recorder: MacRecorder, images: int) -> MacReport:
                                 tokens_out=mean["tokens_out"], attention=mean["attention"],
                                 mlp=mean["mlp"], signals=mean.get("signals", 0.0)))
     extra = {k: float(t.mean()) for k, t in recorder.extra.items()}
-    total = recorder.stem + recorder.head + sum(b.macs for b in blocks) + sum(extra.values())
+    total = (recorder.stem + recorder.head + sum(b.macs for b in blocks) + sum(extra.values())
+             + sum(recorder.layers.values()))
     return MacReport(total=total, stem=recorder.stem, head=recorder.head, per_block=blocks,
-                     extra=extra, images=images)
+                     extra=extra, images=images, layers=dict(recorder.layers))
 
 
 def count_macs(model: nn.Module, images: Tensor) -> MacReport:

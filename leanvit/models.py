@@ -78,7 +78,7 @@ def _create(name: str, *, img_size, checkpoint, num_classes, **kwargs: Any) -> n
     if num_classes is not None:
         kw["num_classes"] = num_classes
     if checkpoint is None:
-        return timm.create_model(name, pretrained=False, **kw)
+        return _size_free(name, kw, lambda **k: timm.create_model(name, pretrained=False, **k))
     path = Path(checkpoint)
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
@@ -86,8 +86,8 @@ def _create(name: str, *, img_size, checkpoint, num_classes, **kwargs: Any) -> n
     if keys is not None and num_classes is None and not any(k.startswith("head.") for k in keys):
         kw["num_classes"] = 0  # a backbone without classifier (e.g. DINOv2 features)
     try:
-        return timm.create_model(name, pretrained=True,
-                                 pretrained_cfg_overlay=dict(file=str(path)), **kw)
+        return _size_free(name, kw, lambda **k: timm.create_model(
+            name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **k))
     except (RuntimeError, KeyError, OSError, EOFError, ValueError) as e:
         msg = str(e).strip().splitlines()
         raise ValueError(
@@ -96,3 +96,33 @@ def _create(name: str, *, img_size, checkpoint, num_classes, **kwargs: Any) -> n
     except Exception as e:  # unpickling errors of corrupt .pth files come in many types
         raise ValueError(f"could not load checkpoint {path} into {name}: "
                          f"{type(e).__name__}: {e}") from None
+
+
+def _size_free(name: str, kw: dict, make) -> nn.Module:
+    """``make(**kw)``; for convolutional models that take any input size and so have no
+    ``img_size`` argument (ConvNeXt), ``img_size`` instead sets the input size of the model's
+    data config (``pretrained_cfg["input_size"]``: transforms, benchmarks, MAC counts)."""
+    try:
+        return make(**kw)
+    except TypeError as e:
+        if "img_size" not in kw or "img_size" not in str(e):
+            raise
+    rest = {k: v for k, v in kw.items() if k != "img_size"}
+    model = make(**rest)
+    size = kw["img_size"]
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    cfg["input_size"] = (3, size, size)
+    model.pretrained_cfg = cfg
+    return model
+
+
+def input_size(model: nn.Module) -> tuple[int, int]:
+    """The ``(H, W)`` input size a model is built or configured for: ``patch_embed.img_size``
+    (ViT, Swin), else its data config's ``input_size`` (ConvNeXt: any size works; 224 by
+    default, or what :func:`create_model`'s ``img_size`` set)."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is not None:
+        return int(size[0]), int(size[1])
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    s = cfg.get("input_size", (3, 224, 224))
+    return int(s[1]), int(s[2])

@@ -41,7 +41,7 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
             f"method {method!r} supports the families {', '.join(m.families)}, "
             f"not {adapter.FAMILY!r}"
         )
-    opts = m.make_options(**options)
+    opts = m.make_options(adapter.FAMILY, **options)
     info = adapter.describe(model)
     reducer = m.build(opts, info)
     if not isinstance(reducer, Reducer):  # pragma: no cover - guards method authors

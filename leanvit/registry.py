@@ -10,7 +10,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
@@ -33,6 +33,10 @@ class ModelInfo:
     name: str = ""
     #: input size ``(H, W)`` in pixels the model was built for (``None`` if unknown)
     img_size: Optional[tuple[int, int]] = None
+    #: hierarchical families (ConvNeXt, Swin): blocks and width of each stage (empty for ViTs;
+    #: ``depth`` is then the total block count, ``embed_dim`` the final feature width)
+    stage_depths: tuple[int, ...] = ()
+    stage_dims: tuple[int, ...] = ()
 
 
 class Reducer(nn.Module):
@@ -66,6 +70,19 @@ class Reducer(nn.Module):
         """Whether block ``i`` must compute :class:`Signals` (its q, k, v are then exposed)."""
         return self.acts_after(i) or self.selects_queries(i)
 
+    # -- hierarchical families (ConvNeXt, Swin: leanvit.adapters.stages): whole stages
+    def acts_on_stage(self, s: int) -> bool:
+        """Whether :meth:`run_stage` runs stage ``s`` (0-based); otherwise the adapter runs
+        the stage's timm blocks themselves."""
+        return False
+
+    def run_stage(self, s: int, blocks: Sequence[Any], x: Tensor, state: TokenState
+                  ) -> tuple[Tensor, TokenState]:
+        """Run stage ``s``'s blocks on its input map ``x`` (the family's own layout, after the
+        stage's downsampling). ``blocks``: one :class:`leanvit.adapters.stages.BlockParts`
+        per block (the block split into its dense spatial part and its MLP)."""
+        raise NotImplementedError(f"{type(self).__name__} acts on stage {s} but has no run_stage")
+
     # -- hooks
     def init_state(self, state: TokenState, x: Tensor) -> TokenState:
         """Called once per forward, before the first block."""
@@ -95,29 +112,76 @@ class Method:
 
     Attributes:
         name: the name users pass to :func:`leanvit.patch`.
-        options: dataclass type; its fields are the method's options with their defaults.
+        options: dataclass type; its fields are the method's options with their defaults (for
+            a method serving several families: the options of its first family).
         build: ``build(options, info) -> Reducer``; validates options against the model and
-            raises ``ValueError`` for a model the method cannot serve.
+            raises ``ValueError`` for a model the method cannot serve. Or a mapping
+            ``family -> build`` when the method's algorithm differs per backbone family (e.g.
+            ``dynamicvit``: token pruning on ViTs, MLP routing on ConvNeXt/Swin); then
+            ``families`` defaults to the mapping's keys and ``method.build(options, info)``
+            dispatches on ``info.family``.
         families: backbone families the method supports (adapter names).
         summary: one line for ``leanvit --help`` and error messages.
+        family_options: options dataclass per family where it differs from ``options``
+            (families not listed use ``options``). An option given for a family whose
+            dataclass lacks it is an error naming the families that take it.
     """
 
     name: str
     options: type
-    build: Callable[[Any, ModelInfo], Reducer]
+    build: Union[Callable[[Any, ModelInfo], Reducer], Mapping[str, Callable[[Any, ModelInfo],
+                                                                           Reducer]]]
     families: tuple[str, ...] = ("vit",)
     summary: str = ""
+    family_options: Mapping[str, type] = dataclasses.field(default_factory=dict)
 
-    def make_options(self, **kwargs: Any) -> Any:
-        """The options dataclass from keyword arguments; clear errors for unknown names."""
-        fields = {f.name: f for f in dataclasses.fields(self.options)}
+    def __post_init__(self) -> None:
+        if isinstance(self.build, Mapping):
+            builders = dict(self.build)
+            if self.families == ("vit",):  # the default: take the mapping's families
+                object.__setattr__(self, "families", tuple(builders))
+            missing = [f for f in self.families if f not in builders]
+            if missing:
+                raise ValueError(f"method {self.name!r} has no builder for {missing}")
+
+            def build(options: Any, info: ModelInfo) -> Reducer:
+                if info.family not in builders:
+                    raise ValueError(f"method {self.name!r} supports the families "
+                                     f"{', '.join(builders)}, not {info.family!r}")
+                return builders[info.family](options, info)
+
+            build.builders = builders  # type: ignore[attr-defined]
+            object.__setattr__(self, "build", build)
+        for fam, cls in self.family_options.items():
+            if not dataclasses.is_dataclass(cls):
+                raise TypeError(f"family_options[{fam!r}] must be a dataclass type")
+
+    def options_for(self, family: Optional[str] = None) -> type:
+        """The options dataclass of ``family`` (``None``: :attr:`options`)."""
+        if family is None:
+            return self.options
+        return self.family_options.get(family, self.options)
+
+    def make_options(self, family: Optional[str] = None, /, **kwargs: Any) -> Any:
+        """The options dataclass (of ``family``, when given) from keyword arguments; clear
+        errors for unknown names, naming the families that take an option this one lacks."""
+        cls = self.options_for(family)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - set(fields))
         if unknown:
+            where = ""
+            others = {fam: self.options_for(fam) for fam in self.families if fam != family}
+            for k in unknown:
+                takers = [fam for fam, c in others.items()
+                          if k in {f.name for f in dataclasses.fields(c)}]
+                if takers:
+                    where += f"; option {k!r} applies to the {', '.join(takers)} family only"
+            fam = f" on a {family} model" if family is not None and len(self.families) > 1 else ""
             raise ValueError(
-                f"unknown option(s) {', '.join(map(repr, unknown))} for method {self.name!r}; "
-                f"valid options: {describe_options(self.options)}"
+                f"unknown option(s) {', '.join(map(repr, unknown))} for method {self.name!r}"
+                f"{fam}; valid options: {describe_options(cls)}{where}"
             )
-        return self.options(**kwargs)
+        return cls(**kwargs)
 
 
 _METHODS: dict[str, Method] = {}

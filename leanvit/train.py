@@ -85,7 +85,9 @@ class TrainConfig:
     backbone_lr_scale: Optional[float] = None  #: 0.01 with learned method parameters, else 1
     freeze_backbone_epochs: Optional[int] = None  #: 5 with learned method parameters, else 0
     keep_rate_warmup_epochs: float = 0.0  #: EViT-style: keep_rate cosine from 1 to target
-    loss: dict = field(default_factory=dict)  #: LossWeights fields: cls, ratio, distill, token
+    #: LossWeights fields: cls, ratio, distill, token (default: the method's
+    #: ``default_loss_weights`` if it has them, e.g. ratio 10 on ConvNeXt/Swin, else DeiT's)
+    loss: dict = field(default_factory=dict)
     distill: bool = True  #: teacher = frozen unpatched model (KL + token terms)
     mixup: float = 0.8
     cutmix: float = 1.0
@@ -253,12 +255,21 @@ class _TrainStep(nn.Module):
         adapter = adapters.find_adapter(self.model)
         tokens, state = adapter.forward_features(self.model, x)
         logits = adapter.forward_head(self.model, tokens, state)
-        return logits, tokens, state.mask, tuple(state.aux_values(DECISION))
+        keep = state.mask
+        if hasattr(adapter, "loss_tokens"):  # hierarchical maps: per-position tokens, all kept
+            tokens, keep = adapter.loss_tokens(self.model, tokens, state)
+        return logits, tokens, keep, tuple(state.aux_values(DECISION))
 
 
 def _teacher_forward(teacher: nn.Module, x: Tensor) -> Output:
-    tokens = teacher.forward_features(x)
-    return Output(teacher.forward_head(tokens), tokens)
+    from leanvit import adapters
+
+    features = teacher.forward_features(x)
+    logits = teacher.forward_head(features)
+    adapter = adapters.find_adapter(teacher)
+    tokens = (adapter.loss_tokens(teacher, features, None)[0]
+              if hasattr(adapter, "loss_tokens") else features)
+    return Output(logits, tokens)
 
 
 def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -463,7 +474,9 @@ def train(config: TrainConfig | dict) -> dict:
     if res["global_batch"] > len(train_set):
         raise ValueError(f"global batch {res['global_batch']} is larger than the training set "
                          f"({len(train_set)} images)")
-    weights = LossWeights(**cfg.loss)
+    # the method's own default weights (e.g. dynamicvit on ConvNeXt/Swin: ratio 10), then the
+    # user's
+    weights = LossWeights(**{**getattr(model.leanvit, "default_loss_weights", {}), **cfg.loss})
     keep_targets = getattr(model.leanvit, "keep_targets", lambda: [])()
 
     optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=res["lr"],
@@ -567,7 +580,8 @@ def train(config: TrainConfig | dict) -> dict:
                     with torch.no_grad():
                         t_out = _teacher_forward(teacher, x)
             loss, parts = total_loss(Output(logits, tokens, keep, decisions), y, t_out,
-                                     weights, keep_targets, prefix=model.num_prefix_tokens)
+                                     weights, keep_targets,
+                                     prefix=model.leanvit.info.num_prefix_tokens)
             if not torch.isfinite(loss.detach()):
                 raise FloatingPointError(f"loss is {float(loss.detach())} at epoch {epoch} step {step}")
             optimizer.zero_grad(set_to_none=True)

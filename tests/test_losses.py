@@ -88,3 +88,34 @@ def test_total_loss_weights_and_applicable_terms():
     assert set(parts2) == {"cls"} and loss2.item() == pytest.approx(parts["cls"], rel=1e-6)
     with pytest.raises(ValueError, match="weight"):
         L.LossWeights(ratio=-1)
+
+
+def test_hierarchical_loss_is_the_authors_convnext_swin_objective():
+    """DynamicSwin / DynamicConvNeXt (authors' ConvNextDistillDiffPruningLoss with clf_weight 1,
+    ratio_weight 10, distill_weight 0.5, mse_token): CE + 10 * mean over decisions of the
+    batch-mean squared ratio error + 0.5 * KL + 0.5 * MSE over ALL positions, written out."""
+    assert L.HIERARCHICAL_WEIGHTS == L.LossWeights(cls=1.0, ratio=10.0, distill=0.5, token=0.5)
+    g = torch.Generator().manual_seed(0)
+    B, N, C, K = 3, 16, 8, 5
+    logits, t_logits = torch.randn(B, K, generator=g), torch.randn(B, K, generator=g)
+    tokens, t_tokens = torch.randn(B, N, C, generator=g), torch.randn(B, N, C, generator=g)
+    decisions = tuple((torch.rand(B, N, generator=g) > 0.4).float() for _ in range(3))
+    targets = torch.tensor([1, 0, 4])
+    ratios = [0.7, 0.5, 0.3]
+    loss, parts = L.total_loss(L.Output(logits, tokens, torch.ones(B, N), decisions), targets,
+                               L.Output(t_logits, t_tokens), L.HIERARCHICAL_WEIGHTS, ratios,
+                               prefix=0)
+    ce = sum(-torch.log_softmax(logits[b], -1)[targets[b]] for b in range(B)) / B
+    ratio = 0.0
+    for d, r in zip(decisions, ratios):
+        ratio += sum((float(d[b].sum()) / N - r) ** 2 for b in range(B)) / B
+    ratio /= 3
+    kl = 0.0
+    for b in range(B):
+        p_t = torch.softmax(t_logits[b], -1)
+        kl += float((p_t * (p_t.log() - torch.log_softmax(logits[b], -1))).sum())
+    kl /= B
+    mse = float(((tokens - t_tokens) ** 2).sum()) / (B * N * C)
+    ref = float(ce) + 10 * ratio + 0.5 * kl + 0.5 * mse
+    assert float(loss) == pytest.approx(ref, rel=1e-5)
+    assert parts["token"] == pytest.approx(mse, rel=1e-5)

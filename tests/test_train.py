@@ -188,3 +188,29 @@ def test_worker_count_does_not_change_the_run(folder, tmp_path):
     b = train(_cfg(folder, tmp_path / "w2", epochs=1, workers=2, freeze_backbone_epochs=0))
     wa, wb = _weights(a["weights"]), _weights(b["weights"])
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_trains_dynamicvit_on_convnext_with_its_loss(folder, tmp_path):
+    """ConvNeXt through the same trainer: the authors' hierarchical loss weights by default
+    (ratio 10), the token term over every position, decisions of three predictors; the saved
+    file loads into a fresh model."""
+    import json
+
+    import leanvit
+    from leanvit.models import create_model
+
+    torch.set_num_threads(1)
+    kw = {"dims": (8, 16, 32, 64), "depths": (1, 1, 4, 1), "conv_mlp": False}
+    cfg = _cfg(folder, tmp_path / "cnx", model="convnext_atto", model_kwargs=kw, img_size=32,
+               options={"keep_rate": 0.7}, epochs=1, freeze_backbone_epochs=0)
+    out = train(cfg)
+    assert out["global_step"] == 3
+    steps = [json.loads(line) for line in (tmp_path / "cnx" / "log.jsonl").read_text().splitlines()
+             if '"event": "step"' in line]
+    for s in steps:
+        assert {"loss_cls", "loss_ratio", "loss_distill", "loss_token"} <= set(s)
+        total = s["loss_cls"] + 10 * s["loss_ratio"] + 0.5 * (s["loss_distill"] + s["loss_token"])
+        assert s["loss"] == pytest.approx(total, rel=1e-5)
+    model = create_model("convnext_atto", img_size=32, num_classes=2, **kw)
+    leanvit.load(model, out["weights"])
+    assert model.leanvit.keep_targets() == pytest.approx([0.7, 0.5, 0.3])

@@ -6,6 +6,9 @@
 - ``forward_features(model, x, recorder=None, trace_source=False, on_block=None) ->
   (x, state)`` and
   ``forward_head(model, x, state, pre_logits=False, recorder=None)``,
+- optionally ``loss_tokens(model, features, state) -> (tokens [B, N, C], keep [B, N])``: the
+  tokens the token-distillation loss compares (hierarchical families: the final map per
+  position) when they are not ``forward_features``'s output as it is,
 - ``_PatchedX`` mixin class whose methods replace the model's ``forward`` while patched.
 """
 from __future__ import annotations
@@ -15,10 +18,10 @@ from types import ModuleType
 
 from torch import nn
 
-from leanvit.adapters import vit
+from leanvit.adapters import convnext, swin, vit
 
-ADAPTERS: tuple[ModuleType, ...] = (vit,)
-_MIXINS = {vit: vit._PatchedViT}
+ADAPTERS: tuple[ModuleType, ...] = (vit, convnext, swin)
+_MIXINS = {vit: vit._PatchedViT, convnext: convnext._PatchedConvNeXt, swin: swin._PatchedSwin}
 _PATCHED_CLASSES: dict[type, type] = {}
 
 

@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
 def _images(model, batch_size: int):
     import torch
 
+    from leanvit.models import input_size
+
     torch.manual_seed(0)
-    h, w = model.patch_embed.img_size
+    h, w = input_size(model)
     return torch.randn(batch_size, 3, h, w)

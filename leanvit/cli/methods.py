@@ -16,6 +16,12 @@ def run(args: argparse.Namespace) -> int:
 
     for name, m in sorted(_METHODS.items()):
         print(f"{name}: {m.summary}  [families: {', '.join(m.families)}]")
-        for f in dataclasses.fields(m.options):
-            print(f"    {f.name} = {f.default!r}")
+        groups = [(None, m.options)] + [(fam, cls) for fam, cls in m.family_options.items()
+                                        if cls is not m.options]
+        for fam, cls in groups:
+            if len(groups) > 1:
+                fams = [fam] if fam else [f for f in m.families if f not in m.family_options]
+                print(f"  on {', '.join(fams)}:")
+            for f in dataclasses.fields(cls):
+                print(f"    {f.name} = {f.default!r}")
     return 0

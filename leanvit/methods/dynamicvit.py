@@ -81,9 +81,10 @@ class Predictor(nn.Module):
     Linear(C/2, C/4) -> GELU -> Linear(C/4, 2) -> log_softmax (Rao et al. 2021, eq. 1-3).
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
-        self.norm = nn.LayerNorm(dim)  # torch default eps 1e-5, as the authors' nn.LayerNorm
+        # torch's default eps 1e-5, as the authors' nn.LayerNorm (their ConvNeXt code: 1e-6)
+        self.norm = nn.LayerNorm(dim, eps=eps)
         self.proj = nn.Linear(dim, dim)
         self.fc1 = nn.Linear(dim, dim // 2)
         self.fc2 = nn.Linear(dim // 2, dim // 4)
@@ -194,10 +195,22 @@ def build(options: DynamicViTOptions, info: ModelInfo) -> DynamicViT:
     return DynamicViT(options, info)
 
 
+# The hierarchical families' algorithm (DynamicSwin / DynamicConvNeXt) is in its own file; it
+# uses this file's Predictor and aux names, defined above this import.
+from leanvit.methods import dynamicvit_hier as _hier  # noqa: E402
+
+#: one method, one builder per family: token pruning on ViTs (this file), MLP routing in
+#: stage 3 on ConvNeXt and Swin (:mod:`leanvit.methods.dynamicvit_hier`). The options differ
+#: per family (:class:`DynamicViTOptions` here; ``keep_rate`` in (0.4, 1], stage-3 ``locations``
+#: and ``ratio_step`` there, ``fast_layer_scale`` on ConvNeXt only); an option of another
+#: family is an error naming the family that takes it.
 METHOD = register(Method(
-    "dynamicvit", DynamicViTOptions, build, families=("vit",),
-    summary="learned prediction modules drop tokens before blocks (Rao et al. 2021; needs "
-            "training: leanvit train --method dynamicvit)"))
+    "dynamicvit", DynamicViTOptions,
+    {"vit": build, "convnext": _hier.build, "swin": _hier.build},
+    family_options={"convnext": _hier.ConvNeXtOptions, "swin": _hier.HierarchicalOptions},
+    summary="learned prediction modules drop tokens before blocks (Rao et al. 2021); on "
+            "ConvNeXt/Swin route stage-3 tokens to a slow or fast MLP (TPAMI extension); "
+            "needs training: leanvit train --method dynamicvit"))
 
 
 #: the authors' predictor names (``PredictorLG``: ``in_conv`` = LayerNorm, Linear, GELU;

@@ -1,0 +1,56 @@
+"""The registry's per-family methods: one name, a builder and an options dataclass per
+family, dispatch on the model's family, clear errors for options of another family."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+import leanvit
+from leanvit.registry import Method, Reducer
+from tests._hier_models import tiny_convnext
+from tests.conftest import tiny_vit
+
+
+@dataclass(frozen=True)
+class _VitOpts:
+    a: int = 1
+
+
+@dataclass(frozen=True)
+class _ConvOpts:
+    a: int = 1
+    b: float = 0.5
+
+
+class _Tag(Reducer):
+    pass
+
+
+def test_builders_per_family_dispatch_on_the_model(temp_method):
+    built = []
+
+    def make(tag):
+        def build(options, info):
+            built.append((tag, options, info.family))
+            return _Tag(options, info)
+        return build
+
+    m = temp_method(Method("_perfam", _VitOpts, {"vit": make("v"), "convnext": make("c")},
+                           family_options={"convnext": _ConvOpts}))
+    assert m.families == ("vit", "convnext")
+    assert list(leanvit.available_methods()).count("_perfam") == 1
+    leanvit.patch(tiny_vit(), "_perfam", a=2)
+    leanvit.patch(tiny_convnext(), "_perfam", b=0.25)
+    assert built == [("v", _VitOpts(a=2), "vit"), ("c", _ConvOpts(a=1, b=0.25), "convnext")]
+    with pytest.raises(ValueError, match="'b' applies to the convnext family only"):
+        leanvit.patch(tiny_vit(), "_perfam", b=0.1)
+    from tests._hier_models import tiny_swin
+
+    with pytest.raises(ValueError, match="supports the families vit, convnext, not 'swin'"):
+        leanvit.patch(tiny_swin(), "_perfam")
+
+
+def test_a_family_without_builder_is_refused_at_registration():
+    with pytest.raises(ValueError, match="no builder"):
+        Method("_bad", _VitOpts, {"vit": lambda o, i: None}, families=("vit", "swin"))
