@@ -34,7 +34,7 @@ HIERARCHICAL_WEIGHTS`.
 Inference (``model.eval()``): exactly ``int(N * ratio_s)`` positions per image by descending
 keep score take the slow path, the rest the fast path (gathered, each path on its own tokens,
 scattered back: :func:`leanvit.ops.route.route`). A decision whose ratio is >= 1 routes nothing:
-its blocks are timm's own, unchanged (``keep_rate=1, ratio_step=0`` is the unpatched model).
+its blocks are timm's own, unchanged (``keep_rate=1`` is the unpatched model).
 MACs: predictors as ``extra["predictor"]``, fast paths as ``extra["fast_path"]``, each block's
 MLP on its slow tokens.
 """
@@ -75,21 +75,24 @@ class HierarchicalOptions:
         locations: blocks of stage 3 before which a prediction module runs (0-based, within
             the stage). Default ``None``: the authors' positions for the stage's depth
             (:data:`AUTHORS_LOCATIONS`; other depths: (1, 2, 3)).
-        ratio_step: decision ``s`` keeps ``keep_rate - s * ratio_step``. Default 0.2: the
-            authors' ``SPARSE_RATIO = [base, base - 0.2, base - 0.4]``. With ``keep_rate=1``
-            and ``ratio_step=0`` nothing is routed (the unpatched model).
+        ratio_step: decision ``s`` keeps ``keep_rate - s * ratio_step``. Default ``None``:
+            0.2, the authors' ``SPARSE_RATIO = [base, base - 0.2, base - 0.4]``, when
+            ``keep_rate < 1``, and 0 when ``keep_rate == 1``, so that keep ratio 1 keeps every
+            position on the slow path at every decision (the unpatched model; the authors'
+            formula would still route 20 % / 40 % there, pass ``ratio_step=0.2`` for that).
         tau: Gumbel-softmax temperature in training. Default 1.0 (``F.gumbel_softmax``'s
             default, as the authors call it).
     """
 
     keep_rate: float = 0.7
     locations: Optional[tuple] = None
-    ratio_step: float = 0.2
+    ratio_step: Optional[float] = None
     tau: float = 1.0
 
     def __post_init__(self) -> None:
         check_number("keep_rate", self.keep_rate, lo=0.4, hi=1.0, lo_open=True)
-        check_number("ratio_step", self.ratio_step, lo=0.0, hi=0.5)
+        if self.ratio_step is not None:
+            check_number("ratio_step", self.ratio_step, lo=0.0, hi=0.5)
         check_number("tau", self.tau, lo=0.0, lo_open=True)
         if self.locations is not None:
             if isinstance(self.locations, list):
@@ -111,6 +114,13 @@ class ConvNeXtOptions(HierarchicalOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_number("fast_layer_scale", self.fast_layer_scale, lo=0.0, lo_open=True)
+
+
+def effective_ratio_step(options: HierarchicalOptions) -> float:
+    """``options.ratio_step``, or its default: 0.2 (the authors') below keep ratio 1, 0 at 1."""
+    if options.ratio_step is not None:
+        return float(options.ratio_step)
+    return 0.0 if options.keep_rate >= 1.0 else 0.2
 
 
 class FastPath(nn.Module):
@@ -157,7 +167,8 @@ class DynamicHierarchical(Reducer):
         decimals so that 0.7 - 0.2 is 0.5 (the authors' float ``0.49999999999999994`` keeps
         97 of ConvNeXt-T's 196 positions instead of 98)."""
         o = self.options
-        return [round(o.keep_rate - s * o.ratio_step, 12) for s in range(len(self.locations))]
+        step = effective_ratio_step(o)
+        return [round(o.keep_rate - s * step, 12) for s in range(len(self.locations))]
 
     def keep_targets(self) -> list[float]:
         """Targets of the ratio loss (the same ratios: independent decisions)."""
@@ -254,9 +265,10 @@ def build(options: HierarchicalOptions, info: ModelInfo) -> DynamicHierarchical:
         except ValueError as e:
             raise ValueError(f"{e} (on {info.family} models, locations are block indices "
                              f"within stage 3, which has {depth} blocks)") from None
-    last = options.keep_rate - (len(locations) - 1) * options.ratio_step
+    step = effective_ratio_step(options)
+    last = options.keep_rate - (len(locations) - 1) * step
     if last <= 0:
         raise ValueError(f"keep_rate {options.keep_rate} - {len(locations) - 1} x ratio_step "
-                         f"{options.ratio_step} = {last:.3g}: the last decision would keep "
+                         f"{step} = {last:.3g}: the last decision would keep "
                          "nothing; raise keep_rate or lower ratio_step")
     return DynamicHierarchical(options, info, tuple(locations))

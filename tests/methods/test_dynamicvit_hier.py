@@ -96,8 +96,18 @@ def test_keep_ratio_one_equals_the_unpatched_model(family):
     x = images(model)
     with torch.no_grad():
         ref = model(x)
-        leanvit.patch(model, "dynamicvit", keep_rate=1.0, ratio_step=0.0)
+        leanvit.patch(model, "dynamicvit", keep_rate=1.0)
+        assert model.leanvit.ratios() == [1.0] * len(model.leanvit.locations)
         assert torch.equal(model(x), ref)
+
+
+def test_ratio_step_defaults_to_the_authors_below_one_and_can_be_forced_at_one():
+    model = FAMILIES["convnext"]()
+    leanvit.patch(model, "dynamicvit", keep_rate=0.7)
+    assert model.leanvit.ratios() == [0.7, 0.5, 0.3]
+    leanvit.unpatch(model)
+    leanvit.patch(model, "dynamicvit", keep_rate=1.0, ratio_step=0.2)  # the authors' formula
+    assert model.leanvit.ratios() == [1.0, 0.8, 0.6]
 
 
 def _ref_predictor(p, t):
