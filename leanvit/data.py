@@ -39,6 +39,30 @@ _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".
 # --------------------------------------------------------------------------------------------
 # Transforms
 
+def _posterize_zero_bits_black(img, bits_to_keep, **kwargs):
+    """timm's RandAugment ``posterize`` op, with 0 bits kept giving a black image as older
+    Pillow did: Pillow 12+ refuses ``ImageOps.posterize(img, 0)``, which timm's
+    ``PosterizeIncreasing`` asks for at magnitudes >= 10 (DeiT's ``rand-m9-mstd0.5-inc1``
+    reaches them through its magnitude noise, so training crashed at random)."""
+    from PIL import Image
+    from timm.data import auto_augment
+
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)  # all bits dropped: zeros
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def fix_randaugment_posterize() -> None:
+    """Make timm's posterize ops accept 0 bits (see :func:`_posterize_zero_bits_black`).
+
+    Idempotent; call before building a RandAugment transform (the trainer does)."""
+    from timm.data import auto_augment
+
+    for name, op in list(auto_augment.NAME_TO_OP.items()):
+        if op is auto_augment.posterize:
+            auto_augment.NAME_TO_OP[name] = _posterize_zero_bits_black
+
+
 
 def data_config(model: nn.Module) -> dict[str, Any]:
     """The model's timm data config with the input size the model was built for.

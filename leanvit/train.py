@@ -55,6 +55,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from leanvit._files import atomic_path
+from leanvit.data import fix_randaugment_posterize
 from leanvit.losses import LossWeights, Output, total_loss
 
 #: parameters never updated by the recipe (DynamicViT's get_param_groups skips these)
@@ -211,6 +212,7 @@ def _datasets(cfg: TrainConfig, model: nn.Module):
             raise ValueError(f"--data {root}: no {split}/ folder (expected an ImageFolder "
                              f"layout: {root}/train/<class>/*.png and {root}/val/<class>/*)")
     dc = _data_config(model)
+    fix_randaugment_posterize()  # DeiT's "-inc1" policy crashed on Pillow 12+ otherwise
     train_tf = create_transform(
         dc["input_size"], is_training=True, auto_augment=cfg.auto_augment or None,
         re_prob=cfg.reprob, interpolation=dc["interpolation"], mean=dc["mean"], std=dc["std"])

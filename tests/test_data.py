@@ -126,3 +126,26 @@ def test_fixed_subset_is_seeded_and_spans_classes(tmp_path):
     assert list(sub.indices) == list(fixed_subset(ds, 6).indices)
     assert {ds.targets[i] for i in sub.indices} == {0, 1}
     assert fixed_subset(ds, None) is ds
+
+
+def test_randaugment_posterize_with_zero_bits_gives_black_not_an_error():
+    from PIL import Image, ImageOps
+    from timm.data.auto_augment import AugmentOp, rand_augment_transform
+
+    from leanvit.data import fix_randaugment_posterize
+
+    fix_randaugment_posterize()
+    fix_randaugment_posterize()  # idempotent
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    # magnitude 10 of PosterizeIncreasing keeps 4 - int(10 / 10 * 4) = 0 bits
+    op = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10, hparams={"magnitude_std": 0})
+    out = np.asarray(op(img))
+    assert out.shape == (16, 16, 3) and not out.any()
+    # other bit counts are Pillow's own posterize
+    op2 = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5, hparams={"magnitude_std": 0})
+    assert np.array_equal(np.asarray(op2(img)), np.asarray(ImageOps.posterize(img, 2)))
+    # DeiT's policy, whose magnitude noise reaches 10, runs through many draws
+    tf = rand_augment_transform("rand-m9-mstd0.5-inc1", {"img_mean": (124, 116, 104)})
+    for _ in range(300):
+        tf(img)
