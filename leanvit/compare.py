@@ -197,6 +197,29 @@ def _point_label(row: dict[str, Any]) -> str:
                   r"\2", row["settings"])
 
 
+def label_offsets(points: Sequence[tuple[float, float]], near: tuple[float, float] = (0.08, 0.04),
+                  step: float = 9.0) -> list[tuple[float, float]]:
+    """Text offsets (points) for point labels so that labels of nearby points do not overlap:
+    each label starts up-right of its point (5, 4) and moves down by ``step`` points while an
+    earlier label at the same height belongs to a point closer than ``near`` (fractions of the
+    x and y ranges)."""
+    if not points:
+        return []
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    sx = (max(xs) - min(xs)) or 1.0
+    sy = (max(ys) - min(ys)) or 1.0
+    placed: list[tuple[float, float, float]] = []
+    out = []
+    for x, y in points:
+        dy = 4.0
+        while any(abs(x - px) / sx < near[0] and abs(y - py) / sy < near[1] and pdy == dy
+                  for px, py, pdy in placed):
+            dy -= step
+        placed.append((x, y, dy))
+        out.append((5.0, dy))
+    return out
+
+
 def plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """PNG: top-1 against GMACs (left) and against images/s (right), one colour and marker
     per method, each point labelled with its settings, the Pareto front as a dashed line
@@ -220,10 +243,9 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> P
             color, marker = style[m]
             ax.scatter([r[key] for r in sel], [r["top1"] for r in sel], color=color,
                        marker=marker, s=60, label=m, zorder=3)
-        for r in rows:
-            text = _point_label(r)
-            ax.annotate(text, (r[key], r["top1"]), textcoords="offset points",
-                        xytext=(5, 4), fontsize=7, color="0.25")
+        for r, offset in zip(rows, label_offsets(pts)):
+            ax.annotate(_point_label(r), (r[key], r["top1"]), textcoords="offset points",
+                        xytext=offset, fontsize=7, color="0.25")
         front = pareto(pts, lower_x_better=lower)
         ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="black",
                 linewidth=1, drawstyle="steps-post" if lower else "steps-pre", zorder=2,

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
-from leanvit.compare import Setting, markdown_table, parse_methods, pareto, plot, run_compare
+from leanvit.compare import (Setting, label_offsets, markdown_table, parse_methods, pareto, plot,
+                             run_compare)
 from leanvit.data import loader
 from leanvit.evaluate import check_classes, evaluate, load_split, topk_correct
 from tests.conftest import tiny_vit
@@ -101,3 +102,11 @@ def test_compare_rows_table_and_plot(tmp_path, temp_method):
     assert "| none | (defaults) |" in table and "speedup" in table
     png = plot(rows * 2, tmp_path / "p.png", title="t")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_labels_of_coinciding_points_are_stacked_apart():
+    pts = [(3.90, 68.0), (3.93, 68.4), (6.1, 82.0), (3.90, 68.1)]
+    off = label_offsets(pts)
+    assert off[0] == (5.0, 4.0) and off[2] == (5.0, 4.0)  # a far point keeps the default
+    # the three close points get three different heights, each one step below the last
+    assert sorted(o[1] for i, o in enumerate(off) if i != 2) == [-14.0, -5.0, 4.0]
