@@ -89,16 +89,18 @@ class MacReport:
         return float(self.total)
 
     def table(self) -> str:
-        lines = [f"{'block':>5} {'tokens in':>10} {'tokens out':>10} {'MMACs':>10}"]
-        lines.append(f"{'stem':>5} {'':>10} {'':>10} {self.stem / 1e6:10.2f}")
+        names = ["block", "stem", "head", *self.layers, *self.extra]
+        w = max(len(n) for n in names)
+        lines = [f"{'block':>{w}} {'tokens in':>10} {'tokens out':>10} {'MMACs':>10}"]
+        lines.append(f"{'stem':>{w}} {'':>10} {'':>10} {self.stem / 1e6:10.2f}")
         for b in self.per_block:
-            lines.append(f"{b.index:>5} {b.tokens_in:10.1f} {b.tokens_out:10.1f} "
+            lines.append(f"{b.index:>{w}} {b.tokens_in:10.1f} {b.tokens_out:10.1f} "
                          f"{b.macs / 1e6:10.2f}")
         for k, v in self.layers.items():
-            lines.append(f"{k[:5]:>5} {'':>10} {'':>10} {v / 1e6:10.2f}")
-        lines.append(f"{'head':>5} {'':>10} {'':>10} {self.head / 1e6:10.2f}")
+            lines.append(f"{k:>{w}} {'':>10} {'':>10} {v / 1e6:10.2f}")
+        lines.append(f"{'head':>{w}} {'':>10} {'':>10} {self.head / 1e6:10.2f}")
         for k, v in self.extra.items():
-            lines.append(f"{k[:5]:>5} {'':>10} {'':>10} {v / 1e6:10.2f}")
+            lines.append(f"{k:>{w}} {'':>10} {'':>10} {v / 1e6:10.2f}")
         lines.append(f"total {self.gmacs:.4f} GMACs per image (mean over {self.images} images)")
         return "\n".join(lines)
 

@@ -61,3 +61,10 @@ def test_report_table_and_dict():
     assert "GMACs per image" in report.table()
     d = report.to_dict()
     assert d["total"] == report.total and len(d["per_block"]) == 2 and d["images"] == 2
+
+
+def test_report_table_shows_extra_names_whole():
+    model = leanvit.patch(tiny_vit(), "dynamicvit", keep_rate=0.7, locations=(1,)).eval()
+    table = leanvit.count_macs(model, torch.randn(1, 3, 64, 64)).table()
+    row = next(line for line in table.splitlines() if "predictor" in line)
+    assert row.split()[0] == "predictor"  # not cut to 5 characters
