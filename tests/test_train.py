@@ -188,3 +188,55 @@ def test_worker_count_does_not_change_the_run(folder, tmp_path):
     b = train(_cfg(folder, tmp_path / "w2", epochs=1, workers=2, freeze_backbone_epochs=0))
     wa, wb = _weights(a["weights"]), _weights(b["weights"])
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_compact_option_trains_a_compacted_model_and_resumes_exactly(folder, tmp_path):
+    """``compact=``: hMHSA + cFFN on the created model (calibrated on training images), then
+    method ``none``; the final file reloads onto a plain model; a resumed run is exact."""
+    torch.set_num_threads(1)
+    import leanvit
+    from leanvit.models import create_model
+
+    kw = dict(method="none", options={}, compact={"hallucination": "mix"}, compact_images=4,
+              mixup=0.0, cutmix=0.0, loss={"cls": 0.0, "distill": 1.0, "feature": 1.0},
+              epochs=2, freeze_backbone_epochs=0)
+    full = train(_cfg(folder, tmp_path / "full", **kw))
+    part = train(_cfg(folder, tmp_path / "cut", max_steps=2, **kw))
+    assert part["stopped_early"]
+    train(_cfg(folder, tmp_path / "cut", resume="auto", **kw))
+    a, b = _weights(full["weights"]), _weights(tmp_path / "cut" / "final.safetensors")
+    assert a.keys() == b.keys() and "blocks.0.mlp.fc2.first.branches.1.0.weight" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = [__import__("json").loads(line) for line in open(tmp_path / "full" / "log.jsonl")]
+    steps = [r for r in log if r["event"] == "step"]
+    assert {"loss_distill", "loss_feature"} <= set(steps[0]) and "loss_cls" in steps[0]
+    plain = create_model("vit_tiny_patch16_224", img_size=32, num_classes=2, **MODEL_KW).eval()
+    model = leanvit.load(plain, full["weights"])
+    assert leanvit.compaction_spec(model)["hallucination"] == "mix"
+
+
+def test_a_prebuilt_model_and_teacher_with_a_frozen_head(folder, tmp_path):
+    torch.set_num_threads(1)
+    import copy
+
+    import leanvit
+    from leanvit.models import create_model
+
+    torch.manual_seed(0)
+    teacher = create_model("vit_tiny_patch16_224", img_size=32, num_classes=2, **MODEL_KW)
+    student = leanvit.compact(copy.deepcopy(teacher))
+    student.head.requires_grad_(False)  # a fixed probe
+    head, t_state = student.head.weight.clone(), copy.deepcopy(teacher.state_dict())
+    qkv = student.blocks[0].attn.qkv.weight.clone()
+    out = train(_cfg(folder, tmp_path / "pre", method="none", options={}, mixup=0.0,
+                     cutmix=0.0, epochs=1, freeze_backbone_epochs=0,
+                     loss={"cls": 0.0, "distill": 1.0, "feature": 1.0}),
+                model=student, teacher=teacher)
+    assert out["global_step"] == 3
+    assert torch.equal(student.head.weight, head)  # frozen parameters stay
+    assert not torch.equal(student.blocks[0].attn.qkv.weight, qkv)  # the rest trains
+    assert all(torch.equal(v, t_state[k]) for k, v in teacher.state_dict().items())
+    with pytest.raises(ValueError, match="model is patched"):
+        train(_cfg(folder, tmp_path / "bad", method="none", options={}),
+              model=leanvit.patch(create_model("vit_tiny_patch16_224", img_size=32,
+                                               num_classes=2, **MODEL_KW), "none"))
