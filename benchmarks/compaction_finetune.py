@@ -70,6 +70,24 @@ def accuracy(head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor) -> floa
         return 100.0 * float((head(feats).argmax(1) == labels).double().mean())
 
 
+def _time_step(student: nn.Module, teacher: nn.Module, calib: torch.Tensor, batch: int
+               ) -> float:
+    """Seconds of one training step's model work (student forward + backward in training
+    mode, on a copy; teacher forward), batch ``batch``; the second of two runs."""
+    model = copy.deepcopy(student).train()
+    x = calib[:batch]
+    if len(x) < batch:
+        x = x.repeat(-(-batch // len(x)), 1, 1, 1)[:batch]
+    took = 0.0
+    for _ in range(2):
+        t0 = time.perf_counter()
+        model(x).float().square().mean().backward()
+        with torch.no_grad():
+            teacher(x)
+        took = time.perf_counter() - t0
+    return took
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", type=int, default=1000, help="fine-tune images (train split)")
@@ -77,7 +95,12 @@ def main() -> None:
                     help="probe-fitting images: a fixed subset of --train")
     ap.add_argument("--val", type=int, default=500, help="held-out images (test split)")
     ap.add_argument("--calib", type=int, default=16, help="conversion calibration images")
-    ap.add_argument("--steps", type=int, default=200, help="fine-tune optimizer steps")
+    ap.add_argument("--steps", type=int, default=200,
+                    help="fine-tune optimizer steps (at most: see --budget-s)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="wall-clock budget of the whole run: the step count is cut so that "
+                         "the fine-tune fits, from a timed student step + teacher forward "
+                         "(the steps used are recorded; rerun with --steps N to repeat)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--feature-weight", type=float, default=1.0)
@@ -159,11 +182,20 @@ def main() -> None:
     attach_head(student, head)
     student.head.requires_grad_(False)
     teacher = attach_head(copy.deepcopy(plain), head)
+    n_steps = args.steps
+    if args.budget_s is not None:
+        step_s = _time_step(student, teacher, calib, args.batch_size)
+        left = args.budget_s - (time.perf_counter() - t_start)
+        # the last stage costs about what the previous one did, plus MACs and reparameterize
+        left -= results["stages"]["after_conversion"]["feature_seconds"] + 20
+        n_steps = max(10, min(args.steps, int(left / (1.1 * step_s))))
+        results["step_seconds_measured"] = round(step_s, 2)
+        print(f"step {step_s:.2f} s, {left:.0f} s left: {n_steps} steps", flush=True)
     steps_per_epoch = args.train // args.batch_size
-    epochs = max(1, -(-args.steps // steps_per_epoch))
+    epochs = max(1, -(-n_steps // steps_per_epoch))
     cfg = TrainConfig(
         model=MODEL, data=str(data), method="none", options={}, output=str(work / "run"),
-        epochs=epochs, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        epochs=epochs, max_steps=n_steps, batch_size=args.batch_size, lr=args.lr,
         min_lr=1e-6, weight_decay=0.05, warmup_epochs=0.0,
         loss={"cls": 0.0, "distill": 1.0, "feature": args.feature_weight, "token": 0.0},
         mixup=0.0, cutmix=0.0, smoothing=0.0, auto_augment=None, reprob=0.0, workers=0,
@@ -191,7 +223,8 @@ def main() -> None:
         deploy_diff = float((student(x) - before).abs().max())
     macs_ft = leanvit.count_macs(student, calib[:1])
     record("after_finetune", student, head, refit=not args.no_refit,
-           extra={"gmacs_deployed": macs_ft.gmacs, "params_deployed": params(student),
+           extra={"gmacs_deployed": macs_ft.gmacs,
+                  "params_deployed": params(student) - params(student.head),  # as above
                   "reparameterize_max_abs_diff": deploy_diff})
     results.update(
         model=f"{MODEL} (real DINOv2 weights), 224 px, 257 tokens",
@@ -207,7 +240,9 @@ def main() -> None:
         threads=torch.get_num_threads(), total_wall_seconds=round(time.perf_counter() - t_start, 1),
         command="flock /tmp/leanvit-cpu.lock python benchmarks/compaction_finetune.py "
                 + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                           if k in ("train", "probe_train", "val", "steps", "batch_size", "lr")),
+                           if k in ("train", "probe_train", "val", "batch_size", "lr",
+                                    "calib", "feature_weight"))
+                + f" --steps {n_steps}" + (" --no-refit" if args.no_refit else ""),
     )
     atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k != "stages"}, indent=1))
