@@ -25,7 +25,8 @@ transform (28 px grey -> 224 px RGB, ImageNet mean/std), as ``leanvit probe`` do
    the teacher's (weight 1; dense, probe-independent: it also serves refitted probes); no
    label cross-entropy (``cls=0``: the goal is to recover the unconverted model, not to fit
    the labels of 1000 images). The trainer's standard timm training transform (random resized
-   crop, flip, colour jitter), no RandAugment/mixup/random erasing (short run, small batch).
+   crop, flip, colour jitter; ``--crop-scale`` narrows the crop areas), no
+   RandAugment/mixup/random erasing (short run, small batch).
    AdamW, cosine lr, cFFN BatchNorms in training mode.
 4. After the fine-tune: accuracy again, then :func:`leanvit.reparameterize` (deploy form,
    checked to give the same outputs) for GMACs (:func:`leanvit.count_macs`) and parameters.
@@ -104,6 +105,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--feature-weight", type=float, default=1.0)
+    ap.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                    help="random-resized-crop area range (default: timm's 0.08 1)")
     ap.add_argument("--no-refit", action="store_true",
                     help="skip the refitted probes (saves two forward passes of --probe-train)")
     ap.add_argument("--workdir", default=None, help="exported images and the run (default: tmp)")
@@ -199,6 +202,7 @@ def main() -> None:
         min_lr=1e-6, weight_decay=0.05, warmup_epochs=0.0,
         loss={"cls": 0.0, "distill": 1.0, "feature": args.feature_weight, "token": 0.0},
         mixup=0.0, cutmix=0.0, smoothing=0.0, auto_augment=None, reprob=0.0, workers=0,
+        crop_scale=tuple(args.crop_scale) if args.crop_scale else None,
         eval_every=0, progress=False, log_every=10, seed=0)
     t0 = time.perf_counter()
     summary = train(cfg, model=student, teacher=teacher)
@@ -242,7 +246,8 @@ def main() -> None:
                 + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                            if k in ("train", "probe_train", "val", "batch_size", "lr",
                                     "calib", "feature_weight"))
-                + f" --steps {n_steps}" + (" --no-refit" if args.no_refit else ""),
+                + f" --steps {n_steps}" + (" --no-refit" if args.no_refit else "")
+                + (" --crop-scale %g %g" % tuple(args.crop_scale) if args.crop_scale else ""),
     )
     atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k != "stages"}, indent=1))

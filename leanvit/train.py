@@ -97,6 +97,7 @@ class TrainConfig:
     smoothing: float = 0.1
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
     reprob: float = 0.25
+    crop_scale: Optional[tuple] = None  #: RandomResizedCrop area range; None: timm's (0.08, 1)
     amp: str = "auto"
     ema: bool = False
     ema_decay: float = 0.99996  #: DeiT
@@ -126,6 +127,10 @@ class TrainConfig:
         if self.compact is not None and not isinstance(self.compact, dict):
             raise TypeError(f"compact must be a dict of leanvit.compact options or None, got "
                             f"{type(self.compact).__name__}")
+        if self.crop_scale is not None and not (
+                len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
+            raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got "
+                             f"{self.crop_scale!r}")
         if not isinstance(self.compact_images, int) or self.compact_images < 0:
             raise ValueError(f"compact_images must be an int >= 0, got {self.compact_images!r}")
 
@@ -219,9 +224,11 @@ def _datasets(cfg: TrainConfig, model: nn.Module):
             raise ValueError(f"--data {root}: no {split}/ folder (expected an ImageFolder "
                              f"layout: {root}/train/<class>/*.png and {root}/val/<class>/*)")
     dc = _data_config(model)
+    extra = {} if cfg.crop_scale is None else {"scale": tuple(cfg.crop_scale)}
     train_tf = create_transform(
         dc["input_size"], is_training=True, auto_augment=cfg.auto_augment or None,
-        re_prob=cfg.reprob, interpolation=dc["interpolation"], mean=dc["mean"], std=dc["std"])
+        re_prob=cfg.reprob, interpolation=dc["interpolation"], mean=dc["mean"], std=dc["std"],
+        **extra)
     val_tf = create_transform(
         dc["input_size"], is_training=False, interpolation=dc["interpolation"], mean=dc["mean"],
         std=dc["std"], crop_pct=dc["crop_pct"], crop_mode=dc.get("crop_mode", "center"))

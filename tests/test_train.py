@@ -240,3 +240,17 @@ def test_a_prebuilt_model_and_teacher_with_a_frozen_head(folder, tmp_path):
         train(_cfg(folder, tmp_path / "bad", method="none", options={}),
               model=leanvit.patch(create_model("vit_tiny_patch16_224", img_size=32,
                                                num_classes=2, **MODEL_KW), "none"))
+
+
+def test_crop_scale_reaches_the_training_transform(folder, tmp_path):
+    from leanvit.models import create_model
+    from leanvit.train import _datasets
+
+    model = create_model("vit_tiny_patch16_224", img_size=32, num_classes=2, **MODEL_KW)
+    for scale, want in ((None, (0.08, 1.0)), ((0.5, 1.0), (0.5, 1.0))):
+        train_set, _, _ = _datasets(_cfg(folder, tmp_path, crop_scale=scale), model)
+        crops = [t for t in train_set.folder.transform.transforms
+                 if "RandomResizedCrop" in type(t).__name__]  # timm's ...AndInterpolation
+        assert len(crops) == 1 and tuple(crops[0].scale) == want
+    with pytest.raises(ValueError, match="crop_scale"):
+        TrainConfig(data="x", crop_scale=(0.9, 0.5))
