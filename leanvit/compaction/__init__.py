@@ -187,7 +187,8 @@ def compaction_spec(model: nn.Module) -> Optional[dict[str, Any]]:
     """How ``model`` was compacted (options, family, ``deployed``, per-site head order), or
     ``None``. To rebuild a compacted model's structure before loading its state dict:
     ``compact(fresh, **options)`` with the options of this dict, then ``reparameterize`` if
-    ``deployed`` (the head order is already baked into the weights)."""
+    ``deployed`` (the head order is already baked into the weights); :func:`rebuild` does
+    this, and :func:`leanvit.save` / :func:`leanvit.load` store and re-create it."""
     spec = getattr(model, SPEC_ATTR, None)
     return None if spec is None else dict(spec)
 
