@@ -11,6 +11,18 @@ Metadata (safetensors' string map): ``format`` = ``"leanvit"``, ``format_version
 ``leanvit_version``, ``method``, ``options`` (JSON), ``architecture`` (timm model name),
 ``model_info`` (JSON: depth, width, heads, prefix tokens, patches).
 
+Compacted models (:func:`leanvit.compact`, hMHSA/cFFN), patched or not, in training form or
+after :func:`leanvit.reparameterize`: compaction replaces the backbone's attention and FFN
+weights (fewer query/key rows, reordered heads, factorised projections, BatchNorm branches,
+fine-tuned values), so such a file always stores the WHOLE model state (``backbone`` is
+implied: a self-contained file, independent of the weights of the model it is loaded into),
+plus ``compaction`` (JSON: :func:`leanvit.compaction_spec`, i.e. the options, the family,
+``deployed`` and the per-site head order) and ``model_class``. ``method``/``options`` are
+present only when a token method was applied on top. :func:`load` on a plain timm model of the
+same architecture re-creates the compaction (same spec and form), loads the weights, then
+patches with the stored method. These files have ``format_version`` ``"2"``; files without
+compaction keep version ``"1"`` and its exact layout (both are read).
+
 :func:`load` also reads the DynamicViT authors' released checkpoints for DeiT
 (raoyongming/DynamicViT: ``.pth`` files holding ``{"model": state_dict, ...}`` with
 ``score_predictor.{s}.in_conv.*`` / ``out_conv.*`` predictor names and timm ViT backbone
@@ -33,6 +45,9 @@ from leanvit._files import atomic_path
 
 FORMAT = "leanvit"
 FORMAT_VERSION = "1"
+#: version of files holding a compacted model (adds ``compaction`` and ``model_class``)
+COMPACTED_FORMAT_VERSION = "2"
+_READABLE_VERSIONS = (FORMAT_VERSION, COMPACTED_FORMAT_VERSION)
 _PREFIX = "leanvit."
 _STRUCTURE = ("depth", "embed_dim", "num_heads", "num_prefix_tokens")
 
@@ -68,47 +83,71 @@ def _options_from_json(method_options: type, text: str) -> dict[str, Any]:
     return values
 
 
+def _model_info_json(model: nn.Module) -> str:
+    """The token adapter's structure fields; ``{}`` for families without a token adapter
+    (PVTv2, NextViT: compaction only), whose structure the state-dict shapes check."""
+    try:
+        _, info = _adapter_and_info(model)
+    except ValueError:
+        return "{}"
+    return json.dumps({k: getattr(info, k) for k in _STRUCTURE + ("num_patches",)})
+
+
 def save(model: nn.Module, path: str | os.PathLike, *, backbone: bool = False) -> Path:
-    """Write the patched ``model``'s method, options and learned method state to ``path``.
+    """Write the patched ``model``'s method, options and learned method state to ``path``;
+    for a compacted model, its compaction and all its weights (see the module docstring).
 
     Args:
         model: a model patched with :func:`leanvit.patch` (any method; methods without learned
-            state give a file with metadata only).
+            state give a file with metadata only), and/or compacted with
+            :func:`leanvit.compact` (any supported family, training or deploy form).
         path: destination (``.safetensors`` recommended); written atomically (temporary file in
             the same folder, then ``os.replace``), so a crash never leaves a half-written file.
         backbone: also store the model's own weights (after fine-tuning); default False.
+            Always on for a compacted model.
 
-    Returns the path. Raises ``ValueError`` for an unpatched model or options that are not JSON.
+    Returns the path. Raises ``ValueError`` for a model neither patched nor compacted, or
+    options that are not JSON.
     """
     from safetensors.torch import save_file
 
     import leanvit
+    from leanvit.compaction import compaction_spec
     from leanvit.patching import ATTR, is_patched
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not is_patched(model):
-        raise ValueError("model is not patched: leanvit.save stores a method's state; call "
-                         "leanvit.patch(model, METHOD, ...) first")
-    reducer = getattr(model, ATTR)
-    _, info = _adapter_and_info(model)
+    spec = compaction_spec(model)
+    patched = is_patched(model)
+    if not patched and spec is None:
+        raise ValueError("model is not patched (nor compacted): leanvit.save stores a "
+                         "method's state; call leanvit.patch(model, METHOD, ...) or "
+                         "leanvit.compact(model) first")
+    backbone = backbone or spec is not None
     tensors: dict[str, torch.Tensor] = {}
-    for k, v in reducer.state_dict().items():
-        tensors[_PREFIX + k] = v.detach().to("cpu").contiguous().clone()
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION if spec is None else COMPACTED_FORMAT_VERSION,
+        "leanvit_version": leanvit.__version__,
+    }
+    if patched:
+        reducer = getattr(model, ATTR)
+        for k, v in reducer.state_dict().items():
+            tensors[_PREFIX + k] = v.detach().to("cpu").contiguous().clone()
+        meta["method"] = reducer.method_name
+        meta["options"] = _options_json(reducer.options)
     if backbone:
         for k, v in model.state_dict().items():
             if not k.startswith(_PREFIX):
                 tensors[k] = v.detach().to("cpu").contiguous().clone()
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "leanvit_version": leanvit.__version__,
-        "method": reducer.method_name,
-        "options": _options_json(reducer.options),
-        "architecture": _architecture(model),
-        "model_info": json.dumps({k: getattr(info, k) for k in _STRUCTURE + ("num_patches",)}),
-        "backbone": "1" if backbone else "0",
-    }
+    meta["architecture"] = _architecture(model)
+    meta["model_info"] = _model_info_json(model)
+    meta["backbone"] = "1" if backbone else "0"
+    if spec is not None:
+        from leanvit import adapters
+
+        meta["compaction"] = json.dumps(spec, sort_keys=True)
+        meta["model_class"] = adapters.original_class(model).__name__
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
@@ -164,22 +203,27 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load(model: nn.Module, path: str | os.PathLike, **options: Any) -> nn.Module:
-    """Patch the unpatched ``model`` with the method, options and state stored in ``path``.
+    """Patch the unpatched ``model`` with the method, options and state stored in ``path``;
+    for a file of a compacted model, first re-create the compaction and load its weights.
 
     Args:
-        model: an unpatched timm model of the architecture the file was saved from.
+        model: an unpatched (and not compacted) timm model of the architecture the file was
+            saved from.
         path: a file written by :func:`save`, or an authors' DynamicViT checkpoint for DeiT
             (``.pth`` with ``score_predictor.*`` keys; its fine-tuned backbone is loaded too).
         **options: override stored options. The authors' files do not record the keep rate:
             pass ``keep_rate=`` unless the file name says it (``..._r0.7...``/``..._0.7.pth``).
 
-    Returns ``model`` (patched in place; its train/eval mode is kept).
+    Returns ``model`` (patched and/or compacted in place; its train/eval mode is kept). A
+    compacted model's outputs equal the saved model's (same modules, same weights).
 
     Raises:
         ValueError: missing, empty, corrupt or foreign file; architecture mismatch (naming the
-            field); missing/unexpected/mis-shaped tensors; an already patched model. The model
-            is left unpatched when loading fails.
+            field); missing/unexpected/mis-shaped tensors; an already patched or compacted
+            model. The model is left as it was (unpatched, not compacted, same weights) when
+            loading fails.
     """
+    from leanvit.compaction import compaction_spec, rebuild
     from leanvit.patching import ATTR, is_patched, patch, unpatch
     from leanvit.registry import get_method
 
@@ -188,30 +232,57 @@ def load(model: nn.Module, path: str | os.PathLike, **options: Any) -> nn.Module
     if is_patched(model):
         raise ValueError("model is already patched; leanvit.load patches an unpatched model "
                          "(call leanvit.unpatch(model) first)")
+    if compaction_spec(model) is not None:
+        raise ValueError("model is already compacted; leanvit.load re-creates the stored "
+                         "compaction on a plain timm model of the saved architecture")
     tensors, meta = read(path)
-    _, info = _adapter_and_info(model)
+    spec = None
     if meta.get("format") == FORMAT:
+        version = meta.get("format_version", FORMAT_VERSION)
+        if version not in _READABLE_VERSIONS:
+            raise ValueError(f"{path} has format_version {version!r}; this leanvit "
+                             f"({_version()}) reads versions {', '.join(_READABLE_VERSIONS)} "
+                             "(written by a newer leanvit?)")
         method = meta.get("method")
-        if not method:
+        if "compaction" in meta:
+            try:
+                spec = json.loads(meta["compaction"])
+            except json.JSONDecodeError:
+                spec = None
+            if not isinstance(spec, dict):
+                raise ValueError(f"{path}: unreadable compaction metadata (corrupt file?)")
+            _check_compacted_model(model, meta, spec, path)
+        elif not method:
             raise ValueError(f"{path}: leanvit metadata without a method name (corrupt file?)")
         try:
             stored = json.loads(meta.get("model_info", "{}"))
         except json.JSONDecodeError:
             raise ValueError(f"{path}: unreadable model_info metadata (corrupt file?)") from None
-        for k in _STRUCTURE:
-            if k in stored and stored[k] != getattr(info, k):
-                raise ValueError(
-                    f"{path} was saved from {meta.get('architecture', '?')} with {k}="
-                    f"{stored[k]}, but this model ({_architecture(model)}) has {k}="
-                    f"{getattr(info, k)}")
-        m = get_method(method)
-        try:
-            opts = _options_from_json(m.options_for(info.family), meta.get("options", "{}"))
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}: unreadable options metadata (corrupt file?)") from None
-        opts.update(options)
+        if method or stored:
+            _, info = _adapter_and_info(model)
+            for k in _STRUCTURE:
+                if k in stored and stored[k] != getattr(info, k):
+                    raise ValueError(
+                        f"{path} was saved from {meta.get('architecture', '?')} with {k}="
+                        f"{stored[k]}, but this model ({_architecture(model)}) has {k}="
+                        f"{getattr(info, k)}")
+        opts: dict[str, Any] = {}
+        if method:
+            m = get_method(method)
+            try:
+                opts = _options_from_json(m.options_for(info.family), meta.get("options", "{}"))
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}: unreadable options metadata (corrupt file?)"
+                                 ) from None
+            opts.update(options)
+        elif options:
+            raise ValueError(f"{path} holds no token method, so options "
+                             f"{', '.join(sorted(options))} do not apply")
         reducer_sd = {k[len(_PREFIX):]: v for k, v in tensors.items() if k.startswith(_PREFIX)}
         backbone_sd = {k: v for k, v in tensors.items() if not k.startswith(_PREFIX)}
+        if spec is not None and not backbone_sd:
+            raise ValueError(f"{path}: a compacted model's file without its weights "
+                             "(corrupt file?)")
     elif any(k.startswith("score_predictor.") for k in tensors):
         from leanvit.methods.dynamicvit import from_authors_state_dict
 
@@ -235,16 +306,30 @@ def load(model: nn.Module, path: str | os.PathLike, **options: Any) -> nn.Module
             f"{path} is neither a leanvit file (no 'format: leanvit' metadata) nor an authors' "
             "DynamicViT checkpoint (no score_predictor.* tensors)")
 
-    # Check everything before changing the model: patch, then load; undo on any failure.
+    # Check everything before changing the model: (compact,) patch, then load; undo on any
+    # failure.
     backbone_before = None
     if backbone_sd:
-        _check_state(model, backbone_sd, path, "model weights")
         backbone_before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    patch(model, method, **opts)
+    undo_compaction = None
     try:
-        reducer = getattr(model, ATTR)
-        _check_state(reducer, reducer_sd, path, f"{method} state")
-        reducer.load_state_dict(reducer_sd, strict=True)
+        if spec is not None:
+            undo_compaction = rebuild(model, spec)
+        if backbone_sd:
+            _check_state(model, backbone_sd, path, "model weights")
+        if spec is not None:  # the compacted modules' weights: all of them are in the file
+            own = {k: v for k, v in model.state_dict().items() if not k.startswith(_PREFIX)}
+            missing = sorted(set(own) - set(backbone_sd))
+            if missing:
+                raise ValueError(f"{path}: model weights missing {_names(missing)}")
+        if method:
+            patch(model, method, **opts)
+            reducer = getattr(model, ATTR)
+            _check_state(reducer, reducer_sd, path, f"{method} state")
+            reducer.load_state_dict(reducer_sd, strict=True)
+        elif reducer_sd:
+            raise ValueError(f"{path}: method tensors {_names(sorted(reducer_sd))} but no "
+                             "method name (corrupt file?)")
         if backbone_sd:
             own = {k: v for k, v in model.state_dict().items() if not k.startswith(_PREFIX)}
             missing = sorted(set(own) - set(backbone_sd))
@@ -253,11 +338,32 @@ def load(model: nn.Module, path: str | os.PathLike, **options: Any) -> nn.Module
             model.load_state_dict({**backbone_sd, **{_PREFIX + k: v
                                                      for k, v in reducer_sd.items()}})
     except BaseException:
-        unpatch(model)
+        if is_patched(model):
+            unpatch(model)
+        if undo_compaction is not None:
+            undo_compaction()
         if backbone_before is not None:
             model.load_state_dict(backbone_before)
         raise
     return model
+
+
+def _version() -> str:
+    import leanvit
+
+    return leanvit.__version__
+
+
+def _check_compacted_model(model: nn.Module, meta: dict[str, str], spec: dict[str, Any],
+                           path) -> None:
+    """``ValueError`` when ``model`` is not of the class the compacted file was saved from."""
+    from leanvit import adapters
+
+    stored = meta.get("model_class")
+    cls = adapters.original_class(model).__name__
+    if stored and stored != cls:
+        raise ValueError(f"{path} holds a compacted {meta.get('architecture', stored)} "
+                         f"({stored}); this model is a {_architecture(model)} ({cls})")
 
 
 def _names(keys: list[str], limit: int = 6) -> str:

@@ -9,7 +9,10 @@ DynamicViT (Rao et al. 2021, eq. 12; authors' ``DistillDiffPruningLoss`` with
       + token * MSE(student tokens, teacher tokens) over the finally kept patch tokens
 
 Default weights (:class:`LossWeights`): 1.0, 2.0, 0.5, 0.5, the paper's DeiT setting
-(DeiT-B used ratio 5.0). The teacher is the frozen unpatched model. Methods that record no
+(DeiT-B used ratio 5.0). ``feature`` (default 0, leanvit's addition for methods that change
+layers rather than tokens, e.g. compaction fine-tuned with method ``none``) adds
+``feature * MSE(student tokens, teacher tokens)`` over ALL final tokens (prefix included),
+when the student keeps every token in place (same shape as the teacher's). The teacher is the frozen unpatched model. Methods that record no
 decisions (EViT, ToMe, ATS, top-k) get CE + KL; the token term needs tokens kept in place
 (a training keep-mask), so it is skipped for methods that remove tokens while training.
 """
@@ -31,6 +34,7 @@ class LossWeights:
     ratio: float = 2.0
     distill: float = 0.5
     token: float = 0.5
+    feature: float = 0.0  #: leanvit: all-token MSE to the teacher (layer-changing methods)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -140,5 +144,7 @@ def total_loss(student: Output, targets: Tensor, teacher: Optional[Output] = Non
             parts["token"] = token_distillation(student.tokens[:, prefix:],
                                                 teacher.tokens[:, prefix:].detach(),
                                                 student.keep[:, prefix:])
+        if weights.feature > 0 and student.tokens.shape == teacher.tokens.shape:
+            parts["feature"] = F.mse_loss(student.tokens.float(), teacher.tokens.detach().float())
     loss = sum(getattr(weights, k) * v for k, v in parts.items())
     return loss, {k: float(v.detach()) for k, v in parts.items()}

@@ -7,8 +7,11 @@ the command line. What it does:
 - Data: an ImageFolder (``DIR/train/<class>/*``, ``DIR/val/<class>/*``) with timm's data
   config of the model (mean/std, interpolation, crop) and timm's training transforms
   (RandAugment, random erasing) and ``timm.data.Mixup`` (mixup/cutmix/label smoothing).
-- Model: ``leanvit.models.create_model`` (local checkpoint or random weights), patched with the
-  method. Teacher (distillation): a frozen copy of the unpatched model, made before patching.
+- Model: ``leanvit.models.create_model`` (local checkpoint or random weights), or one the
+  caller built (``train(cfg, model=...)``), optionally compacted (``compact``: hMHSA/cFFN by
+  :func:`leanvit.compact`, calibrated on ``compact_images`` training images), patched with the
+  method (``none`` to fine-tune a compacted model as it is). Teacher (distillation): a frozen
+  copy of the model made before compaction and patching, or the caller's ``teacher``.
 - Loss: :func:`leanvit.losses.total_loss` (DynamicViT: CE + ratio + KL + token terms).
 - Parameter groups (the DynamicViT authors' ``get_param_groups``/``adjust_learning_rate``):
   the method's own parameters (predictors) at the base lr; the backbone at
@@ -77,6 +80,8 @@ class TrainConfig:
     num_classes: Optional[int] = None  #: default: the number of class folders
     model_kwargs: dict = field(default_factory=dict)  #: more timm.create_model arguments
     probe_head: Optional[str] = None  #: a probe head file (leanvit.probe.save_head) to attach
+    compact: Optional[dict] = None  #: leanvit.compact options (None: no compaction)
+    compact_images: int = 16  #: calibration images for compact (leanvit's conversion: 16)
     epochs: int = 30
     batch_size: int = 96  #: per process (authors: 96 x 8 GPUs)
     lr: Optional[float] = None  #: default 1e-3 * global batch / 1024 (authors: 5e-4 per 512)
@@ -95,6 +100,7 @@ class TrainConfig:
     smoothing: float = 0.1
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
     reprob: float = 0.25
+    crop_scale: Optional[tuple] = None  #: RandomResizedCrop area range; None: timm's (0.08, 1)
     amp: str = "auto"
     ema: bool = False
     ema_decay: float = 0.99996  #: DeiT
@@ -121,6 +127,15 @@ class TrainConfig:
                 raise ValueError("mixup/cutmix need an even batch_size per process "
                                  f"(got {self.batch_size}); or set mixup=0 cutmix=0")
         LossWeights(**self.loss)  # validates names and values
+        if self.compact is not None and not isinstance(self.compact, dict):
+            raise TypeError(f"compact must be a dict of leanvit.compact options or None, got "
+                            f"{type(self.compact).__name__}")
+        if self.crop_scale is not None and not (
+                len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
+            raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got "
+                             f"{self.crop_scale!r}")
+        if not isinstance(self.compact_images, int) or self.compact_images < 0:
+            raise ValueError(f"compact_images must be an int >= 0, got {self.compact_images!r}")
 
     @classmethod
     def fields(cls) -> dict[str, Any]:
@@ -213,9 +228,11 @@ def _datasets(cfg: TrainConfig, model: nn.Module):
                              f"layout: {root}/train/<class>/*.png and {root}/val/<class>/*)")
     dc = _data_config(model)
     fix_randaugment_posterize()  # DeiT's "-inc1" policy crashed on Pillow 12+ otherwise
+    extra = {} if cfg.crop_scale is None else {"scale": tuple(cfg.crop_scale)}
     train_tf = create_transform(
         dc["input_size"], is_training=True, auto_augment=cfg.auto_augment or None,
-        re_prob=cfg.reprob, interpolation=dc["interpolation"], mean=dc["mean"], std=dc["std"])
+        re_prob=cfg.reprob, interpolation=dc["interpolation"], mean=dc["mean"], std=dc["std"],
+        **extra)
     val_tf = create_transform(
         dc["input_size"], is_training=False, interpolation=dc["interpolation"], mean=dc["mean"],
         std=dc["std"], crop_pct=dc["crop_pct"], crop_mode=dc.get("crop_mode", "center"))
@@ -428,10 +445,36 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None) -> 
     return {"top1": float(100.0 * correct / total.clamp_min(1)), "images": int(total)}
 
 
-def train(config: TrainConfig | dict) -> dict:
+def _calibration_images(cfg: TrainConfig, data_cfg: dict, n: int) -> Tensor:
+    """``n`` training images with the evaluation transform (no augmentation), the first ones
+    of a permutation seeded by ``cfg.seed``: ``[n, 3, H, W]`` (for :func:`leanvit.compact`)."""
+    from timm.data import create_transform
+    from torchvision.datasets import ImageFolder
+
+    tf = create_transform(
+        data_cfg["input_size"], is_training=False, interpolation=data_cfg["interpolation"],
+        mean=data_cfg["mean"], std=data_cfg["std"], crop_pct=data_cfg["crop_pct"],
+        crop_mode=data_cfg.get("crop_mode", "center"))
+    folder = ImageFolder(str(Path(cfg.data) / "train"), transform=tf)
+    g = torch.Generator().manual_seed(_mix(cfg.seed, 4))
+    idx = torch.randperm(len(folder), generator=g)[:n].tolist()
+    return torch.stack([folder[i][0] for i in idx])
+
+
+def train(config: TrainConfig | dict, model: Optional[nn.Module] = None,
+          teacher: Optional[nn.Module] = None) -> dict:
     """Run (or resume) a training run; returns a summary dict (final top-1, paths, steps).
 
-    ``config`` is a :class:`TrainConfig` or a dict of its fields.
+    Args:
+        config: a :class:`TrainConfig` or a dict of its fields.
+        model: an already built (unpatched) model to train instead of creating
+            ``config.model`` (e.g. one compacted and checked by the caller); ``config.model``
+            then only names the run. Trained in place. ``config.checkpoint``, ``img_size``,
+            ``model_kwargs`` do not apply; ``probe_head`` and ``compact`` still do. Its
+            parameters with ``requires_grad=False`` stay frozen (e.g. a fixed probe head).
+            Resuming needs the same model again.
+        teacher: the distillation teacher (frozen, eval mode); default: a copy of the model
+            before compaction and patching. Ignored when ``config.distill`` is False.
     """
     from timm.data import Mixup
 
@@ -452,8 +495,18 @@ def train(config: TrainConfig | dict) -> dict:
     # -- model, teacher, method (the same seed on every rank and on resume)
     num_classes = cfg.num_classes if cfg.num_classes is not None else _count_classes(cfg.data)
     _seed_all(cfg.seed)
-    model = create_model(cfg.model, img_size=cfg.img_size, checkpoint=cfg.checkpoint,
-                         num_classes=0 if cfg.probe_head else num_classes, **cfg.model_kwargs)
+    if model is None:
+        model = create_model(cfg.model, img_size=cfg.img_size, checkpoint=cfg.checkpoint,
+                             num_classes=0 if cfg.probe_head else num_classes,
+                             **cfg.model_kwargs)
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    else:
+        from leanvit.adapters import is_patched
+
+        if is_patched(model):
+            raise ValueError("model is patched; pass an unpatched model (the trainer patches "
+                             f"it with config.method={cfg.method!r})")
     train_set, val_set, data_cfg = _datasets(cfg, model)
     if cfg.probe_head is not None:  # a headless backbone made a classifier by a fitted probe
         try:
@@ -462,9 +515,18 @@ def train(config: TrainConfig | dict) -> dict:
             raise ValueError("probe_head needs leanvit.probe (the probe module is not "
                              "installed in this copy of leanvit)") from None
         attach_head(model, load_head(cfg.probe_head))
-    teacher = None
-    if cfg.distill:
-        teacher = copy.deepcopy(model).eval().requires_grad_(False).to(device)
+    if not cfg.distill:
+        teacher = None
+    elif teacher is None:
+        teacher = copy.deepcopy(model)
+    if teacher is not None:
+        teacher = teacher.eval().requires_grad_(False).to(device)
+    if cfg.compact is not None:
+        from leanvit.compaction import compact
+
+        images = (_calibration_images(cfg, data_cfg, cfg.compact_images)
+                  if cfg.compact_images else None)
+        compact(model, **{**cfg.compact, "images": images})
     patch(model, cfg.method, **cfg.options)
     model.to(device).train()
     target_keep = getattr(model.leanvit.options, "keep_rate", None)

@@ -119,3 +119,24 @@ def test_hierarchical_loss_is_the_authors_convnext_swin_objective():
     ref = float(ce) + 10 * ratio + 0.5 * kl + 0.5 * mse
     assert float(loss) == pytest.approx(ref, rel=1e-5)
     assert parts["token"] == pytest.approx(mse, rel=1e-5)
+
+
+def test_feature_term_is_the_all_token_mse_when_tokens_stay_in_place():
+    g = _gen(7)
+    logits, t_logits = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
+    tok, t_tok = torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 4, generator=g)
+    y = torch.tensor([0, 2])
+    w = L.LossWeights(cls=0.0, distill=1.0, token=0.5, feature=2.0)
+    loss, parts = L.total_loss(L.Output(logits, tok), y, L.Output(t_logits, t_tok), w)
+    mse = sum((tok[i, n, c] - t_tok[i, n, c]).item() ** 2 for i in range(2) for n in range(5)
+              for c in range(4)) / 40
+    assert parts["feature"] == pytest.approx(mse, rel=1e-5)
+    assert "token" not in parts  # no keep-mask: the DynamicViT token term does not apply
+    assert loss.item() == pytest.approx(L.kl_to_teacher(logits, t_logits).item() + 2 * mse,
+                                        rel=1e-5)
+    # fewer student tokens (a token method removed some): not comparable, left out
+    _, parts = L.total_loss(L.Output(logits, tok[:, :3]), y, L.Output(t_logits, t_tok), w)
+    assert "feature" not in parts
+    # default weight 0: existing recipes unchanged
+    _, parts = L.total_loss(L.Output(logits, tok), y, L.Output(t_logits, t_tok))
+    assert "feature" not in parts

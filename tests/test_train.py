@@ -214,3 +214,69 @@ def test_trains_dynamicvit_on_convnext_with_its_loss(folder, tmp_path):
     model = create_model("convnext_atto", img_size=32, num_classes=2, **kw)
     leanvit.load(model, out["weights"])
     assert model.leanvit.keep_targets() == pytest.approx([0.7, 0.5, 0.3])
+
+
+def test_compact_option_trains_a_compacted_model_and_resumes_exactly(folder, tmp_path):
+    """``compact=``: hMHSA + cFFN on the created model (calibrated on training images), then
+    method ``none``; the final file reloads onto a plain model; a resumed run is exact."""
+    torch.set_num_threads(1)
+    import leanvit
+    from leanvit.models import create_model
+
+    kw = dict(method="none", options={}, compact={"hallucination": "mix"}, compact_images=4,
+              mixup=0.0, cutmix=0.0, loss={"cls": 0.0, "distill": 1.0, "feature": 1.0},
+              epochs=2, freeze_backbone_epochs=0)
+    full = train(_cfg(folder, tmp_path / "full", **kw))
+    part = train(_cfg(folder, tmp_path / "cut", max_steps=2, **kw))
+    assert part["stopped_early"]
+    train(_cfg(folder, tmp_path / "cut", resume="auto", **kw))
+    a, b = _weights(full["weights"]), _weights(tmp_path / "cut" / "final.safetensors")
+    assert a.keys() == b.keys() and "blocks.0.mlp.fc2.first.branches.1.0.weight" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = [__import__("json").loads(line) for line in open(tmp_path / "full" / "log.jsonl")]
+    steps = [r for r in log if r["event"] == "step"]
+    assert {"loss_distill", "loss_feature"} <= set(steps[0]) and "loss_cls" in steps[0]
+    plain = create_model("vit_tiny_patch16_224", img_size=32, num_classes=2, **MODEL_KW).eval()
+    model = leanvit.load(plain, full["weights"])
+    assert leanvit.compaction_spec(model)["hallucination"] == "mix"
+
+
+def test_a_prebuilt_model_and_teacher_with_a_frozen_head(folder, tmp_path):
+    torch.set_num_threads(1)
+    import copy
+
+    import leanvit
+    from leanvit.models import create_model
+
+    torch.manual_seed(0)
+    teacher = create_model("vit_tiny_patch16_224", img_size=32, num_classes=2, **MODEL_KW)
+    student = leanvit.compact(copy.deepcopy(teacher))
+    student.head.requires_grad_(False)  # a fixed probe
+    head, t_state = student.head.weight.clone(), copy.deepcopy(teacher.state_dict())
+    qkv = student.blocks[0].attn.qkv.weight.clone()
+    out = train(_cfg(folder, tmp_path / "pre", method="none", options={}, mixup=0.0,
+                     cutmix=0.0, epochs=1, freeze_backbone_epochs=0,
+                     loss={"cls": 0.0, "distill": 1.0, "feature": 1.0}),
+                model=student, teacher=teacher)
+    assert out["global_step"] == 3
+    assert torch.equal(student.head.weight, head)  # frozen parameters stay
+    assert not torch.equal(student.blocks[0].attn.qkv.weight, qkv)  # the rest trains
+    assert all(torch.equal(v, t_state[k]) for k, v in teacher.state_dict().items())
+    with pytest.raises(ValueError, match="model is patched"):
+        train(_cfg(folder, tmp_path / "bad", method="none", options={}),
+              model=leanvit.patch(create_model("vit_tiny_patch16_224", img_size=32,
+                                               num_classes=2, **MODEL_KW), "none"))
+
+
+def test_crop_scale_reaches_the_training_transform(folder, tmp_path):
+    from leanvit.models import create_model
+    from leanvit.train import _datasets
+
+    model = create_model("vit_tiny_patch16_224", img_size=32, num_classes=2, **MODEL_KW)
+    for scale, want in ((None, (0.08, 1.0)), ((0.5, 1.0), (0.5, 1.0))):
+        train_set, _, _ = _datasets(_cfg(folder, tmp_path, crop_scale=scale), model)
+        crops = [t for t in train_set.folder.transform.transforms
+                 if "RandomResizedCrop" in type(t).__name__]  # timm's ...AndInterpolation
+        assert len(crops) == 1 and tuple(crops[0].scale) == want
+    with pytest.raises(ValueError, match="crop_scale"):
+        TrainConfig(data="x", crop_scale=(0.9, 0.5))

@@ -40,7 +40,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-distill", action="store_true",
                    help="no teacher (the KL and token terms are dropped)")
     p.add_argument("--loss", action="append", default=[], metavar="TERM=WEIGHT",
-                   help="loss weights: cls, ratio, distill, token (default 1, 2, 0.5, 0.5)")
+                   help="loss weights: cls, ratio, distill, token, feature (default 1, 2, "
+                        "0.5, 0.5, 0)")
+    p.add_argument("--compact", nargs="*", default=None, metavar="KEY=VALUE",
+                   help="compact the model first (hMHSA + cFFN, leanvit.compact; options e.g. "
+                        "hallucination=mix ffn_ratio=0.6667), calibrated on 16 training "
+                        "images; use with --method none to fine-tune the compacted model")
     p.add_argument("--cfg", action="append", default=[], metavar="KEY=VALUE",
                    help="any other TrainConfig field, e.g. --cfg mixup=0 --cfg "
                         "freeze_backbone_epochs=0 --cfg keep_rate_warmup_epochs=10")
@@ -74,6 +79,8 @@ def config_from_args(args: argparse.Namespace):
         values["progress"] = False
     if args.loss:
         values["loss"] = parse_set(args.loss)
+    if args.compact is not None:
+        values["compact"] = parse_set(args.compact)
     return TrainConfig(**values)
 
 

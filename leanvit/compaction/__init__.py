@@ -34,7 +34,7 @@ Decisions where the paper is silent (see :mod:`leanvit.ops.hallucinate` too):
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -187,7 +187,8 @@ def compaction_spec(model: nn.Module) -> Optional[dict[str, Any]]:
     """How ``model`` was compacted (options, family, ``deployed``, per-site head order), or
     ``None``. To rebuild a compacted model's structure before loading its state dict:
     ``compact(fresh, **options)`` with the options of this dict, then ``reparameterize`` if
-    ``deployed`` (the head order is already baked into the weights)."""
+    ``deployed`` (the head order is already baked into the weights); :func:`rebuild` does
+    this, and :func:`leanvit.save` / :func:`leanvit.load` store and re-create it."""
     spec = getattr(model, SPEC_ATTR, None)
     return None if spec is None else dict(spec)
 
@@ -196,6 +197,59 @@ def spec_options(spec: dict[str, Any]) -> dict[str, Any]:
     """The :func:`compact` keyword arguments recorded in a spec."""
     keys = ("attention", "ffn", "ffn_ratio", "branches", "hallucination", "kernel_size")
     return {k: spec[k] for k in keys}
+
+
+def rebuild(model: nn.Module, spec: dict[str, Any]) -> Callable[[], None]:
+    """Give the plain ``model`` the structure that ``spec`` (:func:`compaction_spec`)
+    describes, in place, ready for ``load_state_dict`` of the compacted model's weights:
+    :func:`compact` with the spec's options (no calibration: the weights come from the state
+    dict), :func:`reparameterize` if ``spec["deployed"]``, and the recorded head orders.
+
+    Returns a function that undoes it (puts the original modules back and forgets the spec):
+    nothing of the original modules' weights is changed by ``rebuild`` itself, because
+    uncalibrated construction keeps the heads in their original order.
+
+    Raises:
+        ValueError: a spec that is incomplete or made for another model family.
+    """
+    missing = [k for k in ("attention", "ffn", "ffn_ratio", "branches", "hallucination",
+                           "kernel_size", "family", "deployed") if k not in spec]
+    if missing:
+        raise ValueError(f"compaction spec lacks {', '.join(missing)} (corrupt?)")
+    family = find_family(model)
+    if spec["family"] != family.name:
+        raise ValueError(f"the compaction was made for a {spec['family']} model, but this "
+                         f"model is a {family.name} model ({type(model).__name__})")
+    sites = list(family.attention_sites(model)) + list(family.ffn_sites(model))
+    originals = [(s.parent, s.name, s.module) for s in sites]
+
+    def undo() -> None:
+        for parent, name, module in originals:
+            setattr(parent, name, module)
+        if hasattr(model, SPEC_ATTR):
+            delattr(model, SPEC_ATTR)
+
+    try:
+        compact(model, **spec_options(spec))
+        if spec["deployed"]:
+            reparameterize(model)
+        orders = {str(k): [int(h) for h in v] for k, v in (spec.get("head_order") or {}).items()}
+        for path, order in orders.items():
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                raise ValueError(f"compaction spec names {path}, which this model lacks "
+                                 "(saved from another architecture?)") from None
+            if not isinstance(module, M.HallucinatedAttention) or \
+                    sorted(order) != list(range(module.num_heads)):
+                raise ValueError(f"compaction spec's head order {order} for {path} does not "
+                                 "fit this model (saved from another architecture?)")
+            module.head_order = order
+        getattr(model, SPEC_ATTR)["head_order"] = orders
+    except BaseException:
+        undo()
+        raise
+    return undo
 
 
 # --------------------------------------------------------------------------------------------
