@@ -35,8 +35,8 @@ ARTIFACTS = "results/tmp/artifacts"  # trained / searched method state (leanvit.
 #: evit/topk: keep rates of the EViT paper (0.7, 0.5); tome: r per block (ToMe's ViT-S
 #: settings scaled to 256 patches); ats: default (K = N0 in blocks 3..11) and token caps;
 #: diffrate: the schedules `benchmarks/diffrate_dinov2.py` searched (4.0 G target, two lrs);
-#: dynamicvit: predictors trained by `benchmarks/dynamicvit_fashion_mnist.py --ratio-weight 10`
-#: (copied to ARTIFACTS; a short schedule, see docs/results.md).
+#: dynamicvit: predictors trained by `benchmarks/dynamicvit_fashion_mnist.py` (378 steps,
+#: ratio weight 10: the two commands in README's DynamicViT section).
 SETTINGS = """
 none
 evit keep_rate=0.7
@@ -51,7 +51,7 @@ ats max_tokens=128
 ats max_tokens=64
 diffrate schedule=benchmarks/results/diffrate_dinov2_4.0_lr0.05_schedule.json
 diffrate schedule=benchmarks/results/diffrate_dinov2_4.0_schedule.json
-dynamicvit load=benchmarks/results/dynamicvit_dinov2_fmnist_keep0.7.safetensors
+dynamicvit load=benchmarks/results/dynamicvit_fashion_mnist_continued.predictors.safetensors
 """
 
 

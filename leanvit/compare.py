@@ -197,25 +197,27 @@ def _point_label(row: dict[str, Any]) -> str:
                   r"\2", row["settings"])
 
 
-def label_offsets(points: Sequence[tuple[float, float]], near: tuple[float, float] = (0.08, 0.04),
-                  step: float = 9.0) -> list[tuple[float, float]]:
-    """Text offsets (points) for point labels so that labels of nearby points do not overlap:
-    each label starts up-right of its point (5, 4) and moves down by ``step`` points while an
-    earlier label at the same height belongs to a point closer than ``near`` (fractions of the
-    x and y ranges)."""
-    if not points:
-        return []
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    sx = (max(xs) - min(xs)) or 1.0
-    sy = (max(ys) - min(ys)) or 1.0
-    placed: list[tuple[float, float, float]] = []
+def label_offsets(points: Sequence[tuple[float, float]], texts: Sequence[str],
+                  fontsize: float = 7.0,
+                  heights: Sequence[float] = (4.0, -10.0, 14.0, -20.0, 24.0, -30.0)
+                  ) -> list[tuple[float, float]]:
+    """Text offsets (points) for point labels that do not overlap each other.
+
+    ``points`` are the labelled points in display points (1/72 inch). Each label is a box
+    starting 5 points right of its point, ``0.6 * fontsize`` wide per character and
+    ``1.2 * fontsize`` high; it takes the first of ``heights`` (offsets above/below the point)
+    at which its box meets no box placed before it, else the first height.
+    """
+    cw, h = 0.6 * fontsize, 1.2 * fontsize
+    placed: list[tuple[float, float, float, float]] = []
     out = []
-    for x, y in points:
-        dy = 4.0
-        while any(abs(x - px) / sx < near[0] and abs(y - py) / sy < near[1] and pdy == dy
-                  for px, py, pdy in placed):
-            dy -= step
-        placed.append((x, y, dy))
+    for (x, y), text in zip(points, texts):
+        for dy in (*heights, heights[0]):
+            box = (x + 5, y + dy, x + 5 + cw * len(text), y + dy + h)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3]
+                       for b in placed):
+                break
+        placed.append(box)
         out.append((5.0, dy))
     return out
 
@@ -233,7 +235,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> P
     cmap = plt.get_cmap("tab10")
     markers = "osD^vP*Xph"
     style = {m: (cmap(i % 10), markers[i % len(markers)]) for i, m in enumerate(methods)}
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.6), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.6), constrained_layout=True)
     panels = (("gmacs", "GMACs per image (lower is cheaper)", True),
               ("images_per_s", "throughput (images/s, higher is faster)", False))
     for ax, (key, xlabel, lower) in zip(axes, panels):
@@ -243,8 +245,11 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> P
             color, marker = style[m]
             ax.scatter([r[key] for r in sel], [r["top1"] for r in sel], color=color,
                        marker=marker, s=60, label=m, zorder=3)
-        for r, offset in zip(rows, label_offsets(pts)):
-            ax.annotate(_point_label(r), (r[key], r["top1"]), textcoords="offset points",
+        ax.autoscale_view()
+        texts = [_point_label(r) for r in rows]
+        shown = ax.transData.transform(pts) * (72.0 / fig.dpi)  # display points
+        for r, text, offset in zip(rows, texts, label_offsets(shown.tolist(), texts)):
+            ax.annotate(text, (r[key], r["top1"]), textcoords="offset points",
                         xytext=offset, fontsize=7, color="0.25")
         front = pareto(pts, lower_x_better=lower)
         ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="black",
@@ -257,7 +262,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> P
         ax.grid(True, alpha=0.3)
     axes[0].set_title("accuracy vs. compute")
     axes[1].set_title("accuracy vs. measured throughput")
-    axes[1].legend(loc="best", fontsize=9, title="method (ringed: Pareto front)")
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9, title="method (ringed: Pareto front)")
     if title:
         fig.suptitle(title, fontsize=11)
     path = Path(path)

@@ -104,9 +104,14 @@ def test_compare_rows_table_and_plot(tmp_path, temp_method):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_labels_of_coinciding_points_are_stacked_apart():
-    pts = [(3.90, 68.0), (3.93, 68.4), (6.1, 82.0), (3.90, 68.1)]
-    off = label_offsets(pts)
-    assert off[0] == (5.0, 4.0) and off[2] == (5.0, 4.0)  # a far point keeps the default
-    # the three close points get three different heights, each one step below the last
-    assert sorted(o[1] for i, o in enumerate(off) if i != 2) == [-14.0, -5.0, 4.0]
+def test_point_labels_are_placed_without_overlapping_boxes():
+    pts = [(100.0, 100.0), (104.0, 101.0), (400.0, 100.0), (100.0, 99.0)]
+    texts = ["keep_rate=0.7", "r=16", "far away", "max_tokens=128"]
+    off = label_offsets(pts, texts, fontsize=7.0)
+    assert off[0] == (5.0, 4.0) and off[2] == (5.0, 4.0)  # no neighbour: the default
+    boxes = [(x + 5, y + dy, x + 5 + 4.2 * len(t), y + dy + 8.4)
+             for (x, y), t, (_, dy) in zip(pts, texts, off)]
+    for i in range(len(boxes)):
+        for j in range(i):
+            a, b = boxes[i], boxes[j]
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (i, j)
