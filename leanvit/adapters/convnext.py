@@ -101,9 +101,7 @@ class Parts(BlockParts):
         return mask.reshape(B, 1, H, W).to(like.dtype)
 
     def spatial_macs(self, x: Tensor) -> int:
-        conv = self.block.conv_dw
-        k = conv.kernel_size[0] * conv.kernel_size[1]
-        return x.shape[2] * x.shape[3] * conv.out_channels * k * conv.in_channels // conv.groups
+        return _conv_macs(self.block.conv_dw, x)  # depthwise, "same" padding: output = x's size
 
     @property
     def slow_macs(self) -> int:
@@ -114,6 +112,7 @@ class Parts(BlockParts):
 
 
 def _conv_macs(conv: nn.Conv2d, out: Tensor) -> int:
+    """MACs of ``conv`` producing a map of ``out``'s spatial size ``[B, *, H, W]``."""
     k = conv.kernel_size[0] * conv.kernel_size[1]
     return out.shape[2] * out.shape[3] * conv.out_channels * k * conv.in_channels // conv.groups
 
