@@ -274,9 +274,7 @@ class _TrainStep(nn.Module):
         adapter = adapters.find_adapter(self.model)
         tokens, state = adapter.forward_features(self.model, x)
         logits = adapter.forward_head(self.model, tokens, state)
-        keep = state.mask
-        if hasattr(adapter, "loss_tokens"):  # hierarchical maps: per-position tokens, all kept
-            tokens, keep = adapter.loss_tokens(self.model, tokens, state)
+        tokens, keep = adapter.loss_tokens(self.model, tokens, state)
         return logits, tokens, keep, tuple(state.aux_values(DECISION))
 
 
@@ -286,8 +284,7 @@ def _teacher_forward(teacher: nn.Module, x: Tensor) -> Output:
     features = teacher.forward_features(x)
     logits = teacher.forward_head(features)
     adapter = adapters.find_adapter(teacher)
-    tokens = (adapter.loss_tokens(teacher, features, None)[0]
-              if hasattr(adapter, "loss_tokens") else features)
+    tokens = adapter.loss_tokens(teacher, features, None)[0]
     return Output(logits, tokens)
 
 

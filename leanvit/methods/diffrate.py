@@ -137,7 +137,7 @@ def _build(options: DiffRateOptions, info: ModelInfo) -> Reducer:
 
 
 METHOD = register(Method(
-    "diffrate", DiffRateOptions, _build, families=("vit",),
+    "diffrate", DiffRateOptions, _build, families=("tokens",),
     summary="DiffRate: searched per-block prune+merge counts (schedule=FILE)"))
 
 

@@ -128,6 +128,8 @@ def search(
     if is_patched(model):
         raise ValueError("search needs an unpatched model; call leanvit.unpatch(model) first")
     adapter = find_adapter(model)
+    if adapter.KIND != "tokens":
+        raise ValueError(f"diffrate search runs on flat-token families, not {adapter.FAMILY!r}")
     info = adapter.describe(model)
     if isinstance(images, (str, os.PathLike)):
         images, folder_labels = _image_folder(images, model, num_images, seed)
