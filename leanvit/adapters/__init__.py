@@ -58,9 +58,9 @@ def find_family(model: nn.Module, *, compaction: bool = False) -> Family:
                 and fam.matches(base):
             return fam
     if compaction:
-        supported = "; ".join(f.description for f in FAMILIES.values()
-                              if f.compaction is not None)
-        raise ValueError(f"leanvit.compact supports {supported}; not {base.__name__}")
+        supported = "; ".join(f.description.split(" (", 1)[-1].rstrip(")")
+                              for f in FAMILIES.values() if f.compaction is not None)
+        raise ValueError(f"leanvit.compact supports {supported} models, not {base.__name__}")
     supported = "; ".join(f.description for f in FAMILIES.values() if f.adapter is not None)
     raise ValueError(f"unsupported model type {base.__name__}; supported families: {supported}")
 
