@@ -73,7 +73,7 @@ def _has_contract(attn: nn.Module) -> bool:
 
 
 def describe(model: nn.Module) -> ModelInfo:
-    # a pooling module may name its kind (leanvit.probe's class-token + mean pooling does)
+    # a pooling module may name its kind (leanvit.heads.ClassMeanPool does)
     pool = model.global_pool if model.attn_pool is None else getattr(
         model.attn_pool, "pool_type", "map")
     return ModelInfo(
@@ -327,7 +327,7 @@ def pool(model: nn.Module, x: Tensor, state: TokenState) -> Tensor:
     average over the patch tokens weighted by how many patches each stands for. A pooling
     module in ``model.attn_pool`` with ``takes_token_weights = True`` is called as
     ``attn_pool(x, weights=w)`` with ``w`` ``[B, N]`` = token size, 0 on padding (e.g.
-    :class:`leanvit.probe.ClassMeanPool`, the linear-probe pooling).
+    :class:`leanvit.heads.ClassMeanPool`, the linear-probe pooling).
     """
     if model.attn_pool is not None and getattr(model.attn_pool, "takes_token_weights", False):
         start = 0 if model.pool_include_prefix else model.num_prefix_tokens
