@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from leanvit.adapters.attention_pool import (attention_pool_forward, attention_pool_macs,
+                                             is_attention_pool, pool_token_count)
 from leanvit.ops.attention import masked_softmax
 from leanvit.registry import ModelInfo, Reducer
 from leanvit.signals import Signals
@@ -316,7 +318,9 @@ def pool(model: nn.Module, x: Tensor, state: TokenState) -> Tensor:
     """The model's pooling with merged tokens weighted by size, padding and masked-out
     (training keep-mask) tokens left out.
 
-    ``token`` pooling and attention pooling read tokens as timm does; ``avg`` and ``avgmax``
+    ``token`` pooling reads the class token as timm does; timm's attention pool
+    (``AttentionPoolLatent``, ``global_pool='map'``) gets the blocks' key bias (``log(size)``
+    under proportional attention, ``-inf`` on padding); ``avg`` and ``avgmax``
     average over the patch tokens weighted by how many patches each stands for. A pooling
     module in ``model.attn_pool`` with ``takes_token_weights = True`` is called as
     ``attn_pool(x, weights=w)`` with ``w`` ``[B, N]`` = token size, 0 on padding (e.g.
@@ -325,6 +329,11 @@ def pool(model: nn.Module, x: Tensor, state: TokenState) -> Tensor:
     if model.attn_pool is not None and getattr(model.attn_pool, "takes_token_weights", False):
         start = 0 if model.pool_include_prefix else model.num_prefix_tokens
         return model.attn_pool(x[:, start:], weights=token_weights(state, x)[:, start:])
+    if is_attention_pool(model.attn_pool):  # the blocks' key bias: log(size), -inf padding
+        start = 0 if model.pool_include_prefix else model.num_prefix_tokens
+        bias = attention_bias(state, x.dtype)
+        return attention_pool_forward(model.attn_pool, x[:, start:],
+                                      None if bias is None else bias[..., start:])
     if model.attn_pool is not None or model.global_pool not in ("avg", "avgmax", "max"):
         return model.pool(x)
     if state.size is None and state.valid is None and state.mask is None:
@@ -343,13 +352,23 @@ def pool(model: nn.Module, x: Tensor, state: TokenState) -> Tensor:
 
 def forward_head(model: nn.Module, x: Tensor, state: TokenState, pre_logits: bool = False,
                  recorder=None) -> Tensor:
-    """Pooling (size-aware) and classifier, as timm's ``forward_head``."""
+    """Pooling (size-aware) and classifier, as timm's ``forward_head``.
+
+    MACs (with a ``recorder``): the classifier (0 with ``pre_logits``) plus an attention
+    pool's, from the tokens it sees (:func:`leanvit.adapters.attention_pool.attention_pool_macs`),
+    recorded together as the report's ``head``."""
     if recorder is not None:
         head = _linear_macs(model.head) if isinstance(model.head, nn.Linear) else 0
         dist = getattr(model, "head_dist", None)
         if isinstance(dist, nn.Linear):
             head += _linear_macs(dist)
-        recorder.record_head(0 if pre_logits else head)
+        head = 0 if pre_logits else head
+        if model.attn_pool is not None:  # the pool runs before the classifier, pre_logits too
+            start = 0 if model.pool_include_prefix else model.num_prefix_tokens
+            seen = pool_token_count(None if state.valid is None else state.valid[:, start:],
+                                    x.shape[1] - start, x.shape[0])
+            head = head + float(attention_pool_macs(model.attn_pool, seen).mean())
+        recorder.record_head(head)
     needs_own_pool = state.size is not None or state.valid is not None or state.mask is not None
     token_pool = model.global_pool == "token" and model.attn_pool is None
     if not needs_own_pool or token_pool or type(model).forward_head is not _vit_forward_head():
