@@ -18,10 +18,11 @@ from types import ModuleType
 
 from torch import nn
 
-from leanvit.adapters import convnext, swin, vit
+from leanvit.adapters import beit, convnext, swin, vit
 
-ADAPTERS: tuple[ModuleType, ...] = (vit, convnext, swin)
-_MIXINS = {vit: vit._PatchedViT, convnext: convnext._PatchedConvNeXt, swin: swin._PatchedSwin}
+ADAPTERS: tuple[ModuleType, ...] = (vit, beit, convnext, swin)
+_MIXINS = {vit: vit._PatchedViT, beit: beit._PatchedBeit, convnext: convnext._PatchedConvNeXt,
+           swin: swin._PatchedSwin}
 _PATCHED_CLASSES: dict[type, type] = {}
 
 

@@ -207,7 +207,8 @@ class DiffRateReducer(Reducer):
             if state.recorder is not None:  # cosine similarities of the merge, per image
                 state.recorder.add_extra("diffrate_merge", (kp - km) * km * x.shape[2])
             x, size, source = merge_tail(x, state.size, self.prefix, km, source=state.source)
-            state = state.replace(size=size, source=source)
+            # the first km tokens remain, the merged ones folded into them: their positions
+            state = state.replace(size=size, source=source, positions=state.positions[:, :km])
         return x, state
 
 
@@ -216,7 +217,7 @@ def _build(options: DiffRateOptions, info: ModelInfo) -> Reducer:
 
 
 METHOD = register(Method(
-    "diffrate", DiffRateOptions, _build, families=("vit",),
+    "diffrate", DiffRateOptions, _build, families=("vit", "beit"),
     summary="DiffRate: searched per-block prune+merge counts (schedule=FILE)"))
 
 
@@ -399,7 +400,7 @@ def _build_search(options: DiffRateSearchOptions, info: ModelInfo) -> Reducer:
 
 
 SEARCH_METHOD = register(Method(
-    "diffrate-search", DiffRateSearchOptions, _build_search, families=("vit",),
+    "diffrate-search", DiffRateSearchOptions, _build_search, families=("vit", "beit"),
     summary="DiffRate's training-time rate search mode (used by 'leanvit search')"))
 
 
