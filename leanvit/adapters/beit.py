@@ -32,17 +32,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from leanvit.adapters.vit import check_input, token_weights
+from leanvit.adapters.vit import check_input, loss_tokens, token_weights
 from leanvit.ops.attention import masked_softmax
 from leanvit.registry import ModelInfo, Reducer
 from leanvit.signals import Signals
 from leanvit.state import TokenState, attention_bias, gather_tokens
 
 FAMILY = "beit"
+KIND = "tokens"
 DESCRIPTION = "beit (timm Beit: beit_*, beitv2_*; relative position bias)"
 
-__all__ = ["FAMILY", "DESCRIPTION", "matches", "check_supported", "describe", "check_input",
-           "forward_features", "forward_head", "embed", "run_blocks", "token_weights", "pool"]
+__all__ = ["FAMILY", "KIND", "DESCRIPTION", "PATCHED", "matches", "check_supported", "describe",
+           "check_input", "forward_features", "forward_head", "loss_tokens", "embed",
+           "run_blocks", "token_weights", "block_macs", "pool"]
 
 
 def matches(cls: type) -> bool:
@@ -69,6 +71,7 @@ def describe(model: nn.Module) -> ModelInfo:
     pe = model.patch_embed
     return ModelInfo(
         family=FAMILY,
+        kind=KIND,
         depth=len(model.blocks),
         embed_dim=model.embed_dim,
         num_heads=model.blocks[0].attn.num_heads,
@@ -206,7 +209,7 @@ def _linear_macs(module: nn.Module) -> int:
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
-def _block_macs(blk: nn.Module, n_kv: Tensor, n_q: Tensor, n_mlp: Tensor,
+def block_macs(blk: nn.Module, n_kv: Tensor, n_q: Tensor, n_mlp: Tensor,
                 signals: Optional[Signals]) -> dict[str, Tensor]:
     """Per-image MACs of one block from the token counts it saw (``[B]`` each). The bias
     lookup is indexing, not arithmetic: 0 MACs (as timm's own forward)."""
@@ -253,7 +256,7 @@ def block_forward(blk: nn.Module, i: int, x: Tensor, state: TokenState, reducer:
         x, state = reducer.after_attention(i, x, signals, state)
     x = x + blk.drop_path2(_scale(blk.gamma_2, blk.mlp(blk.norm2(x))))
     if counting:
-        state.recorder.record_block(i, **_block_macs(blk, n_kv, n_q, state.token_counts(x),
+        state.recorder.record_block(i, **block_macs(blk, n_kv, n_q, state.token_counts(x),
                                                      signals))
     return x, state
 
@@ -348,3 +351,6 @@ class _PatchedBeit:
     def forward(self, x: Tensor) -> Tensor:
         x, state = forward_features(self, x)
         return forward_head(self, x, state)
+
+
+PATCHED = _PatchedBeit
