@@ -66,6 +66,17 @@ def find_family(model: nn.Module, *, compaction: bool = False) -> Family:
     raise ValueError(f"unsupported model type {base.__name__}; supported families: {supported}")
 
 
+def layer_map(model: nn.Module):
+    """The :class:`~leanvit.adapters.layer_macs.LayerMap` of ``model``'s family when it runs
+    no methods but :func:`leanvit.count_macs` counts it layer by layer (PVTv2, NextViT, plain
+    or compacted), else ``None``."""
+    base = original_class(model)
+    for fam in FAMILIES.values():
+        if fam.adapter is None and fam.layers is not None and fam.matches(base):
+            return fam.layers
+    return None
+
+
 def find_adapter(model: nn.Module) -> ModuleType:
     """The adapter (a :class:`~leanvit.adapters.base.Backbone` module) of ``model``'s family,
     after its ``check_supported``; ``ValueError`` naming the supported families otherwise."""
@@ -98,5 +109,5 @@ def patched_class(adapter: ModuleType, cls: type) -> type:
 
 
 __all__ = ["KINDS", "Backbone", "TokenBackbone", "Family", "CompactionSites", "Site", "FAMILIES",
-           "register_family", "family_names", "find_family", "find_adapter", "is_patched",
-           "original_class", "patched_class"]
+           "register_family", "family_names", "find_family", "find_adapter", "layer_map",
+           "is_patched", "original_class", "patched_class"]
