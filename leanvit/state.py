@@ -44,6 +44,12 @@ class TokenState:
             tuple of ``(name, tensor)`` pairs that hooks extend with
             ``state.replace(aux=state.aux + ((name, t),))`` (e.g. DynamicViT's per-stage keep
             decisions ``[B, N0 - prefix]``). Not per-token: :meth:`gather` leaves it as it is.
+        rope: ``[B, N, R]`` the rotary position embedding each token carries (backbones with
+            rotary positions, e.g. timm ``Eva``: ``R = 2 * head_dim``, timm's ``sin | cos``
+            concatenation); prefix tokens and tokens without a single position (EViT's fused
+            token) carry the identity rotation (sin 0, cos 1). Gathered with the tokens, so a
+            kept token keeps its position; how a merge sets it is the method's rule (ToMe and
+            DiffRate: the destination token's position). ``None`` for other backbones.
     """
 
     prefix: int
@@ -55,6 +61,7 @@ class TokenState:
     prop_attn: bool = False
     recorder: Optional["MacRecorder"] = None
     aux: tuple = ()
+    rope: Optional[Tensor] = None
 
     def replace(self, **changes) -> "TokenState":
         """A copy with some fields changed."""
@@ -67,6 +74,7 @@ class TokenState:
             source=None if self.source is None else gather_tokens(self.source, index),
             valid=None if self.valid is None else self.valid.gather(1, index),
             mask=None if self.mask is None else self.mask.gather(1, index),
+            rope=None if self.rope is None else gather_tokens(self.rope, index),
         )
 
     def aux_values(self, name: str) -> list[Tensor]:
@@ -91,6 +99,16 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     shape = index.shape + x.shape[2:]
     idx = index.reshape(index.shape + (1,) * (x.dim() - 2)).expand(shape)
     return x.gather(1, idx)
+
+
+def identity_rope(batch: int, n: int, like: Tensor) -> Tensor:
+    """``[B, n, R]`` rows of the identity rotation for :attr:`TokenState.rope` (``R`` and
+    dtype/device of ``like`` ``[..., R]``): ``sin | cos`` = ``0 | 1``, which leaves q and k as
+    they are (prefix tokens, EViT's fused token)."""
+    width = like.shape[-1]
+    half = width // 2
+    return torch.cat([like.new_zeros(batch, n, half), like.new_ones(batch, n, width - half)],
+                     dim=-1)
 
 
 def attention_bias(state: TokenState, dtype: torch.dtype) -> Optional[Tensor]:

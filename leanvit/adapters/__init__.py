@@ -18,10 +18,11 @@ from types import ModuleType
 
 from torch import nn
 
-from leanvit.adapters import convnext, swin, vit
+from leanvit.adapters import convnext, eva, swin, vit
 
-ADAPTERS: tuple[ModuleType, ...] = (vit, convnext, swin)
-_MIXINS = {vit: vit._PatchedViT, convnext: convnext._PatchedConvNeXt, swin: swin._PatchedSwin}
+ADAPTERS: tuple[ModuleType, ...] = (vit, eva, convnext, swin)
+_MIXINS = {vit: vit._PatchedViT, eva: eva._PatchedEva, convnext: convnext._PatchedConvNeXt,
+           swin: swin._PatchedSwin}
 _PATCHED_CLASSES: dict[type, type] = {}
 
 

@@ -207,7 +207,9 @@ class DiffRateReducer(Reducer):
             if state.recorder is not None:  # cosine similarities of the merge, per image
                 state.recorder.add_extra("diffrate_merge", (kp - km) * km * x.shape[2])
             x, size, source = merge_tail(x, state.size, self.prefix, km, source=state.source)
-            state = state.replace(size=size, source=source)
+            # rotary positions (Eva): each merged token keeps its destination's
+            rope = None if state.rope is None else state.rope[:, :km]
+            state = state.replace(size=size, source=source, rope=rope)
         return x, state
 
 
@@ -216,7 +218,7 @@ def _build(options: DiffRateOptions, info: ModelInfo) -> Reducer:
 
 
 METHOD = register(Method(
-    "diffrate", DiffRateOptions, _build, families=("vit",),
+    "diffrate", DiffRateOptions, _build, families=("vit", "eva"),
     summary="DiffRate: searched per-block prune+merge counts (schedule=FILE)"))
 
 
@@ -399,7 +401,7 @@ def _build_search(options: DiffRateSearchOptions, info: ModelInfo) -> Reducer:
 
 
 SEARCH_METHOD = register(Method(
-    "diffrate-search", DiffRateSearchOptions, _build_search, families=("vit",),
+    "diffrate-search", DiffRateSearchOptions, _build_search, families=("vit", "eva"),
     summary="DiffRate's training-time rate search mode (used by 'leanvit search')"))
 
 
