@@ -49,13 +49,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from leanvit.adapters.vit import check_input, token_weights
+from leanvit.adapters.attention_pool import attention_pool_forward, attention_pool_macs
+from leanvit.adapters.vit import check_input, token_weights  # noqa: F401 (the contract's)
 from leanvit.ops.attention import masked_softmax
 from leanvit.registry import ModelInfo, Reducer
 from leanvit.signals import Signals
 from leanvit.state import TokenState, attention_bias, gather_tokens, identity_rope
 
 FAMILY = "eva"
+KIND = "tokens"
 DESCRIPTION = ("eva (timm Eva with rotary positions: eva02_*, vit_*_dinov3, vit_pe_core_*, "
                "EVA)")
 
@@ -89,6 +91,7 @@ def describe(model: nn.Module) -> ModelInfo:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return ModelInfo(
         family=FAMILY,
+        kind=KIND,
         depth=len(model.blocks),
         embed_dim=model.embed_dim,
         num_heads=model.blocks[0].attn.num_heads,
@@ -243,7 +246,7 @@ def _linear_macs(module: nn.Module) -> int:
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
-def _block_macs(blk: nn.Module, n_kv: Tensor, n_q: Tensor, n_mlp: Tensor,
+def block_macs(blk: nn.Module, n_kv: Tensor, n_q: Tensor, n_mlp: Tensor,
                 signals: Optional[Signals]) -> dict[str, Tensor]:
     """Per-image MACs of one block from the token counts it saw (``[B]`` each).
 
@@ -291,7 +294,7 @@ def block_forward(blk: nn.Module, i: int, x: Tensor, state: TokenState, reducer:
         m = blk.gamma_2 * m
     x = x + blk.drop_path2(m)
     if counting:
-        state.recorder.record_block(i, **_block_macs(blk, n_kv, n_q, state.token_counts(x),
+        state.recorder.record_block(i, **block_macs(blk, n_kv, n_q, state.token_counts(x),
                                                      signals))
     return x, state
 
@@ -359,40 +362,31 @@ def run_blocks(model: nn.Module, x: Tensor, state: TokenState, start: int = 0,
 # Head
 
 
-def _attn_pool_macs(pool: nn.Module, n_tokens: Tensor) -> Tensor:
-    """Per-image MACs of timm's ``AttentionPoolLatent`` over ``n_tokens`` ``[B]`` keys: k/v
-    projections of every token, the latent queries' projection, scores and weighted values,
-    output projection and MLP of the latent tokens."""
-    L = pool.latent_len
-    kv = n_tokens * _linear_macs(pool.kv)
-    q = L * _linear_macs(pool.q)
-    scores = 2 * L * n_tokens * pool.num_heads * pool.head_dim
-    out = L * _linear_macs(pool.proj) + (L * _linear_macs(pool.mlp) if pool.mlp is not None
-                                         else 0)
-    return kv + q + scores + out
-
-
 def pool_bias(state: TokenState, x: Tensor) -> Optional[Tensor]:
-    """Additive key bias ``[B, 1, 1, N]`` for the attention-pool head: ``log`` of each token's
-    pooling weight (its size, 0 for padding or a token dropped by the training mask), so a
-    merged token weighs as the patches it stands for (proportional attention, as ToMe in the
-    blocks) and padding gets no weight; ``None`` when every token has weight 1."""
-    if state.size is None and state.valid is None and state.mask is None:
-        return None
-    w = token_weights(state, x)
-    return w.clamp_min(torch.finfo(w.dtype).tiny).log()[:, None, None, :]
+    """Additive key bias ``[B, 1, 1, N]`` for the attention-pool head: the blocks' own
+    (:func:`leanvit.state.attention_bias`: ``log(size)`` under proportional attention, so a
+    merged token weighs as the patches it stands for, and ``-inf`` on padding), plus
+    ``log(keep)`` of a training keep-mask (a dropped token gets no weight); ``None`` when
+    there is none, which is timm's own call."""
+    bias = attention_bias(state, x.dtype)
+    if state.mask is not None:
+        keep = state.mask.to(x.dtype).clamp_min(torch.finfo(x.dtype).tiny).log()
+        keep = keep[:, None, None, :]
+        bias = keep if bias is None else bias + keep
+    return bias
 
 
 def pool(model: nn.Module, x: Tensor, state: TokenState) -> Tensor:
     """The model's pooling with merged tokens weighted by size, padding and masked-out
     (training keep-mask) tokens left out: ``x`` ``[B, N, C]`` -> ``[B, C]``.
 
-    ``map`` (attention pool): the pool's keys get :func:`pool_bias`. ``avg`` / ``avgmax`` /
+    ``map`` (attention pool, :mod:`leanvit.adapters.attention_pool`): the pool's keys get
+    :func:`pool_bias`. ``avg`` / ``avgmax`` /
     ``max``: the patch tokens weighted by size (max over real tokens). ``token``: the class
     token, as timm.
     """
     if model.attn_pool is not None:
-        return model.attn_pool(x, attn_mask=pool_bias(state, x))
+        return attention_pool_forward(model.attn_pool, x, pool_bias(state, x))
     if model.global_pool not in ("avg", "avgmax", "max") or (
             state.size is None and state.valid is None and state.mask is None):
         return model.pool(x)
@@ -408,14 +402,21 @@ def pool(model: nn.Module, x: Tensor, state: TokenState) -> Tensor:
     return mx if model.global_pool == "max" else 0.5 * (mx + avg)
 
 
+def loss_tokens(model: nn.Module, x: Tensor, state: Optional[TokenState]
+                ) -> tuple[Tensor, Optional[Tensor]]:
+    """Tokens for the token-distillation loss: the final normed tokens ``x`` ``[B, N, C]`` as
+    they are, and the training keep-mask ``[B, N]`` (``None``: every token counts)."""
+    return x, None if state is None else state.mask
+
+
 def forward_head(model: nn.Module, x: Tensor, state: TokenState, pre_logits: bool = False,
                  recorder=None) -> Tensor:
     """Pooling (size-aware) and classifier, as timm's ``Eva.forward_head``."""
     if recorder is not None:
         head = 0 if pre_logits or not isinstance(model.head, nn.Linear) else \
             _linear_macs(model.head)
-        if model.attn_pool is not None:
-            head = head + float(_attn_pool_macs(model.attn_pool, state.token_counts(x)).mean())
+        if model.attn_pool is not None:  # timm's Eva pools over all tokens, prefix included
+            head = head + float(attention_pool_macs(model.attn_pool, state.token_counts(x)).mean())
         recorder.record_head(head)
     own = type(model).forward_head is not _eva_forward_head()
     if own or (state.size is None and state.valid is None and state.mask is None):
@@ -450,3 +451,6 @@ class _PatchedEva:
 def _no_mask(attn_mask, is_causal) -> None:
     if attn_mask is not None or is_causal:
         raise ValueError("leanvit-patched models do not take attn_mask / is_causal")
+
+
+PATCHED = _PatchedEva

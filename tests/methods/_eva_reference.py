@@ -150,10 +150,11 @@ def forward(model: nn.Module, images: Tensor, reduce: Optional[Reduce] = None,
     return results
 
 
-def head(model: nn.Module, x: Tensor, size: Tensor) -> Tensor:
+def head(model: nn.Module, x: Tensor, size: Tensor, prop_attn: bool = True) -> Tensor:
     """One image's logits ``[K]`` from its final tokens ``x`` ``[N, C]``: ``avg`` = the
     size-weighted mean of the patch tokens, ``token`` = the class token, ``map`` = timm's
-    attention pool written out with ``log(size)`` on its keys."""
+    attention pool written out, with ``log(size)`` on its keys under proportional attention
+    (as the blocks)."""
     p = model.num_prefix_tokens
     if model.attn_pool is not None:
         pool = model.attn_pool
@@ -165,7 +166,10 @@ def head(model: nn.Module, x: Tensor, size: Tensor) -> Tensor:
         for h in range(H):
             qh, kh, vh = q[:, h * D:(h + 1) * D], kv[:, h * D:(h + 1) * D], \
                 kv[:, C + h * D:C + (h + 1) * D]
-            a = (qh @ kh.T / math.sqrt(D) + size.log()[None, :]).softmax(-1)
+            logits = qh @ kh.T / math.sqrt(D)
+            if prop_attn:
+                logits = logits + size.log()[None, :]
+            a = logits.softmax(-1)
             outs.append(a @ vh)
         y = torch.cat(outs, -1) @ pool.proj.weight.T + pool.proj.bias
         y = y + pool.mlp(pool.norm(y))

@@ -54,7 +54,8 @@ def _check(model, method, opts, *, reduce=None, before=None, select=None, prop_a
             if sizes:
                 torch.testing.assert_close(state.size[b][real].to(xr.dtype), sr)
             w = sr if sizes else torch.ones_like(sr)
-            torch.testing.assert_close(logits[b], ref.head(model, xr, w), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(logits[b], ref.head(model, xr, w, prop_attn), atol=1e-5,
+                                       rtol=1e-5)
     return x, state
 
 
