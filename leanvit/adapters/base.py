@@ -34,17 +34,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
-from typing import (TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Optional, Protocol,
-                    runtime_checkable)
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
+from leanvit.recorder import MacRecorder
 from leanvit.registry import ModelInfo
 from leanvit.signals import Signals
 from leanvit.state import TokenState
-
-if TYPE_CHECKING:  # pragma: no cover  (annotation only: MacRecorder is not imported at run time)
-    from leanvit.macs import MacRecorder
 
 #: the kinds a family can be (see the module docstring)
 KINDS = ("tokens", "hierarchical")
@@ -55,7 +52,7 @@ class Backbone(Protocol):
     """What every family that runs leanvit methods provides (module-level names of its file).
 
     MAC formulas: :func:`forward_features` and :func:`forward_head` record MACs per image into
-    ``recorder`` (a :class:`leanvit.macs.MacRecorder`) when one is given:
+    ``recorder`` (a :class:`leanvit.recorder.MacRecorder`) when one is given:
     ``record_stem(macs)`` (patch embedding), ``record_block(i, tokens_in=[B], tokens_out=[B],
     attention=[B], mlp=[B], signals=[B])`` for each block (from the token counts the block
     actually saw), ``record_layer(name, macs)`` for layers between stages, ``record_head(macs)``
@@ -90,8 +87,8 @@ class Backbone(Protocol):
         """``TypeError``/``ValueError`` (one line) for images ``x`` the model cannot take
         (not a tensor, not ``[B, C, H, W]``, wrong channels or size)."""
 
-    def forward_features(self, model: nn.Module, x: Tensor, recorder: Optional[MacRecorder] = None,
-                         trace_source: bool = False,
+    def forward_features(self, model: nn.Module, x: Tensor,
+                         recorder: Optional[MacRecorder] = None, trace_source: bool = False,
                          on_block: Optional[Callable[[int, Tensor, TokenState], None]] = None
                          ) -> tuple[Tensor, TokenState]:
         """Images ``[B, 3, H, W]`` -> the final normed features (tokens ``[B, N', C]`` or the
@@ -142,6 +139,18 @@ class TokenBackbone(Backbone, Protocol):
         entering, query rows computed, tokens through the MLP): the keyword arguments of
         ``MacRecorder.record_block`` (``tokens_in``, ``tokens_out``, ``attention``, ``mlp``,
         ``signals``)."""
+
+
+def input_size(model: nn.Module) -> tuple[int, int]:
+    """The ``(H, W)`` input size a model is built or configured for: ``patch_embed.img_size``
+    (ViT, Swin), else its data config's ``input_size`` (ConvNeXt: any size works; 224 by
+    default, or what :func:`leanvit.models.create_model`'s ``img_size`` set). For ``describe``."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is not None:
+        return int(size[0]), int(size[1])
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    s = cfg.get("input_size", (3, 224, 224))
+    return int(s[1]), int(s[2])
 
 
 # --------------------------------------------------------------------------------------------

@@ -249,7 +249,7 @@ def forward_features(model: nn.Module, x: Tensor, recorder=None, trace_source: b
     """Embeddings, blocks with the method's hooks, final norm: ``[B, N', C]`` and its state.
 
     Args:
-        recorder: a :class:`~leanvit.macs.MacRecorder` to count MACs into.
+        recorder: a :class:`~leanvit.recorder.MacRecorder` to count MACs into.
         trace_source: start ``state.source`` as the identity ``[B, N0, N0]`` (each token holds
             itself), so that every later gather/merge tracks which original tokens each token
             holds (visualisation, :mod:`leanvit.viz`).
