@@ -43,12 +43,21 @@ class TokenState:
             tuple of ``(name, tensor)`` pairs that hooks extend with
             ``state.replace(aux=state.aux + ((name, t),))`` (e.g. DynamicViT's per-stage keep
             decisions ``[B, N0 - prefix]``). Not per-token: :meth:`gather` leaves it as it is.
-        rope: ``[B, N, R]`` the rotary position embedding each token carries (backbones with
-            rotary positions, e.g. timm ``Eva``: ``R = 2 * head_dim``, timm's ``sin | cos``
-            concatenation); prefix tokens and tokens without a single position (EViT's fused
-            token) carry the identity rotation (sin 0, cos 1). Gathered with the tokens, so a
-            kept token keeps its position; how a merge sets it is the method's rule (ToMe and
-            DiffRate: the destination token's position). ``None`` for other backbones.
+        positions: ``[B, N]`` long, the original index (``0 .. N0-1``, prefix included) of the
+            position each token takes in position-dependent attention; ``None`` while every
+            token is still at its own index (nothing gathered yet). :meth:`gather` fills it, so
+            kept tokens keep their positions; a merged token keeps its destination's (ToMe,
+            DiffRate: :meth:`merged_positions`); EViT's fused token takes index 0, the class
+            token's position, since a token fused from all over the image has no one position.
+            Backbones with a relative position bias (timm ``Beit``) look up their bias rows and
+            columns by it (``docs/beit.md``); others ignore it.
+        rope: ``[N0, R]`` (or ``[B, N0, R]`` when it differs per image) the rotary position
+            table of a backbone with rotary positions (timm ``Eva``: ``R = 2 * head_dim``,
+            timm's ``sin | cos``), one row per ORIGINAL index, the prefix rows the identity
+            rotation (sin 0, cos 1). Not per-token: constant through the forward pass; each
+            token's rotation is the row at its :attr:`positions` (so the rules above give a
+            merged token its destination's rotation and EViT's fused token none, like the class
+            token); ``None`` for other backbones.
     """
 
     prefix: int
@@ -60,6 +69,7 @@ class TokenState:
     prop_attn: bool = False
     recorder: Optional[MacRecorder] = None
     aux: tuple = ()
+    positions: Optional[Tensor] = None
     rope: Optional[Tensor] = None
 
     def replace(self, **changes) -> "TokenState":
@@ -73,8 +83,16 @@ class TokenState:
             source=None if self.source is None else gather_tokens(self.source, index),
             valid=None if self.valid is None else self.valid.gather(1, index),
             mask=None if self.mask is None else self.mask.gather(1, index),
-            rope=None if self.rope is None else gather_tokens(self.rope, index),
+            positions=self.merged_positions(index),
         )
+
+    def merged_positions(self, index: Tensor) -> Tensor:
+        """:attr:`positions` of the tokens at ``index`` (``[B, K]`` long): what a gather, or a
+        merge whose output rows are the input rows ``index`` (ToMe's ``keep``, DiffRate's
+        first ``k``) with the merged tokens folded into them, leaves."""
+        if self.positions is None:
+            return index
+        return self.positions.gather(1, index)
 
     def aux_values(self, name: str) -> list[Tensor]:
         """The tensors recorded in :attr:`aux` under ``name``, in the order they were added."""
@@ -98,16 +116,6 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     shape = index.shape + x.shape[2:]
     idx = index.reshape(index.shape + (1,) * (x.dim() - 2)).expand(shape)
     return x.gather(1, idx)
-
-
-def identity_rope(batch: int, n: int, like: Tensor) -> Tensor:
-    """``[B, n, R]`` rows of the identity rotation for :attr:`TokenState.rope` (``R`` and
-    dtype/device of ``like`` ``[..., R]``): ``sin | cos`` = ``0 | 1``, which leaves q and k as
-    they are (prefix tokens, EViT's fused token)."""
-    width = like.shape[-1]
-    half = width // 2
-    return torch.cat([like.new_zeros(batch, n, half), like.new_ones(batch, n, width - half)],
-                     dim=-1)
 
 
 def attention_bias(state: TokenState, dtype: torch.dtype) -> Optional[Tensor]:

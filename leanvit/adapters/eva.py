@@ -15,17 +15,20 @@ subclass whose ``forward`` runs the blocks through :func:`block_forward`, which 
     x = x + gamma_2 * mlp(norm2(x))
 
 Rotary positions. timm rotates q and k of the non-prefix tokens by a per-patch ``sin | cos``
-table (``model._pos_embed`` returns it, ``[N_patches, 2 * head_dim]``). Here every token
-carries its own row of that table in ``TokenState.rope`` ``[B, N, 2 * head_dim]``, gathered
-with the tokens by every prune, so a kept token keeps the rotation of the patch it came from
-however the sequence is reordered. Prefix tokens carry the identity rotation (sin 0, cos 1),
-which timm never applies to them anyway. The rules for tokens that stand for several patches:
+table (``model._pos_embed`` returns it, ``[N_patches, 2 * head_dim]``). Here the table, with
+identity rows (sin 0, cos 1) in front for the prefix tokens, travels in ``TokenState.rope``,
+and every token carries its original index in ``TokenState.positions`` (the mechanism the
+``beit`` adapter uses for its relative position bias), gathered with the tokens by every
+prune; each block rotates a token by the table row at its index (:func:`token_rope`), so a
+kept token keeps the rotation of the patch it came from however the sequence is reordered.
+The rules for tokens that stand for several patches (set by the methods, see
+:class:`~leanvit.state.TokenState`):
 
 - a **ToMe / DiffRate merged token takes its destination token's position**: the
   destination is the token that survives in place and that the merged sources were judged
   similar to; its row of the table is a true rotation, whereas an average of rotations is
   not one (its norm shrinks, which would scale that token's attention logits).
-- **EViT's fused token gets no rotation** (the identity, like a prefix token): it is a
+- **EViT's fused token gets no rotation** (index 0: the class token's identity): it is a
   class-attention-weighted sum of tokens scattered over the whole image, so no single patch
   position describes it, and any one position would bias its attention towards that
   location; unrotated, it interacts with every token by content alone, as the class and
@@ -54,7 +57,7 @@ from leanvit.adapters.vit import check_input, token_weights  # noqa: F401 (the c
 from leanvit.ops.attention import masked_softmax
 from leanvit.registry import ModelInfo, Reducer
 from leanvit.signals import Signals
-from leanvit.state import TokenState, attention_bias, gather_tokens, identity_rope
+from leanvit.state import TokenState, attention_bias, gather_tokens
 
 FAMILY = "eva"
 KIND = "tokens"
@@ -109,20 +112,19 @@ def describe(model: nn.Module) -> ModelInfo:
 # Rotary positions
 
 
-def token_rope(rope: Optional[Tensor], batch: int, n_tokens: int, prefix: int
-               ) -> Optional[Tensor]:
-    """Per-token rotary table ``[B, N, R]`` from timm's ``_pos_embed`` output.
+def rope_table(rope: Optional[Tensor], n_tokens: int, prefix: int) -> Optional[Tensor]:
+    """The forward pass's rotary table by ORIGINAL token index, for ``TokenState.rope``.
 
     Args:
-        rope: timm's table of the patch tokens, ``[N - prefix, R]`` (``R = 2 * head_dim``,
-            ``sin | cos``), or ``[B, 1, N - prefix, R]`` after timm's patch dropout; ``None``
-            for models without rotary positions.
-        batch, n_tokens, prefix: ``B``, ``N`` (prefix included) and the prefix count.
+        rope: timm's table of the patch tokens from ``model._pos_embed``, ``[N0 - prefix, R]``
+            (``R = 2 * head_dim``, ``sin | cos``), or ``[B, 1, N0 - prefix, R]`` after timm's
+            patch dropout (training); ``None`` for models without rotary positions.
+        n_tokens: ``N0``, tokens entering the first block (prefix included).
+        prefix: the prefix tokens in front.
 
     Returns:
-        ``[B, N, R]``: identity rows (sin 0, cos 1) for the prefix tokens, then timm's rows
-        (an expanded view, no copy, when the table is shared by the batch); ``None`` if
-        ``rope`` is ``None``.
+        ``[N0, R]`` (``[B, N0, R]`` after patch dropout): identity rows (sin 0, cos 1) for the
+        prefix tokens, then timm's rows; ``None`` if ``rope`` is ``None``.
     """
     if rope is None:
         return None
@@ -133,19 +135,34 @@ def token_rope(rope: Optional[Tensor], batch: int, n_tokens: int, prefix: int
     if rope.shape[-2] != n_tokens - prefix:
         raise ValueError(f"rotary table has {rope.shape[-2]} rows for {n_tokens - prefix} "
                          "patch tokens")
-    if rope.dim() == 2:
-        rope = rope.expand(batch, -1, -1)
     if prefix == 0:
         return rope
-    return torch.cat([identity_rope(batch, prefix, rope), rope], dim=1)
+    width, half = rope.shape[-1], rope.shape[-1] // 2
+    ident = torch.cat([rope.new_zeros(*rope.shape[:-2], prefix, half),
+                       rope.new_ones(*rope.shape[:-2], prefix, width - half)], dim=-1)
+    return torch.cat([ident, rope], dim=-2)
+
+
+def token_rope(state: TokenState) -> Optional[Tensor]:
+    """Each token's rotation ``sin | cos``: the table row at its original index
+    (``state.positions``), ``[B, N, R]``; the table itself (``[N0, R]`` or ``[B, N0, R]``)
+    while no token has moved; ``None`` without rotary positions."""
+    table = state.rope
+    if table is None or state.positions is None:
+        return table
+    if table.dim() == 2:
+        return table[state.positions]
+    return gather_tokens(table, state.positions)
 
 
 def _module_rope(state: TokenState, prefix: int) -> Optional[Tensor]:
-    """The tokens' table in the layout timm's attention modules take: ``[B, 1, N - prefix, R]``
-    (rows of the non-prefix tokens; broadcast over heads)."""
-    if state.rope is None:
+    """The tokens' rotations in the layout timm's attention modules take (rows of the
+    non-prefix tokens): ``[N - prefix, R]`` (timm's own table while no token has moved, so the
+    call is timm's, bit for bit) or ``[B, 1, N - prefix, R]`` (broadcast over heads)."""
+    rope = token_rope(state)
+    if rope is None:
         return None
-    return state.rope[:, None, prefix:]
+    return rope[prefix:] if rope.dim() == 2 else rope[:, None, prefix:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,7 +329,7 @@ def _embed(model: nn.Module, x: Tensor, recorder=None) -> tuple[Tensor, TokenSta
     x = model.norm_pre(x)
     prefix = model.num_prefix_tokens
     state = TokenState(prefix=prefix, n0=x.shape[1], recorder=recorder,
-                       rope=token_rope(rope, x.shape[0], x.shape[1], prefix))
+                       rope=rope_table(rope, x.shape[1], prefix))
     return x, state
 
 

@@ -128,9 +128,8 @@ class DiffRateReducer(Reducer):
             if state.recorder is not None:  # cosine similarities of the merge, per image
                 state.recorder.add_extra("diffrate_merge", (kp - km) * km * x.shape[2])
             x, size, source = merge_tail(x, state.size, self.prefix, km, source=state.source)
-            # rotary positions (Eva): each merged token keeps its destination's
-            rope = None if state.rope is None else state.rope[:, :km]
-            state = state.replace(size=size, source=source, rope=rope)
+            # the first km tokens remain, the merged ones folded into them: their positions
+            state = state.replace(size=size, source=source, positions=state.positions[:, :km])
         return x, state
 
 

@@ -21,7 +21,7 @@ from leanvit.ops.prune import num_kept, topk_prune
 from leanvit.registry import (Method, ModelInfo, Reducer, check_bool, check_locations,
                               check_number, register)
 from leanvit.signals import Signals
-from leanvit.state import TokenState, identity_rope
+from leanvit.state import TokenState
 
 #: The authors' blocks for a 12-block ViT (0-based).
 AUTHORS_LOCATIONS = (3, 6, 9)
@@ -132,20 +132,18 @@ def _append_fused(new: TokenState, old: TokenState, dropped: Tensor) -> TokenSta
     """Per-token state of the fused token appended last: it holds the dropped tokens.
 
     ``size`` (when tracked): the dropped tokens' sizes summed; ``source`` (when traced): the
-    union (max) of their sources; ``rope`` (rotary backbones): the identity rotation (sin 0,
-    cos 1), as a prefix token: a token fused from all over the image has no one position
-    (``docs/eva.md``).
+    union (max) of their sources; ``positions``: index 0, the class token's position (a token
+    fused from all over the image has no one position; see :class:`TokenState`).
     """
-    size, source, rope = new.size, new.source, new.rope
+    size, source = new.size, new.source
+    positions = torch.cat([new.positions, torch.zeros_like(new.positions[:, :1])], dim=1)
     if old.size is not None:
         fused = (old.size * dropped.to(old.size.dtype)).sum(1, keepdim=True)
         size = torch.cat([new.size, fused], dim=1)
     if old.source is not None:
         held = old.source * dropped.to(old.source.dtype).unsqueeze(-1)
         source = torch.cat([new.source, held.amax(1, keepdim=True)], dim=1)
-    if new.rope is not None:
-        rope = torch.cat([new.rope, identity_rope(new.rope.shape[0], 1, new.rope)], dim=1)
-    return new.replace(size=size, source=source, rope=rope)
+    return new.replace(size=size, source=source, positions=positions)
 
 
 def build(options: EViTOptions, info: ModelInfo) -> Reducer:

@@ -21,7 +21,7 @@ from torch import Tensor
 from leanvit.ops.merge import bipartite_soft_matching, max_merges, merge_source, merge_wavg
 from leanvit.registry import Method, ModelInfo, Reducer, check_bool, register
 from leanvit.signals import Signals
-from leanvit.state import TokenState, gather_tokens
+from leanvit.state import TokenState
 
 RSpec = Union[int, tuple, list]
 
@@ -157,9 +157,9 @@ class ToMe(Reducer):
             state.recorder.add_extra("matching", ((n + 1) // 2) * (n // 2) * metric.shape[-1])
         x, size = merge_wavg(m, x, state.size)
         source = None if state.source is None else merge_source(m, state.source)
-        # rotary positions (Eva): a merged token keeps its destination's, the kept rows' own
-        rope = None if state.rope is None else gather_tokens(state.rope, m.keep)
-        return x, state.replace(size=size, source=source, rope=rope)
+        # a merged token keeps its destination's position (relative position bias)
+        return x, state.replace(size=size, source=source,
+                                positions=state.merged_positions(m.keep))
 
 
 def build(options: ToMeOptions, info: ModelInfo) -> Reducer:

@@ -69,9 +69,9 @@ def test_state_carries_timm_rope_table_and_identity_for_prefix(kind):
         _, state = eva_adapter.embed(model, x)
     p = model.num_prefix_tokens
     D = table.shape[1] // 2
-    assert state.rope.shape == (2, _n0(model), 2 * D)
-    assert torch.equal(state.rope[:, p:], table.expand(2, -1, -1))
-    assert state.rope[:, :p, :D].eq(0).all() and state.rope[:, :p, D:].eq(1).all()
+    assert state.rope.shape == (_n0(model), 2 * D) and state.positions is None
+    assert torch.equal(state.rope[p:], table)
+    assert state.rope[:p, :D].eq(0).all() and state.rope[:p, D:].eq(1).all()
 
 
 def _traced(model, x):

@@ -49,8 +49,9 @@ def _check(model, method, opts, *, reduce=None, before=None, select=None, prop_a
             assert x[b][real].shape == xr.shape
             torch.testing.assert_close(x[b][real], xr, atol=1e-5, rtol=1e-5)
             # each token carries the rotation of the position the method's rule gives it
-            torch.testing.assert_close(state.rope[b][real].to(xr.dtype),
-                                       _expected_rope(table, pr), atol=0, rtol=0)
+            rope = eva_adapter.token_rope(state)
+            torch.testing.assert_close(rope[b][real].to(xr.dtype), _expected_rope(table, pr),
+                                       atol=0, rtol=0)
             if sizes:
                 torch.testing.assert_close(state.size[b][real].to(xr.dtype), sr)
             w = sr if sizes else torch.ones_like(sr)
@@ -91,8 +92,9 @@ def test_evit_matches_reference_and_fused_token_is_unrotated(kind):
     model = ref.tiny_eva(kind)
     x, state = _check(model, "evit", dict(keep_rate=0.6, locations=(1, 2)),
                       reduce=ref.evit(0.6, (1, 2)), sizes=False)
-    D = state.rope.shape[-1] // 2
-    fused = state.rope[:, -1].double()
+    rope = eva_adapter.token_rope(state)
+    D = rope.shape[-1] // 2
+    fused = rope[:, -1].double()
     assert torch.equal(fused, torch.cat([torch.zeros(D), torch.ones(D)]).double().expand(2, -1))
 
 
@@ -110,7 +112,7 @@ def test_diffrate_deploy_matches_reference(kind):
     prune, merge = [n0, n0 - 2, n0 - 5], [n0, n0 - 4, n0 - 8]
     _, state = _check(model, "diffrate", dict(schedule=(prune, merge)),
                       reduce=ref.diffrate(prune, merge), prop_attn=True)
-    assert state.rope.shape[1] == n0 - 8
+    assert eva_adapter.token_rope(state).shape[1] == n0 - 8
 
 
 @pytest.mark.parametrize("kind", KINDS)
