@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from leanvit.registry import Method, ModelInfo, Reducer, check_bool, check_number, register
 from leanvit.schedule import Schedule, as_schedule, effective_counts
 from leanvit.signals import Signals
-from leanvit.state import TokenState, gather_tokens
+from leanvit.state import TokenState, gather_tokens, remap_where
 
 # --------------------------------------------------------------------------------------------
 # Tensor arithmetic (knows nothing of timm)
@@ -59,8 +59,8 @@ def sort_order(cls_attn: Tensor, prefix: int, k: int) -> Tensor:
 
 
 def merge_tail(x: Tensor, size: Tensor, prefix: int, k: int, end: Optional[int] = None,
-               source: Optional[Tensor] = None, keep_sources: bool = False
-               ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+               source: Optional[Tensor] = None, keep_sources: bool = False,
+               where: Optional[Tensor] = None) -> tuple:
     """Merge tokens ``k .. end-1`` of ``x`` ``[B, N, C]`` into their most similar token among
     ``prefix .. k-1`` (cosine of ``x``; prefix tokens never receive).
 
@@ -69,7 +69,9 @@ def merge_tail(x: Tensor, size: Tensor, prefix: int, k: int, end: Optional[int] 
     ``[B, N, N0]`` is combined with ``max``. Returns the ``k`` merged tokens (and sizes,
     sources) followed by the tokens from ``end`` on, untouched (``end=None``: none follow).
     With ``keep_sources`` the merged sources also stay in place (search mode masks them):
-    the result then has all ``N`` tokens.
+    the result then has all ``N`` tokens. With ``where`` (the ``[B, N0]`` index map of
+    :attr:`leanvit.state.TokenState.where`) a fourth item is returned: the map after the merge
+    (sources follow their destination).
     """
     B, N, C = x.shape
     end = N if end is None else end
@@ -102,7 +104,12 @@ def merge_tail(x: Tensor, size: Tensor, prefix: int, k: int, end: Optional[int] 
         new_size = torch.cat([new_size, size[:, rest:]], dim=1)
         if source is not None:
             new_source = torch.cat([new_source, source[:, rest:]], dim=1)
-    return merged, new_size, new_source
+    if where is None:
+        return merged, new_size, new_source
+    rows = torch.arange(N, device=x.device).expand(B, N)
+    # destinations stay, sources go to theirs, the tokens after ``end`` move up by what left
+    new_row = torch.cat([rows[:, :k], idx, rows[:, end:] - (rest - k)], dim=1)
+    return merged, new_size, new_source, remap_where(where, new_row)
 
 
 def ste_ceil(x: Tensor) -> Tensor:
@@ -206,8 +213,9 @@ class DiffRateReducer(Reducer):
         if km < kp:
             if state.recorder is not None:  # cosine similarities of the merge, per image
                 state.recorder.add_extra("diffrate_merge", (kp - km) * km * x.shape[2])
-            x, size, source = merge_tail(x, state.size, self.prefix, km, source=state.source)
-            state = state.replace(size=size, source=source)
+            x, size, source, *where = merge_tail(x, state.size, self.prefix, km,
+                                                 source=state.source, where=state.where)
+            state = state.replace(size=size, source=source, where=where[0] if where else None)
         return x, state
 
 
