@@ -40,6 +40,8 @@ no multiply-accumulates.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -113,3 +115,209 @@ def _grid(model: nn.Module, images: Tensor) -> tuple[int, int]:
     if getattr(model, "dynamic_img_size", False):
         return tuple(pe.dynamic_feat_size(tuple(images.shape[-2:])))
     return tuple(pe.grid_size)
+
+
+# --------------------------------------------------------------------------------------------
+# MACs, per-patch targets, segmentation scores
+
+
+def dense_with_macs(model: nn.Module, images: Tensor):
+    """:func:`dense_features` and the backbone's :class:`~leanvit.macs.MacReport` from ONE
+    forward pass (as :func:`leanvit.macs.forward_with_macs`; an unpatched model runs through
+    the identity method ``"none"`` and is left as it was; eval mode, no gradients, the mode
+    restored). The report has no head MACs (``head == 0``): a dense head adds its own."""
+    from leanvit.macs import MacRecorder, report_from
+    from leanvit.patching import patch, unpatch
+
+    adapter = adapters.find_adapter(model)
+    if adapter.FAMILY not in TOKEN_FAMILIES:
+        raise ValueError(f"dense features need a token family ({', '.join(TOKEN_FAMILIES)}), "
+                         f"got a {adapter.FAMILY} model")
+    was_patched, was_training = adapters.is_patched(model), model.training
+    if not was_patched:
+        patch(model, "none")
+    try:
+        model.eval()
+        p = next(model.parameters(), None)
+        if p is not None:
+            images = images.to(device=p.device, dtype=p.dtype)
+        adapter.check_input(model, images)
+        gh, gw = _grid(model, images)
+        recorder = MacRecorder()
+        with torch.no_grad():
+            x, state = adapter.forward_features(model, images, recorder=recorder,
+                                                trace_where=True)
+            out = _scatter(model, x, state)[:, model.num_prefix_tokens:]
+        return out.reshape(x.shape[0], gh, gw, x.shape[-1]), report_from(recorder,
+                                                                          images.shape[0])
+    finally:
+        model.train(was_training)
+        if not was_patched:
+            unpatch(model)
+
+
+#: intensity threshold of :func:`foreground_targets`: a pixel is foreground when the mean of
+#: its R, G, B in [0, 1] (the model's input with its normalisation undone) is above 0.1
+#: (25.5 / 255). Chosen for Fashion-MNIST, whose background is exactly 0 and whose darkest
+#: garments' pixels mostly lie above it (45% of its pixels are above 26/255, 50% are 0).
+FOREGROUND_THRESHOLD = 0.1
+#: a patch is foreground when more than this share of its pixels are (issue 15)
+FOREGROUND_SHARE = 0.5
+
+
+def foreground_targets(images: Tensor, mean, std, patch_size, threshold: float =
+                       FOREGROUND_THRESHOLD, share: float = FOREGROUND_SHARE) -> Tensor:
+    """Per-patch foreground labels of preprocessed ``images`` ``[B, 3, H, W]``.
+
+    Args:
+        mean, std: the per-channel normalisation the images went through (3 numbers each,
+            the model's data config), undone here to get intensities in [0, 1].
+        patch_size: ``(ph, pw)`` or an int, the model's patch size.
+        threshold: pixel intensity (mean of R, G, B) above which a pixel is foreground;
+            default :data:`FOREGROUND_THRESHOLD`.
+        share: a patch is foreground (1) when the share of its foreground pixels is above
+            ``share`` (default 0.5), background (0) otherwise.
+
+    Returns:
+        ``[B, H / ph, W / pw]`` long in {0, 1}.
+    """
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError("images must be a [B, 3, H, W] tensor, got "
+                         f"{tuple(images.shape) if isinstance(images, Tensor) else images!r}")
+    ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+    B, _, H, W = images.shape
+    if H % ph or W % pw:
+        raise ValueError(f"images {H}x{W} are not a whole number of {ph}x{pw} patches")
+    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    intensity = (images.float() * s + m).mean(1)  # [B, H, W] in [0, 1]
+    fg = (intensity > threshold).float().reshape(B, H // ph, ph, W // pw, pw)
+    return (fg.mean((2, 4)) > share).long()
+
+
+def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """``[K, K]`` long counts, rows the target class, columns the predicted one."""
+    idx = target.flatten().long() * num_classes + pred.flatten().long()
+    return torch.bincount(idx.cpu(), minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes)
+
+
+def segmentation_scores(confusion: Tensor) -> dict:
+    """Per-patch accuracy and mean IoU (percent) from a :func:`confusion_matrix`.
+
+    IoU of class ``k``: ``TP / (TP + FP + FN)``; the mean is over the classes present in the
+    targets or predictions (a class absent from both has no IoU), as in mmsegmentation.
+    """
+    c = confusion.double()
+    tp = c.diag()
+    union = c.sum(0) + c.sum(1) - tp
+    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
+    seen = union > 0
+    return {"pixel_accuracy": 100.0 * float(tp.sum() / c.sum().clamp_min(1)),
+            "miou": 100.0 * float(iou[seen].mean()) if seen.any() else float("nan"),
+            "iou": [100.0 * float(v) for v in iou], "patches": int(c.sum())}
+
+
+# --------------------------------------------------------------------------------------------
+# Dense (segmentation) probe evaluation
+
+
+class DenseProbe(nn.Module):
+    """A backbone and a per-patch linear head: images ``[B, 3, H, W]`` -> logits
+    ``[B, H_p, W_p, K]`` (what ``leanvit compare --dense`` times)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(dense_features(self.backbone, images))
+
+
+def model_foreground_targets(model: nn.Module, threshold: float = FOREGROUND_THRESHOLD):
+    """``images -> [B, H_p, W_p]`` :func:`foreground_targets` with ``model``'s normalisation
+    (its timm data config) and patch size."""
+    from leanvit.data import data_config
+
+    cfg = data_config(model)
+    patch = tuple(model.patch_embed.patch_size)
+    return lambda images: foreground_targets(images, cfg["mean"], cfg["std"], patch, threshold)
+
+
+def dense_batch_fn(threshold: float = FOREGROUND_THRESHOLD):
+    """A per-batch feature function for :func:`leanvit.probe.extract_features`:
+    ``(model, images, labels) -> ([B * P, C] patch features, [B * P] foreground targets)``
+    (the image labels are not used)."""
+
+    def fn(model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        feats, _ = dense_with_macs(model, images)
+        targets = model_foreground_targets(model, threshold)(images)
+        return feats.flatten(0, 2), targets.flatten()
+
+    return fn
+
+
+class DenseEvaluation:
+    """``leanvit compare --dense``'s evaluation of one setting, called as
+    ``evaluation(model, loader, progress=, warmup=, repeats=, desc=)``.
+
+    Per batch: :func:`dense_with_macs` (the patched backbone's MACs on these images), the
+    head's per-patch logits, :func:`foreground_targets`; returns per-patch accuracy and mIoU
+    (:func:`segmentation_scores`), GMACs per image (backbone + head: ``P * C * K``), the
+    throughput of :class:`DenseProbe` on the first batch
+    (:func:`leanvit.evaluate.measure_throughput`), and ``cosine``: the mean over patches of
+    the cosine similarity between this setting's dense features and those of the first
+    setting evaluated (the unmodified model in :func:`leanvit.compare.run_compare`), kept in
+    memory (float32) for that.
+    """
+
+    def __init__(self, head: nn.Linear, threshold: float = FOREGROUND_THRESHOLD):
+        self.head = head
+        self.threshold = threshold
+        self.reference: Optional[list[Tensor]] = None
+
+    def __call__(self, model: nn.Module, loader, *, progress: bool = True, warmup: int = 1,
+                 repeats: int = 3, desc: str = "eval", throughput: bool = True) -> dict:
+        from tqdm import tqdm
+
+        from leanvit.evaluate import measure_throughput
+
+        head = self.head.to(next(model.parameters()).device)
+        targets_of = model_foreground_targets(model, self.threshold)
+        k = head.out_features
+        conf = torch.zeros(k, k, dtype=torch.long)
+        first, total, macs, cos_sum, n_patches = None, 0, 0.0, 0.0, 0
+        keep = self.reference is None
+        feats_kept: list[Tensor] = []
+        for b, (images, _) in enumerate(tqdm(loader, desc=desc, disable=not progress,
+                                             unit="batch")):
+            if first is None:
+                first = images
+            feats, report = dense_with_macs(model, images)
+            with torch.no_grad():
+                pred = head(feats).argmax(-1)
+            conf += confusion_matrix(pred, targets_of(images.to(feats.device)), k)
+            P = feats.shape[1] * feats.shape[2]
+            macs += (report.total + P * head.in_features * k) * images.shape[0]
+            total += images.shape[0]
+            if keep:
+                feats_kept.append(feats.float().cpu())
+            else:
+                ref = self.reference[b].to(feats.device, feats.dtype)
+                cos = torch.nn.functional.cosine_similarity(feats, ref, dim=-1)
+                cos_sum += float(cos.double().sum())
+                n_patches += cos.numel()
+        if total == 0:
+            raise ValueError("no images to evaluate")
+        out = dict(segmentation_scores(conf), images=total, gmacs=macs / total / 1e9,
+                   confusion=conf.tolist(), threshold=self.threshold)
+        if keep:
+            self.reference = feats_kept
+            out["cosine"] = 1.0
+        else:
+            out["cosine"] = cos_sum / n_patches
+        if throughput:
+            out.update(measure_throughput(DenseProbe(model, head).eval(), first, warmup=warmup,
+                                          repeats=repeats))
+        return out
