@@ -321,3 +321,15 @@ class DenseEvaluation:
             out.update(measure_throughput(DenseProbe(model, head).eval(), first, warmup=warmup,
                                           repeats=repeats))
         return out
+
+
+def load_dense_head(path) -> tuple[nn.Linear, float]:
+    """A head written by ``leanvit probe --dense`` and its foreground threshold;
+    ``ValueError`` for a classifier head or an unreadable file."""
+    from leanvit.probe import head_metadata, load_head
+
+    meta = head_metadata(path)
+    if not meta.get("dense"):
+        raise ValueError(f"{path} is a classifier probe head, not a dense one; fit one with "
+                         "'leanvit probe --dense'")
+    return load_head(path), float(meta.get("threshold", FOREGROUND_THRESHOLD))
