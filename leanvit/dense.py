@@ -48,15 +48,17 @@ from torch import Tensor, nn
 from leanvit import adapters
 from leanvit.state import present
 
-#: families whose tokens are patches on a grid (hierarchical families output a map already)
-TOKEN_FAMILIES = ("vit",)
+#: the family kind whose tokens are patches on a grid (hierarchical families output a map
+#: already; see :mod:`leanvit.adapters.base`)
+TOKEN_KIND = "tokens"
 
 
 def dense_features(model: nn.Module, images: Tensor) -> Tensor:
     """Final patch features of ``model`` (patched or not) on the full patch grid.
 
     Args:
-        model: a timm model of a token family (:data:`TOKEN_FAMILIES`), patched with any
+        model: a timm model of a ``"tokens"`` family (ViT and the families built on it,
+            :mod:`leanvit.adapters.base`), patched with any
             method or unpatched (then exactly ``model.forward_features(images)`` without the
             prefix tokens). Run in the mode it is in (call ``model.eval()`` for inference:
             in training mode the keep-mask methods keep every token in place).
@@ -72,11 +74,7 @@ def dense_features(model: nn.Module, images: Tensor) -> Tensor:
         TypeError / ValueError: not a model, a hierarchical family, or images the model
             cannot take (the adapter's one-line errors).
     """
-    adapter = adapters.find_adapter(model)
-    if adapter.FAMILY not in TOKEN_FAMILIES:
-        raise ValueError(
-            f"dense_features supports the token families {', '.join(TOKEN_FAMILIES)}; a "
-            f"{adapter.FAMILY} model's forward_features is a feature map already")
+    adapter = _token_adapter(model)
     adapter.check_input(model, images)
     gh, gw = _grid(model, images)
     prefix = model.num_prefix_tokens
@@ -109,6 +107,15 @@ def _scatter(model: nn.Module, x: Tensor, state) -> Tensor:
     return out
 
 
+def _token_adapter(model: nn.Module):
+    adapter = adapters.find_adapter(model)
+    if adapter.KIND != TOKEN_KIND:
+        raise ValueError(
+            f"dense_features supports the token families (kind {TOKEN_KIND!r}); a "
+            f"{adapter.FAMILY} model's forward_features is a feature map already")
+    return adapter
+
+
 def _grid(model: nn.Module, images: Tensor) -> tuple[int, int]:
     """Patch grid ``(rows, cols)`` of ``images`` for ``model``'s patch embedding."""
     pe = model.patch_embed
@@ -126,13 +133,11 @@ def dense_with_macs(model: nn.Module, images: Tensor):
     forward pass (as :func:`leanvit.macs.forward_with_macs`; an unpatched model runs through
     the identity method ``"none"`` and is left as it was; eval mode, no gradients, the mode
     restored). The report has no head MACs (``head == 0``): a dense head adds its own."""
-    from leanvit.macs import MacRecorder, report_from
+    from leanvit.macs import report_from
+    from leanvit.recorder import MacRecorder
     from leanvit.patching import patch, unpatch
 
-    adapter = adapters.find_adapter(model)
-    if adapter.FAMILY not in TOKEN_FAMILIES:
-        raise ValueError(f"dense features need a token family ({', '.join(TOKEN_FAMILIES)}), "
-                         f"got a {adapter.FAMILY} model")
+    adapter = _token_adapter(model)
     was_patched, was_training = adapters.is_patched(model), model.training
     if not was_patched:
         patch(model, "none")
@@ -326,7 +331,7 @@ class DenseEvaluation:
 def load_dense_head(path) -> tuple[nn.Linear, float]:
     """A head written by ``leanvit probe --dense`` and its foreground threshold;
     ``ValueError`` for a classifier head or an unreadable file."""
-    from leanvit.probe import head_metadata, load_head
+    from leanvit.heads import head_metadata, load_head
 
     meta = head_metadata(path)
     if not meta.get("dense"):
