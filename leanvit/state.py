@@ -51,6 +51,14 @@ class TokenState:
         left: features of the tokens that left, recorded with :func:`record_departures` when
             ``where`` is traced: a tuple of ``(flat index [D] into B * N0, features [D, C])``
             pairs, one per hook that removed tokens.
+        positions: ``[B, N]`` long, the original index (``0 .. N0-1``, prefix included) of the
+            position each token takes in position-dependent attention; ``None`` while every
+            token is still at its own index (nothing gathered yet). :meth:`gather` fills it, so
+            kept tokens keep their positions; a merged token keeps its destination's (ToMe,
+            DiffRate: :meth:`merged_positions`); EViT's fused token takes index 0, the class
+            token's position, since a token fused from all over the image has no one position.
+            Backbones with a relative position bias (timm ``Beit``) look up their bias rows and
+            columns by it (``docs/beit.md``); others ignore it.
     """
 
     prefix: int
@@ -64,6 +72,7 @@ class TokenState:
     aux: tuple = ()
     where: Optional[Tensor] = None
     left: tuple = ()
+    positions: Optional[Tensor] = None
 
     def replace(self, **changes) -> "TokenState":
         """A copy with some fields changed."""
@@ -78,7 +87,16 @@ class TokenState:
             mask=None if self.mask is None else self.mask.gather(1, index),
             where=None if self.where is None else remap_where(
                 self.where, gather_rows(index, self.n0 + index.shape[1])),
+            positions=self.merged_positions(index),
         )
+
+    def merged_positions(self, index: Tensor) -> Tensor:
+        """:attr:`positions` of the tokens at ``index`` (``[B, K]`` long): what a gather, or a
+        merge whose output rows are the input rows ``index`` (ToMe's ``keep``, DiffRate's
+        first ``k``) with the merged tokens folded into them, leaves."""
+        if self.positions is None:
+            return index
+        return self.positions.gather(1, index)
 
     def aux_values(self, name: str) -> list[Tensor]:
         """The tensors recorded in :attr:`aux` under ``name``, in the order they were added."""

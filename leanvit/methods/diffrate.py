@@ -129,7 +129,9 @@ class DiffRateReducer(Reducer):
                 state.recorder.add_extra("diffrate_merge", (kp - km) * km * x.shape[2])
             x, size, source, *where = merge_tail(x, state.size, self.prefix, km,
                                                  source=state.source, where=state.where)
-            state = state.replace(size=size, source=source, where=where[0] if where else None)
+            # the first km tokens remain, the merged ones folded into them: their positions
+            state = state.replace(size=size, source=source, positions=state.positions[:, :km],
+                                  where=where[0] if where else None)
         return x, state
 
 

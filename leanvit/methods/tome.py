@@ -160,7 +160,9 @@ class ToMe(Reducer):
         x, size = merge_wavg(m, x, state.size)
         source = None if state.source is None else merge_source(m, state.source)
         where = None if state.where is None else merge_where(m, state.where, n)
-        return x, state.replace(size=size, source=source, where=where)
+        # a merged token keeps its destination's position (relative position bias)
+        return x, state.replace(size=size, source=source, where=where,
+                                positions=state.merged_positions(m.keep))
 
 
 def build(options: ToMeOptions, info: ModelInfo) -> Reducer:
