@@ -24,6 +24,21 @@ KEEP_ALL = [
 ]
 
 
+def _beit(depth=4):
+    """A tiny timm Beit (relative position bias), random bias tables."""
+    torch.manual_seed(0)
+    model = timm.create_model("beit_base_patch16_224", depth=depth, img_size=64, embed_dim=64,
+                              num_heads=4, num_classes=7).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "relative_position_bias_table" in name:
+                p.normal_()
+    return model
+
+
+BUILDERS = {"vit": lambda: _model(), "beit": lambda: _beit()}
+
+
 def _model(**kw):
     kw.setdefault("depth", 4)
     model = tiny_vit(**kw)
@@ -40,9 +55,10 @@ def _images(n=2, h=64, w=64, seed=0):
     return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("family", BUILDERS)
 @pytest.mark.parametrize("method,opts", KEEP_ALL, ids=[m for m, _ in KEEP_ALL])
-def test_keep_all_equals_unpatched_patch_tokens(method, opts):
-    model, x = _model(), _images()
+def test_keep_all_equals_unpatched_patch_tokens(method, opts, family):
+    model, x = BUILDERS[family](), _images()
     with torch.no_grad():
         ref = model.forward_features(x)[:, 1:].reshape(2, 4, 4, -1)
         assert torch.equal(leanvit.dense_features(model, x), ref)  # unpatched
@@ -79,8 +95,9 @@ def _source_groups_check(model, x, prefix):
     return covered
 
 
-def test_tome_every_patch_of_a_group_gets_the_group_features():
-    model, x = _model(), _images()
+@pytest.mark.parametrize("family", BUILDERS)
+def test_tome_every_patch_of_a_group_gets_the_group_features(family):
+    model, x = BUILDERS[family](), _images()
     leanvit.patch(model, "tome", r=3, trace_source=True)
     covered = _source_groups_check(model, x, prefix=1)
     assert covered.all()  # merging only: every patch is in exactly one group
@@ -89,8 +106,9 @@ def test_tome_every_patch_of_a_group_gets_the_group_features():
     assert (state.source.sum(-1) > 1).any()
 
 
-def test_diffrate_merged_patches_follow_their_destination():
-    model, x = _model(), _images()
+@pytest.mark.parametrize("family", BUILDERS)
+def test_diffrate_merged_patches_follow_their_destination(family):
+    model, x = BUILDERS[family](), _images()
     # prune one token per block, then merge one or two more
     leanvit.patch(model, "diffrate", schedule=([16, 13, 11, 9], [15, 12, 10, 8]),
                   trace_source=True)
@@ -178,9 +196,10 @@ PRUNING = [
 ]
 
 
+@pytest.mark.parametrize("family", BUILDERS)
 @pytest.mark.parametrize("method,opts", PRUNING, ids=[m for m, _ in PRUNING])
-def test_pruned_patch_keeps_its_features_from_where_it_left(method, opts):
-    model, x = _model(), _images(3)
+def test_pruned_patch_keeps_its_features_from_where_it_left(method, opts, family):
+    model, x = BUILDERS[family](), _images(3)
     leanvit.patch(model, method, **opts).eval()
     with torch.no_grad():
         got = leanvit.dense_features(model, x).flatten(1, 2)
