@@ -32,6 +32,10 @@ What each method does with it (and why):
                     block; merged tokens follow their destination (as ToMe).
 ==================  =========================================================================
 
+Families: every ``"tokens"`` family (ViT/DeiT/DINOv2 ``vit``; ``beit``; ``eva``: EVA02,
+DINOv3, PE-Core), each adapter tracing the index map below; hierarchical families (ConvNeXt,
+Swin) output a feature map already and are refused.
+
 How: the forward pass traces an index map ``state.where`` ``[B, N0]`` (the current row of the
 token that holds each original token, ``-1`` once it left), updated on every gather and merge
 at ``O(B * N0)``, and copies only the rows that leave; no ``[B, N, N0]`` source matrix is

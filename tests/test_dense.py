@@ -20,7 +20,7 @@ KEEP_ALL = [
     ("evit", dict(keep_rate=1.0, locations=(1, 2))),
     ("topk", dict(keep_rate=1.0, locations=(1, 2))),
     ("dynamicvit", dict(keep_rate=1.0, locations=(1, 2))),
-    ("diffrate", dict(schedule=([17] * 4, [17] * 4))),
+    ("diffrate", dict(schedule="full")),
 ]
 
 
@@ -36,7 +36,23 @@ def _beit(depth=4):
     return model
 
 
-BUILDERS = {"vit": lambda: _model(), "beit": lambda: _beit()}
+def _eva(kind):
+    """A tiny timm Eva of a real config (EVA02: rotary, 1 prefix; DINOv3: rotary, 4 registers),
+    width 64, 4x4 patches."""
+    from tests.methods._eva_reference import CONFIGS
+
+    name, cfg = CONFIGS[kind]
+    torch.manual_seed(0)
+    return timm.create_model(name, **dict(cfg, embed_dim=64, num_heads=4, depth=4)).eval()
+
+
+BUILDERS = {"vit": lambda: _model(), "beit": lambda: _beit(), "eva02": lambda: _eva("eva02"),
+            "dinov3": lambda: _eva("dinov3")}
+
+
+def _inputs(model, n=2):
+    h, w = model.patch_embed.img_size
+    return _images(n, h, w)
 
 
 def _model(**kw):
@@ -58,10 +74,14 @@ def _images(n=2, h=64, w=64, seed=0):
 @pytest.mark.parametrize("family", BUILDERS)
 @pytest.mark.parametrize("method,opts", KEEP_ALL, ids=[m for m, _ in KEEP_ALL])
 def test_keep_all_equals_unpatched_patch_tokens(method, opts, family):
-    model, x = BUILDERS[family](), _images()
+    model = BUILDERS[family]()
+    x = _inputs(model)
     with torch.no_grad():
-        ref = model.forward_features(x)[:, 1:].reshape(2, 4, 4, -1)
+        ref = model.forward_features(x)[:, model.num_prefix_tokens:].reshape(2, 4, 4, -1)
         assert torch.equal(leanvit.dense_features(model, x), ref)  # unpatched
+        if opts.get("schedule") == "full":
+            n0 = 16 + model.num_prefix_tokens
+            opts = dict(schedule=([n0] * 4, [n0] * 4))
         leanvit.patch(model, method, **opts)
         got = leanvit.dense_features(model, x)
     assert got.shape == (2, 4, 4, model.embed_dim)
@@ -97,9 +117,10 @@ def _source_groups_check(model, x, prefix):
 
 @pytest.mark.parametrize("family", BUILDERS)
 def test_tome_every_patch_of_a_group_gets_the_group_features(family):
-    model, x = BUILDERS[family](), _images()
-    leanvit.patch(model, "tome", r=3, trace_source=True)
-    covered = _source_groups_check(model, x, prefix=1)
+    model = BUILDERS[family]()
+    x = _inputs(model)
+    leanvit.patch(model, "tome", r=2, trace_source=True)
+    covered = _source_groups_check(model, x, prefix=model.num_prefix_tokens)
     assert covered.all()  # merging only: every patch is in exactly one group
     with torch.no_grad():  # and groups of several patches really exist
         _, state = adapters.find_adapter(model).forward_features(model, x)
@@ -108,11 +129,12 @@ def test_tome_every_patch_of_a_group_gets_the_group_features(family):
 
 @pytest.mark.parametrize("family", BUILDERS)
 def test_diffrate_merged_patches_follow_their_destination(family):
-    model, x = BUILDERS[family](), _images()
+    model = BUILDERS[family]()
+    x, p = _inputs(model), model.num_prefix_tokens
     # prune one token per block, then merge one or two more
-    leanvit.patch(model, "diffrate", schedule=([16, 13, 11, 9], [15, 12, 10, 8]),
-                  trace_source=True)
-    covered = _source_groups_check(model, x, prefix=1)
+    sched = ([15 + p, 12 + p, 10 + p, 8 + p], [14 + p, 11 + p, 9 + p, 7 + p])
+    leanvit.patch(model, "diffrate", schedule=sched, trace_source=True)
+    covered = _source_groups_check(model, x, prefix=p)
     assert covered.any() and not covered.all()  # the pruned ones are checked below
 
 
@@ -199,7 +221,13 @@ PRUNING = [
 @pytest.mark.parametrize("family", BUILDERS)
 @pytest.mark.parametrize("method,opts", PRUNING, ids=[m for m, _ in PRUNING])
 def test_pruned_patch_keeps_its_features_from_where_it_left(method, opts, family):
-    model, x = BUILDERS[family](), _images(3)
+    model = BUILDERS[family]()
+    x = _inputs(model, 3)
+    if method == "diffrate":  # the schedule counts the prefix tokens
+        p = model.num_prefix_tokens
+        opts = dict(schedule=([16 + p, 12 + p, 8 + p, 8 + p], [16 + p, 12 + p, 8 + p, 8 + p]))
+    if method == "ats" and model.num_prefix_tokens > 1:
+        opts = dict(opts, max_tokens=14)
     leanvit.patch(model, method, **opts).eval()
     with torch.no_grad():
         got = leanvit.dense_features(model, x).flatten(1, 2)
