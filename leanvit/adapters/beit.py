@@ -174,17 +174,17 @@ def _attention(attn: nn.Module, i: int, y: Tensor, shared: Optional[Tensor], sta
     rows = None
     if reducer.selects_queries(i):
         rows, state = reducer.select_queries(i, signals, state)
-        if rows is not None:  # the bias rows of the selected queries (all keys stay)
+        if rows is not None:
+            q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
             own, shared = _select_rows(own, rows), _select_rows(shared, rows)
-    # one bias, summed as timm sums its two tables for SDPA (per-block table + shared), then
-    # the key bias; leanvit.ops.attention keeps timm's op order on either path
-    bias = own
-    for b in (shared, extra):
-        if b is not None:
-            bias = b if bias is None else bias + b
-    out = attention(q, k, v, attn.scale, bias=bias, keep=state.mask, rows=rows,
+
+    if state.mask is not None and rows is not None:
+        raise ValueError("query selection and a training keep-mask cannot be combined")
+    # timm's explicit order of additions (relative bias, shared bias, then log(size)/padding)
+    # on the explicit and masked paths; summed in that order into one mask when fused
+    out = attention(q, k, v, attn.scale, bias=(own, shared, extra), keep=state.mask,
                     fused=attn.fused_attn, dropout=attn.attn_drop)
-    out = out.transpose(1, 2).reshape(B, out.shape[2], -1)
+    out = out.transpose(1, 2).reshape(B, q.shape[2], -1)
     out = attn.proj(out)
     out = attn.proj_drop(out)
     return out, signals, rows, state
