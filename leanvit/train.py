@@ -116,6 +116,10 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name} must be a finite number, got {v!r}")
         if self.amp not in ("auto", "none", "bf16", "fp16"):
             raise ValueError(f"amp must be auto, none, bf16 or fp16, got {self.amp!r}")
         for name in ("epochs", "batch_size"):

@@ -62,7 +62,7 @@ def _check(attention, ffn, ffn_ratio, branches, hallucination, kernel_size, imag
         raise ValueError(f"ffn must be 'compact' or None, got {ffn!r}")
     if isinstance(ffn_ratio, bool) or not isinstance(ffn_ratio, (int, float)):
         raise TypeError(f"ffn_ratio must be a number, got {type(ffn_ratio).__name__}")
-    if not 0 < ffn_ratio <= 1:
+    if not 0 < ffn_ratio <= 1:  # also refuses NaN
         raise ValueError(f"ffn_ratio must be in (0, 1] (fraction of the width C), got {ffn_ratio}")
     if isinstance(branches, bool) or not isinstance(branches, int):
         raise TypeError(f"branches must be an int, got {type(branches).__name__}")
