@@ -7,6 +7,8 @@ from typing import Any, Optional
 import timm
 from torch import nn
 
+from leanvit.adapters.base import input_size  # noqa: F401  (public here: leanvit.models.input_size)
+
 
 def checkpoint_keys(path: Path) -> Optional[set[str]]:
     """Parameter names in a safetensors checkpoint (``None`` for other formats)."""
@@ -40,8 +42,8 @@ def create_model(
             way (``pretrained_cfg_overlay=dict(file=...)``), so the model's own key filters
             apply. A safetensors file without classifier weights gives a headless model.
         num_classes: classifier size; ``0`` for a headless backbone.
-        head: a linear-probe head file (``leanvit probe``, :func:`leanvit.probe.save_head`)
-            attached with :func:`leanvit.probe.attach_head`: the model then classifies from
+        head: a linear-probe head file (``leanvit probe``, :func:`leanvit.heads.save_head`)
+            attached with :func:`leanvit.heads.attach_head`: the model then classifies from
             its class token + mean patch token.
 
     Raises:
@@ -56,7 +58,7 @@ def create_model(
 
 
 def _attach_head_file(model: nn.Module, name: str, head: str | Path) -> None:
-    from leanvit.probe import attach_head, head_metadata, load_head
+    from leanvit.heads import attach_head, head_metadata, load_head
 
     meta = head_metadata(head)
     fitted_on = meta.get("model")
@@ -194,15 +196,3 @@ def _size_free(name: str, kw: dict, make) -> nn.Module:
     cfg["input_size"] = (3, size, size)
     model.pretrained_cfg = cfg
     return model
-
-
-def input_size(model: nn.Module) -> tuple[int, int]:
-    """The ``(H, W)`` input size a model is built or configured for: ``patch_embed.img_size``
-    (ViT, Swin), else its data config's ``input_size`` (ConvNeXt: any size works; 224 by
-    default, or what :func:`create_model`'s ``img_size`` set)."""
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if size is not None:
-        return int(size[0]), int(size[1])
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    s = cfg.get("input_size", (3, 224, 224))
-    return int(s[1]), int(s[2])

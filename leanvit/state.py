@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # pragma: no cover
-    from leanvit.macs import MacRecorder
+from leanvit.recorder import MacRecorder
 
 
 @dataclass
@@ -39,7 +38,7 @@ class TokenState:
             attention (:func:`leanvit.ops.attention.masked_softmax`). ``None`` in inference.
         prop_attn: add ``log(size)`` to the attention logits of each key (proportional
             attention, ToMe).
-        recorder: a :class:`~leanvit.macs.MacRecorder` while MACs are being counted.
+        recorder: a :class:`~leanvit.recorder.MacRecorder` while MACs are being counted.
         aux: side outputs of the method for training losses and inspection, an immutable
             tuple of ``(name, tensor)`` pairs that hooks extend with
             ``state.replace(aux=state.aux + ((name, t),))`` (e.g. DynamicViT's per-stage keep
@@ -53,7 +52,7 @@ class TokenState:
     valid: Optional[Tensor] = None
     mask: Optional[Tensor] = None
     prop_attn: bool = False
-    recorder: Optional["MacRecorder"] = None
+    recorder: Optional[MacRecorder] = None
     aux: tuple = ()
 
     def replace(self, **changes) -> "TokenState":

@@ -47,7 +47,7 @@ def attention_pool_macs(pool: nn.Module, n_tokens: Count) -> Count:
     Args:
         pool: the pool module (``model.attn_pool``). timm's ``AttentionPoolLatent`` is counted
             by the formula above; a module with ``leanvit_macs(n_tokens)`` counts itself; a
-            module without parameters (e.g. :class:`leanvit.probe.ClassMeanPool`, a weighted
+            module without parameters (e.g. :class:`leanvit.heads.ClassMeanPool`, a weighted
             mean) costs 0.
         n_tokens: tokens the pool sees per image, a number or a ``[B]`` tensor (padding not
             counted).
