@@ -224,7 +224,7 @@ def _data_config(model: nn.Module) -> dict:
 
 def _datasets(cfg: TrainConfig, model: nn.Module):
     from timm.data import create_transform
-    from torchvision.datasets import ImageFolder
+    from leanvit.data import ImageFolder
 
     root = Path(cfg.data)
     for split in ("train", "val"):
@@ -439,7 +439,7 @@ def _calibration_images(cfg: TrainConfig, data_cfg: dict, n: int) -> Tensor:
     """``n`` training images with the evaluation transform (no augmentation), the first ones
     of a permutation seeded by ``cfg.seed``: ``[n, 3, H, W]`` (for :func:`leanvit.compact`)."""
     from timm.data import create_transform
-    from torchvision.datasets import ImageFolder
+    from leanvit.data import ImageFolder
 
     tf = create_transform(
         data_cfg["input_size"], is_training=False, interpolation=data_cfg["interpolation"],

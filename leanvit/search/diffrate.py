@@ -279,7 +279,7 @@ def _image_folder(path: Any, model: nn.Module, num_images: Optional[int], seed: 
     from pathlib import Path
 
     from timm.data import create_transform, resolve_data_config
-    from torchvision.datasets import ImageFolder
+    from leanvit.data import ImageFolder
 
     root = Path(path)
     if not root.is_dir():
