@@ -98,9 +98,11 @@ def count_macs(model: nn.Module, images: Tensor) -> MacReport:
     """MACs per image that ``model`` performs on ``images`` (``[B, 3, H, W]``).
 
     Works on patched and unpatched models alike (an unpatched model is measured through the
-    identity method ``"none"`` and left as it was). The model runs once in eval mode without
-    gradients; its train/eval mode is restored. Data-dependent methods are averaged over the
-    images; padding does not count.
+    identity method ``"none"`` and left as it was), and on families that run no token method
+    but are counted layer by layer (PVTv2, NextViT; plain or compacted by
+    :func:`leanvit.compact`, :mod:`leanvit.adapters.layer_macs`). The model runs once in
+    eval mode without gradients; its train/eval mode is restored. Data-dependent methods are
+    averaged over the images; padding does not count.
     """
     return forward_with_macs(model, images)[1]
 
@@ -114,6 +116,9 @@ def forward_with_macs(model: nn.Module, images: Tensor) -> tuple[Tensor, MacRepo
     from leanvit import adapters
     from leanvit.patching import patch, unpatch
 
+    layers = adapters.layer_map(model)
+    if layers is not None:  # PVTv2, NextViT (plain or compacted): counted layer by layer
+        return _forward_with_layer_macs(model, images, layers)
     adapter = adapters.find_adapter(model)
     was_patched = adapters.is_patched(model)
     if not was_patched:
@@ -133,6 +138,26 @@ def forward_with_macs(model: nn.Module, images: Tensor) -> tuple[Tensor, MacRepo
         model.train(was_training)
         if not was_patched:
             unpatch(model)
+
+
+def _forward_with_layer_macs(model: nn.Module, images: Tensor, layers) -> tuple[Tensor, MacReport]:
+    """:func:`forward_with_macs` for a family that runs as itself
+    (:mod:`leanvit.adapters.layer_macs`): stem, one entry per block (``attention``: its
+    attention module, ``mlp``: the rest of the block), layers between blocks, head."""
+    from leanvit.adapters.layer_macs import forward_with_layer_macs
+
+    was_training = model.training
+    try:
+        model.eval()
+        p = next(model.parameters(), None)
+        if p is not None:
+            images = images.to(device=p.device, dtype=p.dtype)
+        recorder = MacRecorder()
+        with torch.no_grad():
+            out = forward_with_layer_macs(model, images, layers, recorder)
+        return out, report_from(recorder, images.shape[0])
+    finally:
+        model.train(was_training)
 
 
 def traced_macs(model: nn.Module, images: Tensor) -> float:

@@ -8,9 +8,12 @@ plus ONE line in ``leanvit/adapters/__init__.py`` registering it::
 The module implements :class:`Backbone` (every family that runs token methods), and
 :class:`TokenBackbone` on top of it when ``KIND == "tokens"``. A family that only supports
 layer compaction (PVTv2, NextViT) provides just ``FAMILY``, ``KIND``, ``DESCRIPTION``,
-``matches`` and ``COMPACTION``. Nothing outside :mod:`leanvit.adapters` may use a function of a
-specific adapter: callers go through the adapter found for the model
-(:func:`leanvit.adapters.find_adapter`) and the functions listed here.
+``matches`` and ``COMPACTION``, and ``LAYERS`` (a
+:class:`leanvit.adapters.layer_macs.LayerMap`: where its blocks and attention modules are) so
+that :func:`leanvit.count_macs` counts it, plain or compacted, layer by layer. Nothing
+outside :mod:`leanvit.adapters` may use a function of a specific adapter: callers go through
+the adapter found for the model (:func:`leanvit.adapters.find_adapter`) and the functions
+listed here.
 
 Kinds, and which methods serve a family (a method's ``families`` names families or kinds,
 :class:`leanvit.registry.Method`):
@@ -206,6 +209,9 @@ class Family:
             family), else ``None`` (compaction only).
         compaction: the module's ``COMPACTION`` when :func:`leanvit.compact` supports the
             family, else ``None``.
+        layers: the module's ``LAYERS`` (:class:`leanvit.adapters.layer_macs.LayerMap`) for a
+            family without a method-running adapter that :func:`leanvit.count_macs` counts
+            layer by layer, else ``None``.
     """
 
     name: str
@@ -214,6 +220,7 @@ class Family:
     matches: Callable[[type], bool]
     adapter: Optional[ModuleType] = None
     compaction: Optional[CompactionSites] = None
+    layers: Optional[Any] = None
 
     @classmethod
     def from_module(cls, module: ModuleType) -> "Family":
@@ -233,7 +240,8 @@ class Family:
                                 f"{need.__name__} contract (leanvit.adapters.base)")
         return cls(name=module.FAMILY, kind=module.KIND, description=module.DESCRIPTION,
                    matches=module.matches, adapter=module if runs_methods else None,
-                   compaction=getattr(module, "COMPACTION", None))
+                   compaction=getattr(module, "COMPACTION", None),
+                   layers=getattr(module, "LAYERS", None))
 
 
 def _members(protocol: type) -> list[str]:
