@@ -140,6 +140,9 @@ class Method:
     families: tuple[str, ...] = ("vit",)
     summary: str = ""
     family_options: Mapping[str, type] = dataclasses.field(default_factory=dict)
+    #: a mode other code patches in (``diffrate-search``, used by ``leanvit search``): not
+    #: listed by :func:`available_methods` and ``leanvit methods``, still accepted by ``patch``
+    internal: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.build, Mapping):
@@ -222,8 +225,9 @@ def get_method(name: str) -> Method:
 
 
 def available_methods() -> dict[str, type]:
-    """Method name -> its options dataclass (read the defaults from its fields)."""
-    return {name: m.options for name, m in sorted(_METHODS.items())}
+    """Method name -> its options dataclass (read the defaults from its fields); internal
+    modes (``Method.internal``) are left out."""
+    return {name: m.options for name, m in sorted(_METHODS.items()) if not m.internal}
 
 
 def describe_options(options_cls: type) -> str:

@@ -219,15 +219,9 @@ def load_image(path: str | os.PathLike, model: nn.Module) -> tuple[Tensor, np.nd
     return x[None], shown
 
 
-def visualize(model: nn.Module, image_path: str | os.PathLike, out: str | os.PathLike,
-              title: str = "") -> list[Stage]:
-    """Trace ``image_path`` through ``model`` and write the per-stage figure to ``out``.
-
-    Raises:
-        ValueError: a model of a family whose methods remove no tokens (ConvNeXt, Swin:
-            ``dynamicvit`` routes positions inside stage 3 and keeps the feature map whole),
-            or an image that is missing or unreadable.
-    """
+def check_drawable(model: nn.Module) -> None:
+    """``ValueError`` unless ``model`` is of a flat-token family (ViT), whose methods remove or
+    merge tokens that :func:`visualize` can draw."""
     from leanvit.adapters import find_family
 
     family = find_family(model)
@@ -237,6 +231,18 @@ def visualize(model: nn.Module, image_path: str | os.PathLike, out: str | os.Pat
                          f"{family.name} model whose methods keep every position of its feature "
                          f"maps (dynamicvit routes them through a slow or fast path), so there is "
                          f"nothing to draw")
+
+
+def visualize(model: nn.Module, image_path: str | os.PathLike, out: str | os.PathLike,
+              title: str = "") -> list[Stage]:
+    """Trace ``image_path`` through ``model`` and write the per-stage figure to ``out``.
+
+    Raises:
+        ValueError: a model of a family whose methods remove no tokens (ConvNeXt, Swin:
+            ``dynamicvit`` routes positions inside stage 3 and keeps the feature map whole),
+            or an image that is missing or unreadable.
+    """
+    check_drawable(model)
     x, shown = load_image(image_path, model)
     stages = trace_stages(model, x)
     render(shown, stages, tuple(model.patch_embed.grid_size), out, title=title)

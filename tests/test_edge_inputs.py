@@ -136,3 +136,57 @@ def test_macs_states_its_batch_size_default():
     p = _subparser("macs")
     action = next(a for a in p._actions if "--batch-size" in a.option_strings)
     assert "default 1" in action.help
+
+
+def test_methods_hides_the_internal_search_mode(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "diffrate-search" not in out and "\ndiffrate:" in out
+    assert "diffrate-search" not in leanvit.available_methods()
+    leanvit.patch(tiny_vit(), "diffrate-search")  # still there for leanvit search
+
+
+def test_bench_prints_the_resolved_options_with_tuples_as_tuples(tmp_path, capsys):
+    import json
+
+    assert main(["bench", "deit_tiny_patch16_224", "--img-size", "32", "--method", "evit",
+                 "--set", "locations=(1, 2)", "--batch-size", "2", "--repeats", "1",
+                 "--warmup", "1", "--no-memory", "--json", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "method=evit keep_rate=0.7, locations=(1, 2), fuse=True batch 2" in out
+    cfg = json.loads((tmp_path / "b.json").read_text())["config"]
+    assert cfg["options"] == {"locations": [1, 2]}
+    assert cfg["resolved_options"] == {"keep_rate": 0.7, "locations": [1, 2], "fuse": True}
+
+
+def test_untrained_dynamicvit_is_warned_about(tmp_path, capsys):
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(img)
+    assert main(["viz", str(img), "vit_tiny_patch16_224", "--img-size", "64", "--method",
+                 "dynamicvit", "--set", "locations=(1,)", "--out", str(tmp_path / "v.png")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: dynamicvit's" in err and "freshly initialised" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["bench", "deit_tiny_patch16_224", "--img-size", "32", "--method", "dynamicvit",
+                 "--set", "locations=(1,)", "--batch-size", "2", "--repeats", "1", "--warmup",
+                 "1", "--no-memory"]) == 0
+    assert "freshly initialised" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="freshly initialised"):
+        from leanvit.compare import Setting, apply_setting
+
+        apply_setting(tiny_vit(), Setting("dynamicvit", {"locations": (1,)}))
+
+
+def test_bench_warns_when_the_rounds_spread_more_than_20_percent(monkeypatch):
+    """A benchmark that shared the cores with another process: rounds 1.0, 1.5, 1.0 s."""
+    from leanvit import bench
+
+    def fake_rounds(baseline, candidate, x, **kw):
+        return {"baseline": [1.0, 1.5, 1.0], "candidate": [0.5, 0.52, 0.5]}
+
+    monkeypatch.setattr(bench, "time_models", fake_rounds)
+    with pytest.warns(UserWarning, match=r"baseline model's timing rounds spread by 50%"):
+        r = bench.run_benchmark("deit_tiny_patch16_224", "none", img_size=32, batch_size=2,
+                                repeats=3, warmup=0, memory=False, progress=False)
+    assert r["baseline"]["spread"] == pytest.approx(0.5)
+    assert bench.round_spread([1.0, 1.1, 1.05]) == pytest.approx(0.1 / 1.05)

@@ -33,11 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):  # one line each
+        print(f"leanvit {args.command}: warning: {message}", file=sys.stderr)
+
+    shown_before = warnings.showwarning
+    warnings.showwarning = show
     try:
         return int(args.func(args) or 0)
     except (ValueError, TypeError, OSError) as e:
         print(f"leanvit {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown_before
 
 
 def one_line(e: BaseException) -> str:

@@ -35,12 +35,16 @@ def run(args: argparse.Namespace) -> int:
     import leanvit
     from leanvit.cli.common import parse_set
     from leanvit.models import create_model
-    from leanvit.viz import visualize
+    from leanvit.viz import check_drawable, visualize
 
     resolve_image_and_model(args)
     options = parse_set(args.options)
     model = create_model(args.model, img_size=args.img_size, checkpoint=args.checkpoint).eval()
+    check_drawable(model)  # before patching: ConvNeXt/Swin have nothing to draw
     leanvit.patch(model, args.method, **options)
+    from leanvit.patching import warn_if_untrained
+
+    warn_if_untrained(model)
     shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
     weights = f"weights {Path(args.checkpoint).name}" if args.checkpoint else "random weights"
     title = (f"{args.model} ({weights}) / {args.method}" + (f" ({shown})" if shown else ""))
