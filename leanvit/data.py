@@ -124,12 +124,15 @@ def read_image(path: str) -> Any:
     """The RGB PIL image in ``path`` (fully decoded); :class:`ImageReadError` naming the file
     when it is truncated or not an image (PIL's own error names neither the file nor the
     cause in one line)."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
             return img.convert("RGB")
+    except UnidentifiedImageError:
+        raise ImageReadError(f"cannot read image {path}: not an image file PIL can read "
+                             "(garbage or an unsupported format)") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBomb...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ImageReadError(f"cannot read image {path}: {reason}") from None

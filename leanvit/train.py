@@ -586,13 +586,14 @@ def train(config: TrainConfig | dict, model: Optional[nn.Module] = None,
         raise ValueError("config.data must name an ImageFolder root (with train/ and val/)")
     world, rank, device = _setup_distributed(cfg)
     amp, amp_dtype = _autocast(cfg, device)
+    # the data first: a wrong --data must not leave an empty output folder behind
+    num_classes = cfg.num_classes if cfg.num_classes is not None else _count_classes(cfg.data)
     out = Path(cfg.output)
     if rank == 0:
         _prepare_output(out)
     log = _Logger(out / "log.jsonl" if rank == 0 else None)
 
     # -- model, teacher, method (the same seed on every rank and on resume)
-    num_classes = cfg.num_classes if cfg.num_classes is not None else _count_classes(cfg.data)
     _seed_all(cfg.seed)
     if model is None:
         model = create_model(cfg.model, img_size=cfg.img_size, checkpoint=cfg.checkpoint,

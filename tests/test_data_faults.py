@@ -118,7 +118,7 @@ def test_search_and_viz_name_the_bad_file(tmp_path, capsys):
                  "--batch-size", "3", "--out", str(tmp_path / "s.json")]) == 2
     _one_line_naming(capsys.readouterr().err, "b/2.png")
     assert main(["viz", str(tmp_path / "d" / "train" / "b" / "2.png"), "--model", MODEL,
-                 "--img-size", "32", "--method", "tome", "--out", str(tmp_path / "v.png")]) == 2
+                 "--img-size", "32", "--method", "evit", "--out", str(tmp_path / "v.png")]) == 2
     _one_line_naming(capsys.readouterr().err, "b/2.png")
 
 

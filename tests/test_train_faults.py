@@ -148,3 +148,23 @@ def test_cli_help_and_summary(folder, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("finished 1 epoch(s), 4 steps") and "val top-1: last" in out
     assert f"weights: {tmp_path / 'o' / 'final.safetensors'}" in out and "{" not in out
+
+
+def test_a_bad_data_folder_leaves_no_output_folder(tmp_path, monkeypatch, capsys):
+    """The suite left runs/leanvit/ in the checkout: train made its default output folder
+    before finding that --data was wrong."""
+    from leanvit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    assert main(["train", "vit_tiny_patch16_224", "--data", "d"]) == 2
+    assert "no train/ folder" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_gitignore_covers_the_default_outputs():
+    from pathlib import Path
+
+    ignored = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().split()
+    assert {"/runs/", "/data/", "/cache/", "/results/"} <= set(ignored)
+    assert TrainConfig().output.startswith("runs/")
