@@ -39,7 +39,8 @@ class Signals:
 
     @property
     def cls_attn_heads(self) -> Tensor:
-        """Post-softmax attention row of the class-token query, ``[B, H, N]`` (all keys)."""
+        """Post-softmax attention row of the class-token query, ``[B, H, N]``, at least float32
+        (all keys)."""
         if self._cls_attn_heads is not None:
             return self._cls_attn_heads
         q0 = self.q[:, :, :1] * self.scale
@@ -47,12 +48,16 @@ class Signals:
         if self.bias is not None:
             logits = logits + self.bias
         self.macs += self.k.shape[1] * self.k.shape[3] * self.num_tokens
-        self._cls_attn_heads = logits.softmax(dim=-1).squeeze(2)
+        # softmax in float32 (one row per head: cheap), as autocast runs softmax: in bf16 the
+        # probabilities of ~200 tokens keep 2-3 significant digits and rankings tie
+        dtype = torch.promote_types(logits.dtype, torch.float32)  # float64 stays float64
+        self._cls_attn_heads = logits.softmax(dim=-1, dtype=dtype).squeeze(2)
         return self._cls_attn_heads
 
     @property
     def cls_attn(self) -> Tensor:
-        """Class-token attention averaged over heads, ``[B, N]`` (EViT, DiffRate, top-k)."""
+        """Class-token attention averaged over heads, ``[B, N]``, at least float32 (EViT,
+        DiffRate, top-k)."""
         if self._cls_attn is None:
             self._cls_attn = self.cls_attn_heads.mean(dim=1)
         return self._cls_attn

@@ -14,6 +14,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from leanvit.adapters.stages import BlockParts, linear_macs, run_stage
+from leanvit.ops.precision import check_input_dtype
 from leanvit.registry import ModelInfo, Reducer
 from leanvit.state import TokenState
 
@@ -136,6 +137,9 @@ def forward_features(model: nn.Module, x: Tensor, recorder=None, **_: object
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"images must be a [B, C, H, W] tensor, got "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    stem = model.stem[0] if isinstance(model.stem, nn.Sequential) else model.stem
+    if isinstance(getattr(stem, "weight", None), Tensor):
+        check_input_dtype(x, stem.weight.dtype)
     reducer: Reducer = model.leanvit
     x = model.stem(x)
     if recorder is not None:

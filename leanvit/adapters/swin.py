@@ -15,6 +15,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from leanvit.adapters.stages import BlockParts, linear_macs, run_stage
+from leanvit.ops.precision import check_input_dtype
 from leanvit.registry import ModelInfo, Reducer
 from leanvit.state import TokenState
 
@@ -127,6 +128,7 @@ def forward_features(model: nn.Module, x: Tensor, recorder=None, **_: object
         raise ValueError(f"model was built for {expected[0]}x{expected[1]} images, got "
                          f"{x.shape[-2]}x{x.shape[-1]}; create it with img_size="
                          f"{x.shape[-1]} to use another size")
+    check_input_dtype(x, model.patch_embed.proj.weight.dtype)
     reducer: Reducer = model.leanvit
     x = model.patch_embed(x)
     if recorder is not None:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leanvit.ops.attention import masked_softmax
+from leanvit.ops.precision import check_input_dtype
 from leanvit.registry import ModelInfo, Reducer
 from leanvit.signals import Signals
 from leanvit.state import TokenState, attention_bias, gather_tokens
@@ -236,6 +237,9 @@ def check_input(model: nn.Module, x: Tensor) -> None:
                 f"{x.shape[-2]}x{x.shape[-1]}; create it with img_size={x.shape[-1]} "
                 "(timm.create_model(..., img_size=S)) to use another size"
             )
+    proj = getattr(pe, "proj", None)
+    if isinstance(getattr(proj, "weight", None), Tensor):
+        check_input_dtype(x, proj.weight.dtype)
 
 
 def forward_features(model: nn.Module, x: Tensor, recorder=None, trace_source: bool = False,
