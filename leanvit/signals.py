@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from leanvit.ops.attention import attention
+
 
 class Signals:
     """Lazily computed attention statistics of one block.
@@ -43,15 +45,13 @@ class Signals:
         (all keys)."""
         if self._cls_attn_heads is not None:
             return self._cls_attn_heads
-        q0 = self.q[:, :, :1] * self.scale
-        logits = q0 @ self.k.transpose(-2, -1)  # [B, H, 1, N]
-        if self.bias is not None:
-            logits = logits + self.bias
-        self.macs += self.k.shape[1] * self.k.shape[3] * self.num_tokens
-        # softmax in float32 (one row per head: cheap), as autocast runs softmax: in bf16 the
+        # in at least float32 (one query row: cheap), as autocast runs softmax: in bf16 the
         # probabilities of ~200 tokens keep 2-3 significant digits and rankings tie
-        dtype = torch.promote_types(logits.dtype, torch.float32)  # float64 stays float64
-        self._cls_attn_heads = logits.softmax(dim=-1, dtype=dtype).squeeze(2)
+        dtype = torch.promote_types(self.q.dtype, torch.float32)  # float64 stays float64
+        _, weights = attention(self.q[:, :, :1].to(dtype), self.k.to(dtype), None, self.scale,
+                               bias=self.bias, return_weights=True)  # [B, H, 1, N]
+        self.macs += self.k.shape[1] * self.k.shape[3] * self.num_tokens
+        self._cls_attn_heads = weights.squeeze(2)
         return self._cls_attn_heads
 
     @property

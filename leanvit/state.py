@@ -51,6 +51,13 @@ class TokenState:
             token's position, since a token fused from all over the image has no one position.
             Backbones with a relative position bias (timm ``Beit``) look up their bias rows and
             columns by it (``docs/beit.md``); others ignore it.
+        rope: ``[N0, R]`` (or ``[B, N0, R]`` when it differs per image) the rotary position
+            table of a backbone with rotary positions (timm ``Eva``: ``R = 2 * head_dim``,
+            timm's ``sin | cos``), one row per ORIGINAL index, the prefix rows the identity
+            rotation (sin 0, cos 1). Not per-token: constant through the forward pass; each
+            token's rotation is the row at its :attr:`positions` (so the rules above give a
+            merged token its destination's rotation and EViT's fused token none, like the class
+            token); ``None`` for other backbones.
     """
 
     prefix: int
@@ -63,6 +70,7 @@ class TokenState:
     recorder: Optional[MacRecorder] = None
     aux: tuple = ()
     positions: Optional[Tensor] = None
+    rope: Optional[Tensor] = None
 
     def replace(self, **changes) -> "TokenState":
         """A copy with some fields changed."""

@@ -16,7 +16,7 @@ from typing import Optional
 
 from torch import nn
 
-from leanvit.adapters import beit, convnext, nextvit, pvt_v2, swin, vit
+from leanvit.adapters import beit, convnext, eva, nextvit, pvt_v2, swin, vit
 from leanvit.adapters.base import KINDS, Backbone, CompactionSites, Family, Site, TokenBackbone
 
 FAMILIES: dict[str, Family] = {}
@@ -33,6 +33,7 @@ def register_family(module: ModuleType) -> Family:
 
 # -- the families, one line each (the order is the order of the error messages)
 register_family(vit)
+register_family(eva)
 register_family(beit)
 register_family(convnext)
 register_family(swin)
