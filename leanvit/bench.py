@@ -29,13 +29,25 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def _build(model_name: str, method: Optional[str], options: dict, img_size, checkpoint,
            num_classes, head=None) -> nn.Module:
     from leanvit.models import create_model
-    from leanvit.patching import patch
 
     model = create_model(model_name, img_size=img_size, checkpoint=checkpoint,
                          num_classes=num_classes, head=head)
     if method is not None:
-        patch(model, method, **options)
+        apply_method(model, method, options)
     return model.eval()
+
+
+def apply_method(model: nn.Module, method: str, options: dict) -> nn.Module:
+    """``leanvit.patch(model, method, **options)``, or :func:`leanvit.load` when ``options``
+    hold ``load=FILE`` (``--set load=FILE``: a :func:`leanvit.save` file, e.g. ``leanvit
+    tune``'s choice; other options override the stored ones)."""
+    from leanvit.compare import apply_setting, setting_from
+    from leanvit.patching import patch
+
+    setting = setting_from(method, options)
+    if setting.load is None:
+        return patch(model, method, **options)
+    return apply_setting(model, setting)
 
 
 def _sync(device: torch.device) -> None:
@@ -175,8 +187,8 @@ def run_benchmark(
     ``gmacs``, ``peak_mem_mb``, the per-round times), ``speedup`` (patched over baseline
     images/s), ``mac_ratio`` (baseline over patched GMACs), ``config`` and ``environment``.
     """
+    from leanvit.compare import setting_from
     from leanvit.macs import count_macs
-    from leanvit.patching import patch
 
     options = dict(options or {})
     if dtype not in DTYPES:
@@ -191,7 +203,8 @@ def run_benchmark(
             raise ValueError(f"{name} must be a positive int, got {v!r}")
 
     base = _build(model, None, {}, img_size, checkpoint, num_classes, head)
-    patched = patch(copy.deepcopy(base), method, **options).eval()
+    patched = apply_method(copy.deepcopy(base), method, options).eval()
+    method = setting_from(method, options).method  # the file's method for --set load=FILE
     from leanvit.models import input_size
 
     h, w = input_size(base)
