@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import leanvit
-from leanvit.methods.diffrate import search
+from leanvit.search.diffrate import search
 from leanvit.models import create_model
 from leanvit.schedule import load_schedule, save_schedule
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 
@@ -69,33 +70,62 @@ def evaluate(
     warmup: int = 1,
     repeats: int = 3,
     desc: str = "eval",
+    macs: bool = True,
+    amp_dtype: Optional[torch.dtype] = None,
 ) -> dict[str, Any]:
-    """Evaluate a classifier on ``loader`` (``(images [B, 3, H, W], labels [B])`` batches).
+    """Evaluate a classifier on ``loader`` (``(images [B, 3, H, W], labels [B])`` batches), in
+    eval mode without gradients (the model's mode is restored).
 
     Returns a dict: ``top1``, ``top5`` (percent), ``images``, ``correct1``, ``correct5``,
-    ``gmacs`` (mean per image), ``images_per_s`` and ``ms_per_batch`` (throughput on the first
-    batch, see the module docstring; absent when ``throughput=False``).
+    ``gmacs`` (mean per image; absent with ``macs=False``), ``images_per_s`` and
+    ``ms_per_batch`` (throughput on the first batch, see the module docstring; absent when
+    ``throughput=False``). Under ``torch.distributed`` the counts (and MACs) are summed over
+    the ranks, each of which evaluates its own shard.
+
+    Args:
+        macs: count MACs from the same forward pass (:func:`leanvit.macs.forward_with_macs`;
+            needs a model of a registered family). ``False``: the model's own ``forward``
+            (any classifier, e.g. a layer-compacted PVTv2; the trainer's validation).
+        amp_dtype: run the forward passes under ``torch.autocast`` with this dtype
+            (``torch.bfloat16``/``torch.float16``); ``None``: the model's own precision.
     """
     from tqdm import tqdm
 
     from leanvit.macs import forward_with_macs
 
-    total, c1, c5, macs = 0, 0, 0, 0.0
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    counts = torch.zeros(4, dtype=torch.float64, device=device)  # images, top-1, top-5, MACs
     first: Optional[Tensor] = None
-    for images, labels in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
-        if first is None:
-            first = images
-        logits, report = forward_with_macs(model, images)
-        labels = labels.to(logits.device)
-        hits = topk_correct(logits, labels)
-        c1, c5 = c1 + hits[1], c5 + hits[5]
-        total += images.shape[0]
-        macs += report.total * images.shape[0]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype,
+                                             enabled=amp_dtype is not None):
+            for images, labels in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
+                if first is None:
+                    first = images
+                if macs:
+                    logits, report = forward_with_macs(model, images)
+                    counts[3] += report.total * images.shape[0]
+                else:
+                    dtype = p.dtype if p is not None and p.is_floating_point() else None
+                    logits = model(images.to(device=device, dtype=dtype))
+                hits = topk_correct(logits, labels.to(logits.device))
+                counts[0] += images.shape[0]
+                counts[1] += hits[1]
+                counts[2] += hits[5]
+    finally:
+        model.train(was_training)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    total, c1, c5 = (int(v) for v in counts[:3].tolist())
     if total == 0:
         raise ValueError("no images to evaluate")
     out: dict[str, Any] = {"top1": 100.0 * c1 / total, "top5": 100.0 * c5 / total,
-                           "images": total, "correct1": c1, "correct5": c5,
-                           "gmacs": macs / total / 1e9}
+                           "images": total, "correct1": c1, "correct5": c5}
+    if macs:
+        out["gmacs"] = float(counts[3]) / total / 1e9
     if throughput:
         out.update(measure_throughput(model, first, warmup=warmup, repeats=repeats))
     return out
@@ -112,7 +142,7 @@ def check_classes(model: nn.Module, classes: list[str], head: Optional[str | Pat
         raise ValueError(f"the model outputs {k} classes but the data has {len(classes)} "
                          f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
     if head is not None:
-        from leanvit.probe import head_metadata
+        from leanvit.heads import head_metadata
 
         names = head_metadata(head).get("classes")
         if names is not None and list(names) != list(classes):

@@ -40,8 +40,8 @@ def create_model(
             way (``pretrained_cfg_overlay=dict(file=...)``), so the model's own key filters
             apply. A safetensors file without classifier weights gives a headless model.
         num_classes: classifier size; ``0`` for a headless backbone.
-        head: a linear-probe head file (``leanvit probe``, :func:`leanvit.probe.save_head`)
-            attached with :func:`leanvit.probe.attach_head`: the model then classifies from
+        head: a linear-probe head file (``leanvit probe``, :func:`leanvit.heads.save_head`)
+            attached with :func:`leanvit.heads.attach_head`: the model then classifies from
             its class token + mean patch token.
 
     Raises:
@@ -56,7 +56,7 @@ def create_model(
 
 
 def _attach_head_file(model: nn.Module, name: str, head: str | Path) -> None:
-    from leanvit.probe import attach_head, head_metadata, load_head
+    from leanvit.heads import attach_head, head_metadata, load_head
 
     meta = head_metadata(head)
     fitted_on = meta.get("model")

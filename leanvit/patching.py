@@ -36,9 +36,11 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
         )
     m = get_method(method)
     adapter = adapters.find_adapter(model)
-    if adapter.FAMILY not in m.families:
+    if not m.serves(adapter.FAMILY, adapter.KIND):
+        served = [f"{f} ({', '.join(adapters.family_names(f))})" if f in adapters.KINDS else f
+                  for f in m.families]
         raise ValueError(
-            f"method {method!r} supports the families {', '.join(m.families)}, "
+            f"method {method!r} supports the families {', '.join(served)}, "
             f"not {adapter.FAMILY!r}"
         )
     opts = m.make_options(adapter.FAMILY, **options)

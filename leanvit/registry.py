@@ -37,6 +37,9 @@ class ModelInfo:
     #: ``depth`` is then the total block count, ``embed_dim`` the final feature width)
     stage_depths: tuple[int, ...] = ()
     stage_dims: tuple[int, ...] = ()
+    #: the family's kind (:data:`leanvit.adapters.base.KINDS`): ``"tokens"`` (a flat token
+    #: sequence: vit, eva, beit) or ``"hierarchical"`` (stages of maps: convnext, swin)
+    kind: str = "tokens"
 
 
 class Reducer(nn.Module):
@@ -116,11 +119,14 @@ class Method:
             a method serving several families: the options of its first family).
         build: ``build(options, info) -> Reducer``; validates options against the model and
             raises ``ValueError`` for a model the method cannot serve. Or a mapping
-            ``family -> build`` when the method's algorithm differs per backbone family (e.g.
-            ``dynamicvit``: token pruning on ViTs, MLP routing on ConvNeXt/Swin); then
-            ``families`` defaults to the mapping's keys and ``method.build(options, info)``
-            dispatches on ``info.family``.
-        families: backbone families the method supports (adapter names).
+            ``family or kind -> build`` when the method's algorithm differs per backbone family
+            (e.g. ``dynamicvit``: token pruning on flat-token families, MLP routing on
+            ConvNeXt/Swin); then ``families`` defaults to the mapping's keys and
+            ``method.build(options, info)`` dispatches on ``info.family``, else ``info.kind``.
+        families: what the method serves: backbone family names (``"vit"``, ``"convnext"``)
+            and/or family kinds (``"tokens"``: every flat-token family, present and future, so
+            a new family of that kind needs no edit here; ``"hierarchical"``). See
+            :meth:`serves`.
         summary: one line for ``leanvit --help`` and error messages.
         family_options: options dataclass per family where it differs from ``options``
             (families not listed use ``options``). An option given for a family whose
@@ -145,16 +151,22 @@ class Method:
                 raise ValueError(f"method {self.name!r} has no builder for {missing}")
 
             def build(options: Any, info: ModelInfo) -> Reducer:
-                if info.family not in builders:
+                key = info.family if info.family in builders else info.kind
+                if key not in builders:
                     raise ValueError(f"method {self.name!r} supports the families "
                                      f"{', '.join(builders)}, not {info.family!r}")
-                return builders[info.family](options, info)
+                return builders[key](options, info)
 
             build.builders = builders  # type: ignore[attr-defined]
             object.__setattr__(self, "build", build)
         for fam, cls in self.family_options.items():
             if not dataclasses.is_dataclass(cls):
                 raise TypeError(f"family_options[{fam!r}] must be a dataclass type")
+
+    def serves(self, family: str, kind: str) -> bool:
+        """Whether the method runs on a model of ``family`` (of ``kind``): the family or its
+        kind is in :attr:`families`."""
+        return family in self.families or kind in self.families
 
     def options_for(self, family: Optional[str] = None) -> type:
         """The options dataclass of ``family`` (``None``: :attr:`options`)."""

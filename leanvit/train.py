@@ -59,6 +59,7 @@ from torch import Tensor, nn
 
 from leanvit._files import atomic_path
 from leanvit.data import fix_randaugment_posterize
+from leanvit.evaluate import evaluate
 from leanvit.losses import LossWeights, Output, total_loss
 
 #: parameters never updated by the recipe (DynamicViT's get_param_groups skips these)
@@ -274,9 +275,7 @@ class _TrainStep(nn.Module):
         adapter = adapters.find_adapter(self.model)
         tokens, state = adapter.forward_features(self.model, x)
         logits = adapter.forward_head(self.model, tokens, state)
-        keep = state.mask
-        if hasattr(adapter, "loss_tokens"):  # hierarchical maps: per-position tokens, all kept
-            tokens, keep = adapter.loss_tokens(self.model, tokens, state)
+        tokens, keep = adapter.loss_tokens(self.model, tokens, state)
         return logits, tokens, keep, tuple(state.aux_values(DECISION))
 
 
@@ -286,8 +285,7 @@ def _teacher_forward(teacher: nn.Module, x: Tensor) -> Output:
     features = teacher.forward_features(x)
     logits = teacher.forward_head(features)
     adapter = adapters.find_adapter(teacher)
-    tokens = (adapter.loss_tokens(teacher, features, None)[0]
-              if hasattr(adapter, "loss_tokens") else features)
+    tokens = adapter.loss_tokens(teacher, features, None)[0]
     return Output(logits, tokens)
 
 
@@ -425,24 +423,12 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return amp, dtype
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None) -> dict:
-    """Top-1 accuracy (%) of ``model`` in eval mode over ``loader`` (summed over ranks)."""
-    was = model.training
-    model.eval()
-    correct = torch.zeros((), dtype=torch.float64, device=device)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x)
-        correct += (logits.argmax(-1) == y).sum()
-        total += y.numel()
-    if dist.is_initialized():
-        dist.all_reduce(correct)
-        dist.all_reduce(total)
-    model.train(was)
-    return {"top1": float(100.0 * correct / total.clamp_min(1)), "images": int(total)}
+def _validate(model: nn.Module, loader, amp_dtype=None) -> dict:
+    """Top-1 accuracy (%) and image count on the validation loader: the library's
+    :func:`leanvit.evaluate.evaluate` (summed over ranks), without MACs or timing."""
+    r = evaluate(model, loader, progress=False, throughput=False, macs=False,
+                 amp_dtype=amp_dtype, desc="val")
+    return {"top1": r["top1"], "images": r["images"]}
 
 
 def _calibration_images(cfg: TrainConfig, data_cfg: dict, n: int) -> Tensor:
@@ -509,11 +495,8 @@ def train(config: TrainConfig | dict, model: Optional[nn.Module] = None,
                              f"it with config.method={cfg.method!r})")
     train_set, val_set, data_cfg = _datasets(cfg, model)
     if cfg.probe_head is not None:  # a headless backbone made a classifier by a fitted probe
-        try:
-            from leanvit.probe import attach_head, load_head
-        except ImportError:
-            raise ValueError("probe_head needs leanvit.probe (the probe module is not "
-                             "installed in this copy of leanvit)") from None
+        from leanvit.heads import attach_head, load_head
+
         attach_head(model, load_head(cfg.probe_head))
     if not cfg.distill:
         teacher = None
@@ -690,9 +673,9 @@ def train(config: TrainConfig | dict, model: Optional[nn.Module] = None,
             break
         start_step = 0
         if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            metrics = evaluate(model, val_loader, device, amp_dtype)
+            metrics = _validate(model, val_loader, amp_dtype)
             if ema is not None:
-                metrics["ema_top1"] = evaluate(ema.module, val_loader, device, amp_dtype)["top1"]
+                metrics["ema_top1"] = _validate(ema.module, val_loader, amp_dtype)["top1"]
             best = max(best or 0.0, metrics["top1"])
             log(event="eval", epoch=epoch, **metrics)
         save_checkpoint(epoch + 1, 0)

@@ -1,43 +1,76 @@
-"""Backbone adapters: one module per family, each exposing
+"""Backbone adapters and the ONE registry of backbone families (token methods and layer
+compaction alike).
 
-- ``FAMILY`` (name) and ``DESCRIPTION`` (for error messages),
-- ``matches(model_class) -> bool``, ``check_supported(model)`` (raises ``ValueError``),
-- ``describe(model) -> ModelInfo``,
-- ``forward_features(model, x, recorder=None, trace_source=False, on_block=None) ->
-  (x, state)`` and
-  ``forward_head(model, x, state, pre_logits=False, recorder=None)``,
-- optionally ``loss_tokens(model, features, state) -> (tokens [B, N, C], keep [B, N])``: the
-  tokens the token-distillation loss compares (hierarchical families: the final map per
-  position) when they are not ``forward_features``'s output as it is,
-- ``_PatchedX`` mixin class whose methods replace the model's ``forward`` while patched.
+A family is one module in this package implementing the contract of
+:mod:`leanvit.adapters.base` (:class:`~leanvit.adapters.base.Backbone`, and
+:class:`~leanvit.adapters.base.TokenBackbone` for ``KIND = "tokens"``), plus one
+:func:`register_family` line below. Callers find a model's family with :func:`find_family`
+(or its method-running adapter with :func:`find_adapter`) and use only the contract's
+functions.
 """
 from __future__ import annotations
 
 import sys
 from types import ModuleType
+from typing import Optional
 
 from torch import nn
 
-from leanvit.adapters import convnext, swin, vit
+from leanvit.adapters import convnext, nextvit, pvt_v2, swin, vit
+from leanvit.adapters.base import KINDS, Backbone, CompactionSites, Family, Site, TokenBackbone
 
-ADAPTERS: tuple[ModuleType, ...] = (vit, convnext, swin)
-_MIXINS = {vit: vit._PatchedViT, convnext: convnext._PatchedConvNeXt, swin: swin._PatchedSwin}
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(module: ModuleType) -> Family:
+    """Register the adapter file ``module`` (its name must be new); returns its record."""
+    family = Family.from_module(module)
+    if family.name in FAMILIES:
+        raise ValueError(f"backbone family {family.name!r} is already registered")
+    FAMILIES[family.name] = family
+    return family
+
+
+# -- the families, one line each (the order is the order of the error messages)
+register_family(vit)
+register_family(convnext)
+register_family(swin)
+register_family(pvt_v2)
+register_family(nextvit)
+
 _PATCHED_CLASSES: dict[type, type] = {}
 
 
-def find_adapter(model: nn.Module) -> ModuleType:
-    """The adapter of ``model``'s family; ``ValueError`` naming the supported ones otherwise."""
+def family_names(kind: Optional[str] = None) -> tuple[str, ...]:
+    """Names of the registered families that run methods (of ``kind``, when given)."""
+    return tuple(f.name for f in FAMILIES.values()
+                 if f.adapter is not None and (kind is None or f.kind == kind))
+
+
+def find_family(model: nn.Module, *, compaction: bool = False) -> Family:
+    """The registered family of ``model`` (patched or not). With ``compaction``: one that
+    :func:`leanvit.compact` supports. ``ValueError`` naming the supported ones otherwise."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     base = original_class(model)
-    for adapter in ADAPTERS:
-        if adapter.matches(base):
-            adapter.check_supported(model)
-            return adapter
-    supported = "; ".join(a.DESCRIPTION for a in ADAPTERS)
-    raise ValueError(
-        f"unsupported model type {base.__name__}; supported families: {supported}"
-    )
+    for fam in FAMILIES.values():
+        if (fam.compaction is not None if compaction else fam.adapter is not None) \
+                and fam.matches(base):
+            return fam
+    if compaction:
+        supported = "; ".join(f.description.split(" (", 1)[-1].rstrip(")")
+                              for f in FAMILIES.values() if f.compaction is not None)
+        raise ValueError(f"leanvit.compact supports {supported} models, not {base.__name__}")
+    supported = "; ".join(f.description for f in FAMILIES.values() if f.adapter is not None)
+    raise ValueError(f"unsupported model type {base.__name__}; supported families: {supported}")
+
+
+def find_adapter(model: nn.Module) -> ModuleType:
+    """The adapter (a :class:`~leanvit.adapters.base.Backbone` module) of ``model``'s family,
+    after its ``check_supported``; ``ValueError`` naming the supported families otherwise."""
+    adapter = find_family(model).adapter
+    adapter.check_supported(model)
+    return adapter
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -57,7 +90,12 @@ def patched_class(adapter: ModuleType, cls: type) -> type:
     ``pickle``/``torch.save`` of a whole patched model can find it)."""
     if cls not in _PATCHED_CLASSES:
         name = f"LeanVit{cls.__name__}"
-        new = type(name, (_MIXINS[adapter], cls), {"__module__": __name__})
+        new = type(name, (adapter.PATCHED, cls), {"__module__": __name__})
         setattr(sys.modules[__name__], name, new)
         _PATCHED_CLASSES[cls] = new
     return _PATCHED_CLASSES[cls]
+
+
+__all__ = ["KINDS", "Backbone", "TokenBackbone", "Family", "CompactionSites", "Site", "FAMILIES",
+           "register_family", "family_names", "find_family", "find_adapter", "is_patched",
+           "original_class", "patched_class"]

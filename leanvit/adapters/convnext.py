@@ -18,6 +18,7 @@ from leanvit.registry import ModelInfo, Reducer
 from leanvit.state import TokenState
 
 FAMILY = "convnext"
+KIND = "hierarchical"
 DESCRIPTION = "convnext (timm ConvNeXt: convnext_*)"
 
 
@@ -61,7 +62,7 @@ def describe(model: nn.Module) -> ModelInfo:
     stride = model.stem[0].stride[0] if isinstance(model.stem, nn.Sequential) else 4
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return ModelInfo(
-        family=FAMILY, depth=sum(len(s.blocks) for s in model.stages),
+        family=FAMILY, kind=KIND, depth=sum(len(s.blocks) for s in model.stages),
         embed_dim=model.num_features, num_heads=0, num_prefix_tokens=0,
         has_class_token=False, num_patches=(h // stride) * (w // stride),
         global_pool=getattr(model.head.global_pool, "pool_type", "avg"),
@@ -129,13 +130,18 @@ def block_parts(model: nn.Module) -> list[list[Parts]]:
     return out
 
 
+def check_input(model: nn.Module, x: object) -> None:
+    """``ValueError`` unless ``x`` is an image batch ``[B, C, H, W]`` (ConvNeXt takes any size)."""
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"images must be a [B, C, H, W] tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+
+
 def forward_features(model: nn.Module, x: Tensor, recorder=None, **_: object
                      ) -> tuple[Tensor, TokenState]:
     """Stem, stages (the method's :meth:`~leanvit.registry.Reducer.run_stage` where it acts),
     ``norm_pre``: the final map ``[B, C, H, W]`` and the state."""
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        raise ValueError(f"images must be a [B, C, H, W] tensor, got "
-                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    check_input(model, x)
     reducer: Reducer = model.leanvit
     x = model.stem(x)
     if recorder is not None:
@@ -188,5 +194,8 @@ class _PatchedConvNeXt:
         return forward_head(self, x, state)
 
 
-__all__ = ["FAMILY", "DESCRIPTION", "matches", "check_supported", "describe",
+PATCHED = _PatchedConvNeXt
+
+__all__ = ["FAMILY", "KIND", "DESCRIPTION", "PATCHED", "matches", "check_supported", "describe",
+           "check_input",
            "forward_features", "forward_head", "loss_tokens", "block_parts", "Parts"]

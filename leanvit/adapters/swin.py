@@ -19,6 +19,7 @@ from leanvit.registry import ModelInfo, Reducer
 from leanvit.state import TokenState
 
 FAMILY = "swin"
+KIND = "hierarchical"
 DESCRIPTION = "swin (timm SwinTransformer: swin_*)"
 
 
@@ -44,7 +45,7 @@ def describe(model: nn.Module) -> ModelInfo:
     h, w = tuple(pe.img_size)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return ModelInfo(
-        family=FAMILY, depth=sum(len(s.blocks) for s in model.layers),
+        family=FAMILY, kind=KIND, depth=sum(len(s.blocks) for s in model.layers),
         embed_dim=model.num_features, num_heads=model.layers[-1].blocks[0].attn.num_heads,
         num_prefix_tokens=0, has_class_token=False,
         num_patches=pe.grid_size[0] * pe.grid_size[1],
@@ -115,10 +116,8 @@ def block_parts(model: nn.Module) -> list[list[Parts]]:
     return out
 
 
-def forward_features(model: nn.Module, x: Tensor, recorder=None, **_: object
-                     ) -> tuple[Tensor, TokenState]:
-    """Patch embedding, stages (the method's :meth:`~leanvit.registry.Reducer.run_stage`
-    where it acts), final norm: the map ``[B, H, W, C]`` and the state."""
+def check_input(model: nn.Module, x: object) -> None:
+    """``ValueError`` unless ``x`` is an image batch ``[B, C, H, W]`` of the built size."""
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"images must be a [B, C, H, W] tensor, got "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
@@ -127,6 +126,13 @@ def forward_features(model: nn.Module, x: Tensor, recorder=None, **_: object
         raise ValueError(f"model was built for {expected[0]}x{expected[1]} images, got "
                          f"{x.shape[-2]}x{x.shape[-1]}; create it with img_size="
                          f"{x.shape[-1]} to use another size")
+
+
+def forward_features(model: nn.Module, x: Tensor, recorder=None, **_: object
+                     ) -> tuple[Tensor, TokenState]:
+    """Patch embedding, stages (the method's :meth:`~leanvit.registry.Reducer.run_stage`
+    where it acts), final norm: the map ``[B, H, W, C]`` and the state."""
+    check_input(model, x)
     reducer: Reducer = model.leanvit
     x = model.patch_embed(x)
     if recorder is not None:
@@ -173,3 +179,6 @@ class _PatchedSwin:
     def forward(self, x: Tensor) -> Tensor:
         x, state = forward_features(self, x)
         return forward_head(self, x, state)
+
+
+PATCHED = _PatchedSwin

@@ -15,18 +15,22 @@ Block modules are not replaced or copied, so weights and their names are untouch
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from leanvit.adapters.attention_pool import (attention_pool_forward, attention_pool_macs,
+                                             is_attention_pool, pool_token_count)
+from leanvit.adapters.base import CompactionSites, Site
 from leanvit.ops.attention import masked_softmax
 from leanvit.registry import ModelInfo, Reducer
 from leanvit.signals import Signals
 from leanvit.state import TokenState, attention_bias, gather_tokens
 
 FAMILY = "vit"
+KIND = "tokens"
 DESCRIPTION = "vit (timm VisionTransformer: vit_*, deit_*, DINOv2, MAE, register models)"
 
 
@@ -69,11 +73,12 @@ def _has_contract(attn: nn.Module) -> bool:
 
 
 def describe(model: nn.Module) -> ModelInfo:
-    # a pooling module may name its kind (leanvit.probe's class-token + mean pooling does)
+    # a pooling module may name its kind (leanvit.heads.ClassMeanPool does)
     pool = model.global_pool if model.attn_pool is None else getattr(
         model.attn_pool, "pool_type", "map")
     return ModelInfo(
         family=FAMILY,
+        kind=KIND,
         depth=len(model.blocks),
         embed_dim=model.embed_dim,
         num_heads=model.blocks[0].attn.num_heads,
@@ -169,7 +174,7 @@ def _linear_macs(module: nn.Module) -> int:
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
-def _block_macs(blk: nn.Module, n_kv: Tensor, n_q: Tensor, n_mlp: Tensor,
+def block_macs(blk: nn.Module, n_kv: Tensor, n_q: Tensor, n_mlp: Tensor,
                 signals: Optional[Signals]) -> dict[str, Tensor]:
     """Per-image MACs of one block from the token counts it saw (``[B]`` each)."""
     attn = blk.attn
@@ -213,7 +218,7 @@ def block_forward(blk: nn.Module, i: int, x: Tensor, state: TokenState, reducer:
         x, state = reducer.after_attention(i, x, signals, state)
     x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
     if counting:
-        state.recorder.record_block(i, **_block_macs(blk, n_kv, n_q, state.token_counts(x),
+        state.recorder.record_block(i, **block_macs(blk, n_kv, n_q, state.token_counts(x),
                                                      signals))
     return x, state
 
@@ -316,15 +321,22 @@ def pool(model: nn.Module, x: Tensor, state: TokenState) -> Tensor:
     """The model's pooling with merged tokens weighted by size, padding and masked-out
     (training keep-mask) tokens left out.
 
-    ``token`` pooling and attention pooling read tokens as timm does; ``avg`` and ``avgmax``
+    ``token`` pooling reads the class token as timm does; timm's attention pool
+    (``AttentionPoolLatent``, ``global_pool='map'``) gets the blocks' key bias (``log(size)``
+    under proportional attention, ``-inf`` on padding); ``avg`` and ``avgmax``
     average over the patch tokens weighted by how many patches each stands for. A pooling
     module in ``model.attn_pool`` with ``takes_token_weights = True`` is called as
     ``attn_pool(x, weights=w)`` with ``w`` ``[B, N]`` = token size, 0 on padding (e.g.
-    :class:`leanvit.probe.ClassMeanPool`, the linear-probe pooling).
+    :class:`leanvit.heads.ClassMeanPool`, the linear-probe pooling).
     """
     if model.attn_pool is not None and getattr(model.attn_pool, "takes_token_weights", False):
         start = 0 if model.pool_include_prefix else model.num_prefix_tokens
         return model.attn_pool(x[:, start:], weights=token_weights(state, x)[:, start:])
+    if is_attention_pool(model.attn_pool):  # the blocks' key bias: log(size), -inf padding
+        start = 0 if model.pool_include_prefix else model.num_prefix_tokens
+        bias = attention_bias(state, x.dtype)
+        return attention_pool_forward(model.attn_pool, x[:, start:],
+                                      None if bias is None else bias[..., start:])
     if model.attn_pool is not None or model.global_pool not in ("avg", "avgmax", "max"):
         return model.pool(x)
     if state.size is None and state.valid is None and state.mask is None:
@@ -341,15 +353,32 @@ def pool(model: nn.Module, x: Tensor, state: TokenState) -> Tensor:
     return mx if model.global_pool == "max" else 0.5 * (mx + avg)
 
 
+def loss_tokens(model: nn.Module, x: Tensor, state: Optional[TokenState]
+                ) -> tuple[Tensor, Optional[Tensor]]:
+    """Tokens for the token-distillation loss: the final normed tokens ``x`` ``[B, N, C]`` as
+    they are, and the training keep-mask ``[B, N]`` (``None``: every token counts)."""
+    return x, None if state is None else state.mask
+
+
 def forward_head(model: nn.Module, x: Tensor, state: TokenState, pre_logits: bool = False,
                  recorder=None) -> Tensor:
-    """Pooling (size-aware) and classifier, as timm's ``forward_head``."""
+    """Pooling (size-aware) and classifier, as timm's ``forward_head``.
+
+    MACs (with a ``recorder``): the classifier (0 with ``pre_logits``) plus an attention
+    pool's, from the tokens it sees (:func:`leanvit.adapters.attention_pool.attention_pool_macs`),
+    recorded together as the report's ``head``."""
     if recorder is not None:
         head = _linear_macs(model.head) if isinstance(model.head, nn.Linear) else 0
         dist = getattr(model, "head_dist", None)
         if isinstance(dist, nn.Linear):
             head += _linear_macs(dist)
-        recorder.record_head(0 if pre_logits else head)
+        head = 0 if pre_logits else head
+        if model.attn_pool is not None:  # the pool runs before the classifier, pre_logits too
+            start = 0 if model.pool_include_prefix else model.num_prefix_tokens
+            seen = pool_token_count(None if state.valid is None else state.valid[:, start:],
+                                    x.shape[1] - start, x.shape[0])
+            head = head + float(attention_pool_macs(model.attn_pool, seen).mean())
+        recorder.record_head(head)
     needs_own_pool = state.size is not None or state.valid is not None or state.mask is not None
     token_pool = model.global_pool == "token" and model.attn_pool is None
     if not needs_own_pool or token_pool or type(model).forward_head is not _vit_forward_head():
@@ -384,3 +413,42 @@ class _PatchedViT:
 def _no_mask(attn_mask, is_causal) -> None:
     if attn_mask is not None or is_causal:
         raise ValueError("leanvit-patched models do not take attn_mask / is_causal")
+
+
+PATCHED = _PatchedViT
+
+
+# --------------------------------------------------------------------------------------------
+# Layer compaction sites: blocks[i].attn (timm Attention), blocks[i].mlp.fc2 (nn.Linear)
+
+
+def _attention_class() -> type:
+    from leanvit.compaction.modules import ViTHallucinatedAttention
+
+    return ViTHallucinatedAttention
+
+
+def _attention_sites(model: nn.Module) -> Iterator[Site]:
+    from timm.layers import Attention
+
+    from leanvit.compaction.modules import HallucinatedAttention
+
+    for i, blk in enumerate(model.blocks):
+        if isinstance(blk.attn, (Attention, HallucinatedAttention)):
+            yield Site(blk, "attn", f"blocks.{i}.attn")
+
+
+def _ffn_sites(model: nn.Module) -> Iterator[Site]:
+    for i, blk in enumerate(model.blocks):
+        yield Site(blk.mlp, "fc2", f"blocks.{i}.mlp.fc2")
+
+
+def _plain_logits(attn: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
+    B, N, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    return (q * attn.scale) @ k.transpose(-2, -1)
+
+
+COMPACTION = CompactionSites(_attention_sites, _ffn_sites, _attention_class, _plain_logits,
+                             conv_ffn=False)

@@ -45,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from leanvit.methods.diffrate import search
+    from leanvit.search.diffrate import search
     from leanvit.models import create_model
     from leanvit.schedule import save_schedule
 

@@ -40,7 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from leanvit.compaction import modules as M
-from leanvit.compaction.families import Site, find_family
+from leanvit.adapters import find_family as _find_family
+from leanvit.adapters.base import Family, Site
 from leanvit.ops.hallucinate import (choose_computed_heads, dwconv_logits, fit_dwconv, fit_mix,
                                      mix_logits, refine_kl, split_heads, truncated_svd_factors)
 
@@ -118,11 +119,11 @@ def compact(
         ValueError / TypeError: bad options, unsupported model, or an already compacted model.
     """
     _check(attention, ffn, ffn_ratio, branches, hallucination, kernel_size, images)
-    family = find_family(model)
+    family = _compaction_family(model)
     if getattr(model, SPEC_ATTR, None) is not None:
         raise ValueError("model is already compacted (leanvit.compaction_spec(model) says how)")
-    att_sites = list(family.attention_sites(model)) if attention else []
-    ffn_sites = list(family.ffn_sites(model)) if ffn else []
+    att_sites = list(family.compaction.attention_sites(model)) if attention else []
+    ffn_sites = list(family.compaction.ffn_sites(model)) if ffn else []
     captured = _capture(model, att_sites, [], images) if images is not None and att_sites \
         else {}
     gen = torch.Generator().manual_seed(seed)
@@ -135,9 +136,9 @@ def compact(
         fit = None
         if args is not None and src.num_heads > 1:
             with torch.no_grad():
-                logits = family.plain_logits(src, *args).float()
+                logits = family.compaction.plain_logits(src, *args).float()
             computed, fit = _plan_heads(logits, hallucination, kernel_size)
-        new = family.attention_class(src, hallucination, kernel_size, computed)
+        new = family.compaction.attention_class()(src, hallucination, kernel_size, computed)
         if fit is not None and new.hallucinate is not None:
             with torch.no_grad():
                 new.hallucinate.weight.copy_(fit(new.head_order))
@@ -147,7 +148,7 @@ def compact(
 
     for site in ffn_sites:
         src = site.module
-        new = _compact_projection(src, ffn_ratio, branches, family.conv_ffn, gen)
+        new = _compact_projection(src, ffn_ratio, branches, family.compaction.conv_ffn, gen)
         new.train(src.training)
         setattr(site.parent, site.name, new)
     if images is not None and ffn_sites:
@@ -162,6 +163,12 @@ def compact(
         hallucination=hallucination, kernel_size=kernel_size, family=family.name,
         deployed=False, head_order=orders))
     return model
+
+
+def _compaction_family(model: nn.Module) -> Family:
+    """The registered family of ``model`` that compaction supports (one registry for token
+    methods and compaction: :mod:`leanvit.adapters`)."""
+    return _find_family(model, compaction=True)
 
 
 def reparameterize(model: nn.Module) -> nn.Module:
@@ -216,11 +223,12 @@ def rebuild(model: nn.Module, spec: dict[str, Any]) -> Callable[[], None]:
                            "kernel_size", "family", "deployed") if k not in spec]
     if missing:
         raise ValueError(f"compaction spec lacks {', '.join(missing)} (corrupt?)")
-    family = find_family(model)
+    family = _compaction_family(model)
     if spec["family"] != family.name:
         raise ValueError(f"the compaction was made for a {spec['family']} model, but this "
                          f"model is a {family.name} model ({type(model).__name__})")
-    sites = list(family.attention_sites(model)) + list(family.ffn_sites(model))
+    sites = list(family.compaction.attention_sites(model)) + list(
+        family.compaction.ffn_sites(model))
     originals = [(s.parent, s.name, s.module) for s in sites]
 
     def undo() -> None:

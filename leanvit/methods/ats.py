@@ -199,7 +199,7 @@ def build(options: ATSOptions, info: ModelInfo) -> Reducer:
 
 
 METHOD = register(Method(
-    "ats", ATSOptions, build, families=("vit",),
+    "ats", ATSOptions, build, families=("tokens",),
     summary="adaptive token sampling (Fayyaz et al. 2022): class attention x value norm, "
             "inverse-transform sampling of query rows, per-image counts",
 ))

@@ -206,7 +206,7 @@ from leanvit.methods import dynamicvit_hier as _hier  # noqa: E402
 #: family is an error naming the family that takes it.
 METHOD = register(Method(
     "dynamicvit", DynamicViTOptions,
-    {"vit": build, "convnext": _hier.build, "swin": _hier.build},
+    {"tokens": build, "convnext": _hier.build, "swin": _hier.build},
     family_options={"convnext": _hier.ConvNeXtOptions, "swin": _hier.HierarchicalOptions},
     summary="learned prediction modules drop tokens before blocks (Rao et al. 2021); on "
             "ConvNeXt/Swin route stage-3 tokens to a slow or fast MLP (TPAMI extension); "

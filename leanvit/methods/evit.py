@@ -150,5 +150,5 @@ def build(options: EViTOptions, info: ModelInfo) -> Reducer:
 
 
 METHOD = register(Method(
-    "evit", EViTOptions, build, families=("vit",),
+    "evit", EViTOptions, build, families=("tokens",),
     summary="EViT: keep the top class-attention tokens, fuse the rest into one (Liang 2022)"))

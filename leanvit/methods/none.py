@@ -20,5 +20,5 @@ def build(options: NoneOptions, info: ModelInfo) -> Reducer:
     return Reducer(options, info)
 
 
-METHOD = register(Method("none", NoneOptions, build, families=("vit", "convnext", "swin"),
+METHOD = register(Method("none", NoneOptions, build, families=("tokens", "hierarchical"),
                          summary="identity: the patch machinery alone"))

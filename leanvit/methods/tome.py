@@ -165,5 +165,5 @@ def build(options: ToMeOptions, info: ModelInfo) -> Reducer:
 
 
 METHOD = register(Method(
-    "tome", ToMeOptions, build, families=("vit",),
+    "tome", ToMeOptions, build, families=("tokens",),
     summary="ToMe: merge r tokens per block by bipartite soft matching on keys (Bolya 2023)"))

@@ -46,5 +46,5 @@ def build(options: TopKOptions, info: ModelInfo) -> Reducer:
 
 
 METHOD = register(Method(
-    "topk", TopKOptions, build, families=("vit",),
+    "topk", TopKOptions, build, families=("tokens",),
     summary="top-k by class attention, dropping the rest (the papers' pruning baseline)"))

@@ -11,7 +11,9 @@ import torch
 
 import leanvit
 from leanvit.adapters import vit as vit_adapter
-from leanvit.methods.diffrate import DiffRateSearchReducer, merge_tail, search
+from leanvit.methods.diffrate import merge_tail
+from leanvit.methods.diffrate_search import DiffRateSearchReducer
+from leanvit.search.diffrate import search
 from leanvit.schedule import Schedule, ScheduleError, read_authors_schedule, save_schedule
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"

@@ -42,7 +42,7 @@ def _info(family, depths, dims):
 def test_one_method_name_for_every_family():
     assert list(leanvit.available_methods()).count("dynamicvit") == 1
     m = get_method("dynamicvit")
-    assert m.families == ("vit", "convnext", "swin")
+    assert m.families == ("tokens", "convnext", "swin")
     assert m.options_for("convnext") is hier.ConvNeXtOptions
     assert m.options_for("swin") is hier.HierarchicalOptions
     assert m.options_for("vit") is m.options

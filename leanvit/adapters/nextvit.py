@@ -1,0 +1,55 @@
+"""Family record of timm's ``NextViT`` (``nextvit_*``): layer compaction only (no token methods
+yet).
+
+Compaction sites: ``stages[s].blocks[i].e_mhsa`` of the ``NextTransformerBlock`` s (E-MHSA;
+the convolutional ``NextConvBlock`` s have no attention maps) and ``blocks[i].mlp.fc2`` of every
+block (1x1 ``nn.Conv2d`` of timm's ``ConvMlp``).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+from torch import Tensor, nn
+
+from leanvit.adapters.base import CompactionSites, Site
+from leanvit.adapters.pvt_v2 import staged
+
+FAMILY = "nextvit"
+KIND = "hierarchical"
+DESCRIPTION = "nextvit (timm NextViT: nextvit_*)"
+
+
+def matches(cls: type) -> bool:
+    from timm.models.nextvit import NextViT
+
+    return issubclass(cls, NextViT)
+
+
+def _attention_sites(model: nn.Module) -> Iterator[Site]:
+    for path, blk in staged(model):
+        if hasattr(blk, "e_mhsa"):
+            yield Site(blk, "e_mhsa", f"{path}.e_mhsa")
+
+
+def _ffn_sites(model: nn.Module) -> Iterator[Site]:
+    for path, blk in staged(model):
+        yield Site(blk.mlp, "fc2", f"{path}.mlp.fc2")
+
+
+def _attention_class() -> type:
+    from leanvit.compaction.modules import NextVitHallucinatedAttention
+
+    return NextVitHallucinatedAttention
+
+
+def _plain_logits(attn: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
+    B, N, _ = x.shape
+    q = attn.q(x).reshape(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
+    if attn.sr is not None:
+        x = attn.norm(attn.sr(x.transpose(1, 2))).transpose(1, 2)
+    k = attn.k(x).reshape(B, -1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    return (q * attn.scale) @ k.transpose(-2, -1)
+
+
+COMPACTION = CompactionSites(_attention_sites, _ffn_sites, _attention_class, _plain_logits,
+                             conv_ffn=True)

@@ -1,0 +1,102 @@
+"""DiffRate's tensor arithmetic (knows nothing of timm or of the reducers): the class-attention
+sort, the merge of a sorted tail into its head, the straight-through estimators of the rate
+search, and the class-token attention row under a soft keep-mask.
+
+Used by :mod:`leanvit.methods.diffrate` (deploy) and :mod:`leanvit.methods.diffrate_search`
+(the search mode). Source: Chen et al., "DiffRate: Differentiable Compression Rate for
+Efficient Vision Transformers", ICCV 2023 (OpenGVLab/DiffRate).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from leanvit.signals import Signals
+
+
+def sort_order(cls_attn: Tensor, prefix: int, k: int) -> Tensor:
+    """Indices of the ``k`` tokens to keep, ``[B, k]`` long: the ``prefix`` tokens first, then
+    the others by descending class attention ``cls_attn`` ``[B, N]``."""
+    B, N = cls_attn.shape
+    top = cls_attn[:, prefix:].topk(k - prefix, dim=1, largest=True, sorted=True).indices
+    pre = torch.arange(prefix, device=cls_attn.device).expand(B, prefix)
+    return torch.cat([pre, top + prefix], dim=1)
+
+
+def merge_tail(x: Tensor, size: Tensor, prefix: int, k: int, end: Optional[int] = None,
+               source: Optional[Tensor] = None, keep_sources: bool = False
+               ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Merge tokens ``k .. end-1`` of ``x`` ``[B, N, C]`` into their most similar token among
+    ``prefix .. k-1`` (cosine of ``x``; prefix tokens never receive).
+
+    Destination ``d`` becomes the plain mean of itself and its sources; its size (``size``
+    ``[B, N]``) adds each source's size times its cosine to ``d`` (clamped at 0); ``source``
+    ``[B, N, N0]`` is combined with ``max``. Returns the ``k`` merged tokens (and sizes,
+    sources) followed by the tokens from ``end`` on, untouched (``end=None``: none follow).
+    With ``keep_sources`` the merged sources also stay in place (search mode masks them):
+    the result then has all ``N`` tokens.
+    """
+    B, N, C = x.shape
+    end = N if end is None else end
+    S = end - k
+    dst, src = x[:, :k], x[:, k:end]
+    with torch.no_grad():
+        # cosine without writing a normalised copy of x: the best destination of a source
+        # only depends on the destinations' norms; its cosine then divides by the source's.
+        # Prefix tokens are left out of the candidates (never a destination).
+        norms = torch.linalg.vector_norm(x[:, :end], dim=-1).clamp_min(1e-12)  # [B, end]
+        sim = (src @ dst[:, prefix:].transpose(1, 2)).div_(norms[:, None, prefix:k])
+        best, idx = sim.max(dim=-1)  # [B, S]
+        best = best / norms[:, k:]
+        idx = idx + prefix
+        # one-hot assignment [B, S, k]: the sums become one small batched matmul
+        # (index_add / scatter_add are an order of magnitude slower on CPU here)
+        onehot = (idx[..., None] == torch.arange(k, device=x.device)).to(x.dtype)
+        count = onehot.sum(1).add_(1.0)  # [B, k]: the destination itself plus its sources
+    merged = torch.baddbmm(dst, onehot.transpose(1, 2), src).div_(count[..., None])
+    gain = size[:, k:end] * best.clamp_min(0).to(size.dtype)  # [B, S]
+    new_size = size[:, :k] + (onehot.to(size.dtype) * gain[..., None]).sum(1)
+    new_source = None
+    if source is not None:
+        new_source = source[:, :k].scatter_reduce(
+            1, idx[..., None].expand(-1, -1, source.shape[-1]), source[:, k:end], reduce="amax",
+            include_self=True)
+    rest = k if keep_sources else end
+    if rest < N:
+        merged = torch.cat([merged, x[:, rest:]], dim=1)
+        new_size = torch.cat([new_size, size[:, rest:]], dim=1)
+        if source is not None:
+            new_source = torch.cat([new_source, source[:, rest:]], dim=1)
+    return merged, new_size, new_source
+
+
+def ste_ceil(x: Tensor) -> Tensor:
+    """``ceil(x)`` forward, identity gradient (the authors' ``STE_Ceil``)."""
+    return x + (torch.ceil(x) - x).detach()
+
+
+def ste_min(n: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``min(n, a, b)`` forward; gradient flows to ``a`` and ``b`` only (the authors'
+    ``STE_Min``): each block's MAC term reaches that block's own rates."""
+    value = torch.minimum(torch.minimum(n.detach(), a.detach()), b.detach())
+    return value + (a - a.detach()) + (b - b.detach())
+
+
+
+def masked_cls_attn(signals: Signals, mask: Tensor, eps: float = 1e-6) -> Tensor:
+    """Head-averaged class-token row of the eps-masked softmax
+    (:func:`leanvit.ops.attention.masked_softmax`), ``[B, N]``, float32."""
+    q0 = signals.q[:, :, :1] * signals.scale
+    logits = q0 @ signals.k.transpose(-2, -1)  # [B, H, 1, N]
+    if signals.bias is not None:
+        logits = logits + signals.bias
+    logits = logits.float()
+    N = logits.shape[-1]
+    m = mask.detach().float()[:, None, None, :].clone()
+    m[..., 0] = 1.0  # the class query's own key (the diagonal) is always kept
+    a = (logits - logits.amax(-1, keepdim=True)).exp() * m
+    a = (a + eps / N) / (a.sum(-1, keepdim=True) + eps)
+    return a.mean(dim=1).squeeze(1)
+
