@@ -2,7 +2,7 @@
 results page's protocol, ``benchmarks/results_page.py``): hand-set schedules of DiffRate's own
 space against searched ones, top-1 on the page's 500 seeded val images.
 
-Hand-set schedules (:func:`leanvit.schedule.fit_handset`), each fitted to the target
+Hand-set schedules (:func:`leanvit.search.diffrate.handset_schedule`), each fitted to the target
 by bisection on its one strength parameter:
 - ``merge-uniform``: every block from 1 on merges the same number of tokens (no pruning);
 - ``prune-uniform``: every block from 1 on prunes the same number of tokens;
@@ -63,36 +63,6 @@ def _accuracy(model, x, y, batch: int = 50) -> dict:
     return {"top1": r["top1"], "top5": r["top5"], "gmacs": r["gmacs"]}
 
 
-def handset_schedule(model, kind: str, target: float):
-    """The hand-set schedule of ``kind`` fitted to ``target`` GMACs (its ``gmacs`` measured by
-    ``count_macs`` with it deployed)."""
-    import leanvit
-    from leanvit.adapters import find_adapter
-    from leanvit.schedule import HANDSET_KINDS, Schedule, fit_handset
-
-    try:
-        from leanvit.search.diffrate import mac_model
-    except ImportError:
-        from leanvit.methods.diffrate import mac_model
-    info = find_adapter(model).describe(model)
-    n = info.num_patches + info.num_prefix_tokens
-    p, m, strength, est = fit_handset(kind, target, n, info.num_prefix_tokens, info.depth,
-                                      mac_model(model))
-    s = Schedule(model=info.name, img_size=info.img_size, num_tokens=n,
-                 prefix_tokens=info.num_prefix_tokens, prune_kept=p, merge_kept=m,
-                 obtained={"how": "handset", "kind": kind, "strength": strength,
-                           "target_gmacs": target, "estimated_gmacs": est})
-    import copy
-
-    h, w = info.img_size
-    mm = leanvit.patch(copy.deepcopy(model), "diffrate", schedule=s)
-    g = leanvit.count_macs(mm, torch.zeros(1, 3, h, w)).gmacs
-    return Schedule(**{**{k: getattr(s, k) for k in ("model", "img_size", "num_tokens",
-                                                       "prefix_tokens", "prune_kept",
-                                                       "merge_kept", "obtained")},
-                       "gmacs": round(g, 6)})
-
-
 def _evaluate_schedule(model, schedule, x, y) -> dict:
     import copy
 
@@ -130,10 +100,7 @@ def main() -> int:
     import leanvit
     from leanvit.models import create_model
     from leanvit.schedule import save_schedule
-    try:
-        from leanvit.search import diffrate as dr
-    except ImportError:
-        from leanvit.methods import diffrate as dr
+    from leanvit.search import diffrate as dr
 
     torch.manual_seed(0)
     model = create_model(MODEL, img_size=224, checkpoint=WEIGHTS, head=args.head).eval()
@@ -157,7 +124,7 @@ def main() -> int:
 
         for kind in HANDSET_KINDS:
             t0 = time.perf_counter()
-            s = handset_schedule(model, kind, args.target_gmacs)
+            s = dr.handset_schedule(model, kind, args.target_gmacs)
             acc = _evaluate_schedule(model, s, x, y)
             record({"name": f"handset {kind}", "prune_kept": list(s.prune_kept),
                     "merge_kept": list(s.merge_kept), "strength": s.obtained.get("strength"),

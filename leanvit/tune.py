@@ -496,10 +496,7 @@ def _search_diffrate(model, target, search_images, batches, options, out, progre
 
     from leanvit.schedule import save_schedule
 
-    try:
-        from leanvit.search.diffrate import search
-    except ImportError:  # before the DiffRate split
-        from leanvit.methods.diffrate import search
+    from leanvit.search.diffrate import search
     imgs = search_images if search_images is not None else torch.cat([x for x, _ in batches])
     backbone = copy.deepcopy(model)
     opts = {**SEARCH_DEFAULTS, **dict(options or {})}
