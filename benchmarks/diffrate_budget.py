@@ -72,6 +72,41 @@ def _evaluate_schedule(model, schedule, x, y) -> dict:
     return _accuracy(m, x, y)
 
 
+def _sort_check(model, x) -> dict:
+    """In the search mode (warm start at the target), per block: the share of sorted positions
+    at which ``attn + 2.0 * alive`` in float32 (the old key) puts another token than the exact
+    order, and how many images have any such position."""
+    import copy
+
+    import leanvit
+    from leanvit.methods import diffrate_search as ds
+    from leanvit.ops.diffrate import sort_order
+    from leanvit.search.diffrate import handset_schedule, mac_model
+
+    m = copy.deepcopy(model)
+    s = handset_schedule(m, "merge-uniform", 3.7)
+    leanvit.patch(m, "diffrate-search", mac_model=mac_model(model))
+    m.leanvit.warm_start(s.prune_kept, s.merge_kept)
+    stats: dict = {}
+    orig = ds.sort_order
+
+    def spy(attn, prefix, k, alive=None):
+        exact = orig(attn, prefix, k, alive=alive)
+        old = orig(attn + 2.0 * alive.to(attn.dtype), prefix, k)
+        diff = exact != old
+        i = len(stats)
+        stats[i] = {"positions": float(diff.float().mean()), "images": int(diff.any(1).sum())}
+        return exact
+
+    ds.sort_order = spy
+    try:
+        with torch.no_grad():
+            m(x)
+    finally:
+        ds.sort_order = orig
+    return {"images": len(x), "per_block": [stats[i] for i in sorted(stats)]}
+
+
 def _parse_search(spec: str) -> tuple[str, dict]:
     name, _, rest = spec.partition(":")
     opts = {}
@@ -94,6 +129,9 @@ def main() -> int:
     ap.add_argument("--handset", action="store_true", help="evaluate the hand-set schedules")
     ap.add_argument("--search", action="append", default=[], metavar="NAME:k=v,...",
                     help="a search variant to run and evaluate (repeatable)")
+    ap.add_argument("--sort-check", type=int, default=0, metavar="B",
+                    help="on B val images, count the positions where the old float key "
+                         "attn + 2*alive orders tokens differently from the exact order, per block")
     ap.add_argument("--out", required=True, help="JSON results (rows appended per run)")
     args = ap.parse_args()
 
@@ -118,6 +156,9 @@ def main() -> int:
         results["rows"] = [r for r in results["rows"] if r["name"] != row["name"]] + [row]
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1) + "\n")
+
+    if args.sort_check:
+        record({"name": "sort check", **_sort_check(model, x[:args.sort_check])})
 
     if args.handset:
         from leanvit.schedule import HANDSET_KINDS

@@ -13,6 +13,10 @@ Steps (each re-used when its output exists, so re-runs after adding a method are
    ``--limit`` val images: table + ``docs/img/results_dinov2_fmnist.png``.
 Methods not registered in this checkout, and learned/searched settings whose saved state
 (``load=``, written by ``leanvit.save`` after training/search) is absent, are listed as skipped.
+4. the section made by ``leanvit tune`` (:func:`tune_section`): the command below with
+   ``--budget-gmacs 4.0`` on the same model, head, data and 500 images, its output in
+   ``results/tmp/tune_4.0`` (run when absent). ``--only tune`` rewrites just that section of
+   an existing page (between its ``<!-- tune -->`` markers) without re-running steps 1-3.
 """
 from __future__ import annotations
 
@@ -72,7 +76,25 @@ def main() -> int:
     p.add_argument("--page", default="docs/results.md")
     p.add_argument("--img", default="docs/img/results_dinov2_fmnist.png")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tune-dir", default=f"results/tmp/tune_{TUNE_BUDGET}",
+                   help="output folder of the page's 'leanvit tune' run (run when absent)")
+    p.add_argument("--only", choices=("tune",), default=None,
+                   help="rewrite only this section of the existing page")
     args = p.parse_args()
+    if args.only == "tune":
+        page = Path(args.page)
+        text = page.read_text()
+        start, end = text.find(TUNE_START), text.find(TUNE_END)
+        section = "\n".join(tune_section(args))
+        if start >= 0 and end > start:
+            text = text[:start] + section + text[end + len(TUNE_END):]
+        else:
+            skipped_at = text.find("## Skipped settings")
+            cut = skipped_at if skipped_at >= 0 else len(text)
+            text = text[:cut].rstrip("\n") + "\n\n" + section + "\n\n" + text[cut:]
+        page.write_text(text.rstrip("\n") + "\n")
+        print(f"wrote the tune section of {page}")
+        return 0
 
     import torch
 
@@ -178,6 +200,7 @@ def _write_page(page: Path, img: Path, rows, skipped, probe, probe_wall, meta, a
         f"![top-1 against GMACs and throughput]({img.relative_to(page.parent) if img.is_relative_to(page.parent) else img})",
         "",
     ]
+    lines += tune_section(args) + [""]
     if skipped:
         lines += ["## Skipped settings", ""]
         lines += [f"- `{label}`: {why}" for label, why in skipped]
@@ -188,6 +211,71 @@ def _write_page(page: Path, img: Path, rows, skipped, probe, probe_wall, meta, a
     Path("results/tmp/results_page.json").write_text(
         json.dumps({"meta": meta, "rows": rows, "skipped": skipped,
                     "probe_wall_s": probe_wall}, indent=2, default=str))
+
+
+# --------------------------------------------------------------------------------------------
+# Section: leanvit tune (issue 14)
+
+TUNE_BUDGET = 4.0
+TUNE_START, TUNE_END = "<!-- tune -->", "<!-- /tune -->"
+TUNE_IMG = "docs/img/results_tune_dinov2_fmnist.png"
+
+
+def tune_command(args) -> list[str]:
+    """The ``leanvit tune`` command of the page's section (same model, head, data, images)."""
+    return ["leanvit", "tune", MODEL, "--img-size", "224", "--checkpoint",
+            f"../shared/weights/{WEIGHTS.name}", "--head", args.head,
+            "--data", args.data, "--limit", str(args.limit), "--batch-size",
+            str(args.batch_size), "--budget-gmacs", str(TUNE_BUDGET), "--out", args.tune_dir,
+            "--no-progress"]
+
+
+def tune_section(args) -> list[str]:
+    """Lines of the page's section made by ``leanvit tune`` (run first when its output folder
+    has no ``tune.json``): what it evaluated, its Pareto front, its choice for 4.0 GMACs."""
+    import subprocess
+
+    from leanvit.compare import markdown_table
+
+    out = Path(args.tune_dir)
+    cmd = tune_command(args)
+    if not (out / "tune.json").is_file():
+        load0 = Path("/proc/loadavg").read_text().split()[:3]
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "leanvit", *cmd[1:]], check=True,
+                       cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+        info = json.loads((out / "tune.json").read_text())
+        info["wall_s"] = time.perf_counter() - t0
+        info["loadavg"] = [load0, Path("/proc/loadavg").read_text().split()[:3]]
+        (out / "tune.json").write_text(json.dumps(info, indent=2) + "\n")
+    info = json.loads((out / "tune.json").read_text())
+    rows = info["rows"]
+    front = [r for r in rows if r["label"] in info["front"]]
+    choice = next((r for r in rows if r["label"] == info["choice"]), None)
+    within = [r for r in rows if r["gmacs"] <= TUNE_BUDGET]
+    Path(TUNE_IMG).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(out / "results.png", TUNE_IMG)
+    wall = info.get("wall_s", info["seconds"])
+    load = info.get("loadavg")
+    lines = [TUNE_START, f"## Choosing for a budget: `leanvit tune` at {TUNE_BUDGET} GMACs", "",
+             "Made by (under the CPU lock):", "", "    " + " ".join(cmd), "",
+             f"It evaluated {len(rows)} settings on the same {info['meta']['images']} val images "
+             f"(grids of every training-free method around the budget, a DiffRate schedule it "
+             f"searched to the budget, the unmodified model) in {wall / 60:.1f} min"
+             + (f" (load average {' '.join(load[0])} before, {' '.join(load[1])} after)"
+                if load else "") + f"; {len(within)} are within {TUNE_BUDGET} GMACs.", "",
+             "Pareto front (top-1 against GMACs):", "", markdown_table(front).rstrip(), ""]
+    if choice is not None:
+        best = max(r["top1"] for r in within)
+        lines += [f"**Chosen: `{choice['label']}`**, top-1 {choice['top1']:.2f}% at "
+                  f"{choice['gmacs']:.3f} GMACs ({choice['speedup']:.2f}x the unmodified "
+                  f"model's images/s in the same run); the best top-1 of the settings within "
+                  f"the budget is {best:.2f}%. Written as `choice.safetensors` "
+                  "(`leanvit.load`, `--set load=FILE`).", ""]
+    lines += ["All settings it evaluated:", "", markdown_table(rows).rstrip(), "",
+              f"![leanvit tune: top-1 against GMACs and throughput]"
+              f"({Path(TUNE_IMG).relative_to('docs')})", TUNE_END]
+    return lines
 
 
 if __name__ == "__main__":

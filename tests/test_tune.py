@@ -16,8 +16,7 @@ from leanvit.tune import Budget, knob_setting, tune
 
 # explicit settings of the constructed cases (depth-4 DeiT-T at 64 px: 16 patches + class)
 GRID = [Setting("tome", {"r": 1}), Setting("tome", {"r": 2}), Setting("tome", {"r": 3}),
-        Setting("topk", {"keep_rate": 0.5, "locations": (1,)}),
-        Setting("evit", {"keep_rate": 0.75, "locations": (1,)})]
+        Setting("topk", {"keep_rate": 0.5, "locations": (1,)})]
 
 
 def _model() -> torch.nn.Module:
@@ -26,7 +25,7 @@ def _model() -> torch.nn.Module:
                              num_classes=10).eval()
 
 
-def _images(n: int = 32) -> torch.Tensor:
+def _images(n: int = 16) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randn(n, 3, 64, 64, generator=g) * 2.0
 
@@ -39,7 +38,7 @@ def _reference(model, setting, x):
     return pred, leanvit.count_macs(m, x).gmacs
 
 
-def _batches(x, y, b=16):
+def _batches(x, y, b=8):
     return [(x[i:i + b], y[i:i + b]) for i in range(0, len(x), b)]
 
 
@@ -143,12 +142,12 @@ def test_tune_searches_diffrate(case, tmp_path):
     budget = 0.7 * ref["none"][1]
     r = tune(model, _batches(x, labels), budget, methods=["diffrate"], progress=False,
              log=None, repeats=1, out=tmp_path,
-             search_options={"epochs": 1, "batch_size": 16})
+             search_options={"steps": 2, "batch_size": 8})
     searched = [row for row in r.rows if row["method"] == "diffrate"]
     assert len(searched) == 1 and len(r.schedules) == 1
     (label, schedule), = r.schedules.items()
     assert searched[0]["label"] == label
-    assert searched[0]["gmacs"] == pytest.approx(schedule.gmacs, rel=1e-6)
+    assert searched[0]["gmacs"] == pytest.approx(schedule.gmacs, rel=1e-4)  # file: 6 digits
 
 
 @pytest.fixture(scope="module")

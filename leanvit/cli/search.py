@@ -27,8 +27,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    choices=("auto", "ce", "distill-logits", "distill-features"),
                    help="task loss: auto = distill-features for headless models, "
                         "distill-logits otherwise")
-    p.add_argument("--lr", type=float, default=0.01, help="AdamW lr (default 0.01, authors)")
-    p.add_argument("--min-lr", type=float, default=0.001, help="cosine floor (default 0.001)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="AdamW lr (default 0.05 from the warm start, the authors' 0.01 from "
+                        "--init zero)")
+    p.add_argument("--min-lr", type=float, default=None,
+                   help="cosine floor (default lr / 10)")
     p.add_argument("--mac-weight", type=float, default=5.0,
                    help="weight of (GMACs - target)^2 (default 5, authors)")
     p.add_argument("--granularity", type=int, default=None,

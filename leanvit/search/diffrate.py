@@ -82,8 +82,8 @@ def search(
     epochs: int = 3,
     batch_size: int = 32,
     num_images: Optional[int] = None,
-    lr: float = 0.01,
-    min_lr: float = 0.001,
+    lr: Optional[float] = None,
+    min_lr: Optional[float] = None,
     mac_weight: float = 5.0,
     granularity: Optional[int] = None,
     first_block: int = 1,
@@ -99,9 +99,12 @@ def search(
     """Search DiffRate's per-block kept counts for ``model`` to ``target_gmacs``.
 
     The backbone is frozen (restored afterwards) and only the rate logits are trained: AdamW
-    (weight decay 0) at ``lr`` 0.01 with a per-step cosine to ``min_lr`` 0.001, loss =
-    task + ``mac_weight`` (5) x (GMACs - target)^2 (the authors' defaults). What the frozen
-    blocks before ``first_block`` compute is cached once.
+    (weight decay 0) with a per-step cosine from ``lr`` to ``min_lr``, loss = task +
+    ``mac_weight`` (5, the authors') x (GMACs - target)^2. ``lr`` defaults to the authors' 0.01
+    for their zero start and to 0.05 for the warm start (a short search must move counts by
+    several candidates: ``docs/diffrate.md``), ``min_lr`` to ``lr / 10`` (the authors' ratio).
+    What the frozen blocks before ``first_block`` compute, and the unpatched model's outputs
+    (the distillation targets), are computed once and cached.
 
     Args:
         model: an unpatched timm ViT (with a class token), eval mode.
@@ -143,6 +146,10 @@ def search(
     check_number("epochs", epochs, lo=1, integer=True)
     check_number("batch_size", batch_size, lo=1, integer=True)
     check_number("mac_weight", mac_weight, lo=0)
+    if lr is None:  # the authors' 0.01 from their zero start; 5x from the warm start
+        lr = 0.01 if init == "zero" else 0.05
+    if min_lr is None:
+        min_lr = lr / 10
     check_number("lr", lr, lo=0, lo_open=True)
     check_number("min_lr", min_lr, lo=0)
     check_number("init_spread", init_spread, lo=0, lo_open=True)
