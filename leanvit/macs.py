@@ -8,45 +8,12 @@ tokens and width C: ``4NC^2 + 2N^2C`` (attention) + ``8NC^2`` (MLP, ratio 4).
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-
-class MacRecorder:
-    """Collects per-image MACs and token counts during one forward pass.
-
-    Values are ``[B]`` tensors (per image) or numbers (the same for every image).
-    """
-
-    def __init__(self) -> None:
-        self.stem = 0.0
-        self.head = 0.0
-        self.blocks: dict[int, dict[str, Tensor]] = {}
-        self.extra: dict[str, Tensor] = defaultdict(lambda: torch.zeros(()))
-        self.layers: dict[str, float] = {}
-
-    def record_stem(self, macs: float) -> None:
-        self.stem = float(macs)
-
-    def record_head(self, macs: float) -> None:
-        self.head = float(macs)
-
-    def record_layer(self, name: str, macs: float) -> None:
-        """MACs per image of a backbone layer outside the blocks (hierarchical models'
-        downsampling between stages: ConvNeXt's strided conv, Swin's patch merging)."""
-        self.layers[name] = float(macs)
-
-    def record_block(self, i: int, **values: Tensor) -> None:
-        """Block ``i``'s per-image values: ``tokens_in``, ``tokens_out`` and MAC terms."""
-        self.blocks[i] = {k: torch.as_tensor(v, dtype=torch.float64).detach().cpu()
-                          for k, v in values.items()}
-
-    def add_extra(self, name: str, macs) -> None:
-        """MACs of a module the method adds (e.g. ``"predictor"``), per image."""
-        self.extra[name] = self.extra[name] + torch.as_tensor(macs, dtype=torch.float64).cpu()
+from leanvit.recorder import MacRecorder  # noqa: F401  (its home before; imported from here)
 
 
 @dataclass
@@ -131,9 +98,11 @@ def count_macs(model: nn.Module, images: Tensor) -> MacReport:
     """MACs per image that ``model`` performs on ``images`` (``[B, 3, H, W]``).
 
     Works on patched and unpatched models alike (an unpatched model is measured through the
-    identity method ``"none"`` and left as it was). The model runs once in eval mode without
-    gradients; its train/eval mode is restored. Data-dependent methods are averaged over the
-    images; padding does not count.
+    identity method ``"none"`` and left as it was), and on families that run no token method
+    but are counted layer by layer (PVTv2, NextViT; plain or compacted by
+    :func:`leanvit.compact`, :mod:`leanvit.adapters.layer_macs`). The model runs once in
+    eval mode without gradients; its train/eval mode is restored. Data-dependent methods are
+    averaged over the images; padding does not count.
     """
     return forward_with_macs(model, images)[1]
 
@@ -147,6 +116,9 @@ def forward_with_macs(model: nn.Module, images: Tensor) -> tuple[Tensor, MacRepo
     from leanvit import adapters
     from leanvit.patching import patch, unpatch
 
+    layers = adapters.layer_map(model)
+    if layers is not None:  # PVTv2, NextViT (plain or compacted): counted layer by layer
+        return _forward_with_layer_macs(model, images, layers)
     adapter = adapters.find_adapter(model)
     was_patched = adapters.is_patched(model)
     if not was_patched:
@@ -166,6 +138,26 @@ def forward_with_macs(model: nn.Module, images: Tensor) -> tuple[Tensor, MacRepo
         model.train(was_training)
         if not was_patched:
             unpatch(model)
+
+
+def _forward_with_layer_macs(model: nn.Module, images: Tensor, layers) -> tuple[Tensor, MacReport]:
+    """:func:`forward_with_macs` for a family that runs as itself
+    (:mod:`leanvit.adapters.layer_macs`): stem, one entry per block (``attention``: its
+    attention module, ``mlp``: the rest of the block), layers between blocks, head."""
+    from leanvit.adapters.layer_macs import forward_with_layer_macs
+
+    was_training = model.training
+    try:
+        model.eval()
+        p = next(model.parameters(), None)
+        if p is not None:
+            images = images.to(device=p.device, dtype=p.dtype)
+        recorder = MacRecorder()
+        with torch.no_grad():
+            out = forward_with_layer_macs(model, images, layers, recorder)
+        return out, report_from(recorder, images.shape[0])
+    finally:
+        model.train(was_training)
 
 
 def traced_macs(model: nn.Module, images: Tensor) -> float:

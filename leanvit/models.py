@@ -7,6 +7,8 @@ from typing import Any, Optional
 import timm
 from torch import nn
 
+from leanvit.adapters.base import input_size  # noqa: F401  (public here: leanvit.models.input_size)
+
 
 def checkpoint_keys(path: Path) -> Optional[set[str]]:
     """Parameter names in a safetensors checkpoint (``None`` for other formats)."""
@@ -82,20 +84,100 @@ def _create(name: str, *, img_size, checkpoint, num_classes, **kwargs: Any) -> n
     path = Path(checkpoint)
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
-    keys = checkpoint_keys(path)
-    if keys is not None and num_classes is None and not any(k.startswith("head.") for k in keys):
-        kw["num_classes"] = 0  # a backbone without classifier (e.g. DINOv2 features)
+    classifiers = _classifier_names(name)
+    rows = checkpoint_classes(path, classifiers)
+    # Load strictly with the checkpoint's own classifier size (timm loads non-strictly, and so
+    # ignores ANY missing tensor, when the class count differs); then replace the classifier
+    # if another class count was asked for: the only tensors a checkpoint may lack.
+    load_kw = dict(kw, num_classes=rows)
     try:
-        return _size_free(name, kw, lambda **k: timm.create_model(
-            name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **k))
+        model = _size_free(name, load_kw, lambda **k: timm.create_model(
+            name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=rows),
+            **k))
     except (RuntimeError, KeyError, OSError, EOFError, ValueError) as e:
-        msg = str(e).strip().splitlines()
-        raise ValueError(
-            f"could not load checkpoint {path} into {name}: {msg[0] if msg else type(e).__name__}"
-        ) from None
+        raise ValueError(f"could not load checkpoint {path} into {name}: "
+                         f"{load_error_summary(e)}") from None
     except Exception as e:  # unpickling errors of corrupt .pth files come in many types
         raise ValueError(f"could not load checkpoint {path} into {name}: "
                          f"{type(e).__name__}: {e}") from None
+    if num_classes is not None and num_classes != rows:
+        if not hasattr(model, "reset_classifier"):
+            raise ValueError(f"{name} has no reset_classifier(); cannot change its {rows} "
+                             f"classes to {num_classes}")
+        model.reset_classifier(num_classes)
+    return model
+
+
+def _classifier_names(name: str) -> tuple[str, ...]:
+    """The classifier module names of a timm model (its pretrained config's ``classifier``)."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    names = getattr(cfg, "classifier", None) or "head"
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def checkpoint_classes(path: Path, classifiers: tuple[str, ...] = ("head",)) -> int:
+    """The number of classes of the classifier stored in a checkpoint (rows of
+    ``<classifier>.weight``); ``0`` when it holds no classifier (a headless backbone)."""
+    shapes = checkpoint_shapes(path)
+    for c in tuple(classifiers) + ("head", "head.fc", "fc"):
+        shape = shapes.get(f"{c}.weight")
+        if shape:
+            return int(shape[0])
+    return 0
+
+
+def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a checkpoint file (safetensors read lazily; ``.pth``/``.bin``
+    through timm's loader, which unwraps ``state_dict``/``model`` entries)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise ValueError(f"checkpoint {path} is not a readable safetensors file: {e}") from None
+    from timm.models import load_state_dict
+
+    try:
+        sd = load_state_dict(str(path))
+    except Exception as e:  # unpickling errors of corrupt .pth files come in many types
+        raise ValueError(f"could not load checkpoint {path}: not a readable state dict "
+                         f"({type(e).__name__}: {e})") from None
+    return {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
+
+
+def _names(keys: list[str], limit: int = 8) -> str:
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_error_summary(e: BaseException) -> str:
+    """One line from a ``load_state_dict`` error: missing and unexpected keys (the first few
+    and how many more) and every size mismatch, instead of torch's multi-line message."""
+    import re
+
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    parts = []
+    for label, pattern in (("missing", r"Missing key\(s\) in state_dict: (.*?)\.\s*$"),
+                           ("unexpected", r"Unexpected key\(s\) in state_dict: (.*?)\.\s*$")):
+        for m in re.finditer(pattern, text, re.M):
+            keys = re.findall(r'"([^"]+)"', m.group(1))
+            parts.append(f"{len(keys)} {label} tensor(s): {_names(keys)}")
+    mismatches = re.findall(r"size mismatch for ([^:]+): copying a param with shape "
+                            r"torch\.Size\(\[([^\]]*)\]\) from checkpoint, the shape in current "
+                            r"model is torch\.Size\(\[([^\]]*)\]\)", text)
+    if mismatches:
+        parts.append("shape mismatch: " + "; ".join(
+            f"{k} is [{a}] in the checkpoint, [{b}] in the model" for k, a, b in mismatches[:8])
+            + (f" (+{len(mismatches) - 8} more)" if len(mismatches) > 8 else ""))
+    if parts:
+        return "; ".join(parts)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _size_free(name: str, kw: dict, make) -> nn.Module:
@@ -114,15 +196,3 @@ def _size_free(name: str, kw: dict, make) -> nn.Module:
     cfg["input_size"] = (3, size, size)
     model.pretrained_cfg = cfg
     return model
-
-
-def input_size(model: nn.Module) -> tuple[int, int]:
-    """The ``(H, W)`` input size a model is built or configured for: ``patch_embed.img_size``
-    (ViT, Swin), else its data config's ``input_size`` (ConvNeXt: any size works; 224 by
-    default, or what :func:`create_model`'s ``img_size`` set)."""
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if size is not None:
-        return int(size[0]), int(size[1])
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    s = cfg.get("input_size", (3, 224, 224))
-    return int(s[1]), int(s[2])

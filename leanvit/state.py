@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # pragma: no cover
-    from leanvit.macs import MacRecorder
+from leanvit.recorder import MacRecorder
 
 
 @dataclass
@@ -39,11 +38,26 @@ class TokenState:
             attention (:func:`leanvit.ops.attention.masked_softmax`). ``None`` in inference.
         prop_attn: add ``log(size)`` to the attention logits of each key (proportional
             attention, ToMe).
-        recorder: a :class:`~leanvit.macs.MacRecorder` while MACs are being counted.
+        recorder: a :class:`~leanvit.recorder.MacRecorder` while MACs are being counted.
         aux: side outputs of the method for training losses and inspection, an immutable
             tuple of ``(name, tensor)`` pairs that hooks extend with
             ``state.replace(aux=state.aux + ((name, t),))`` (e.g. DynamicViT's per-stage keep
             decisions ``[B, N0 - prefix]``). Not per-token: :meth:`gather` leaves it as it is.
+        positions: ``[B, N]`` long, the original index (``0 .. N0-1``, prefix included) of the
+            position each token takes in position-dependent attention; ``None`` while every
+            token is still at its own index (nothing gathered yet). :meth:`gather` fills it, so
+            kept tokens keep their positions; a merged token keeps its destination's (ToMe,
+            DiffRate: :meth:`merged_positions`); EViT's fused token takes index 0, the class
+            token's position, since a token fused from all over the image has no one position.
+            Backbones with a relative position bias (timm ``Beit``) look up their bias rows and
+            columns by it (``docs/beit.md``); others ignore it.
+        rope: ``[N0, R]`` (or ``[B, N0, R]`` when it differs per image) the rotary position
+            table of a backbone with rotary positions (timm ``Eva``: ``R = 2 * head_dim``,
+            timm's ``sin | cos``), one row per ORIGINAL index, the prefix rows the identity
+            rotation (sin 0, cos 1). Not per-token: constant through the forward pass; each
+            token's rotation is the row at its :attr:`positions` (so the rules above give a
+            merged token its destination's rotation and EViT's fused token none, like the class
+            token); ``None`` for other backbones.
     """
 
     prefix: int
@@ -53,8 +67,10 @@ class TokenState:
     valid: Optional[Tensor] = None
     mask: Optional[Tensor] = None
     prop_attn: bool = False
-    recorder: Optional["MacRecorder"] = None
+    recorder: Optional[MacRecorder] = None
     aux: tuple = ()
+    positions: Optional[Tensor] = None
+    rope: Optional[Tensor] = None
 
     def replace(self, **changes) -> "TokenState":
         """A copy with some fields changed."""
@@ -67,7 +83,16 @@ class TokenState:
             source=None if self.source is None else gather_tokens(self.source, index),
             valid=None if self.valid is None else self.valid.gather(1, index),
             mask=None if self.mask is None else self.mask.gather(1, index),
+            positions=self.merged_positions(index),
         )
+
+    def merged_positions(self, index: Tensor) -> Tensor:
+        """:attr:`positions` of the tokens at ``index`` (``[B, K]`` long): what a gather, or a
+        merge whose output rows are the input rows ``index`` (ToMe's ``keep``, DiffRate's
+        first ``k``) with the merged tokens folded into them, leaves."""
+        if self.positions is None:
+            return index
+        return self.positions.gather(1, index)
 
     def aux_values(self, name: str) -> list[Tensor]:
         """The tensors recorded in :attr:`aux` under ``name``, in the order they were added."""

@@ -16,7 +16,7 @@ from typing import Optional
 
 from torch import nn
 
-from leanvit.adapters import convnext, nextvit, pvt_v2, swin, vit
+from leanvit.adapters import beit, convnext, eva, nextvit, pvt_v2, swin, vit
 from leanvit.adapters.base import KINDS, Backbone, CompactionSites, Family, Site, TokenBackbone
 
 FAMILIES: dict[str, Family] = {}
@@ -33,6 +33,8 @@ def register_family(module: ModuleType) -> Family:
 
 # -- the families, one line each (the order is the order of the error messages)
 register_family(vit)
+register_family(eva)
+register_family(beit)
 register_family(convnext)
 register_family(swin)
 register_family(pvt_v2)
@@ -63,6 +65,17 @@ def find_family(model: nn.Module, *, compaction: bool = False) -> Family:
         raise ValueError(f"leanvit.compact supports {supported} models, not {base.__name__}")
     supported = "; ".join(f.description for f in FAMILIES.values() if f.adapter is not None)
     raise ValueError(f"unsupported model type {base.__name__}; supported families: {supported}")
+
+
+def layer_map(model: nn.Module):
+    """The :class:`~leanvit.adapters.layer_macs.LayerMap` of ``model``'s family when it runs
+    no methods but :func:`leanvit.count_macs` counts it layer by layer (PVTv2, NextViT, plain
+    or compacted), else ``None``."""
+    base = original_class(model)
+    for fam in FAMILIES.values():
+        if fam.adapter is None and fam.layers is not None and fam.matches(base):
+            return fam.layers
+    return None
 
 
 def find_adapter(model: nn.Module) -> ModuleType:
@@ -97,5 +110,5 @@ def patched_class(adapter: ModuleType, cls: type) -> type:
 
 
 __all__ = ["KINDS", "Backbone", "TokenBackbone", "Family", "CompactionSites", "Site", "FAMILIES",
-           "register_family", "family_names", "find_family", "find_adapter", "is_patched",
-           "original_class", "patched_class"]
+           "register_family", "family_names", "find_family", "find_adapter", "layer_map",
+           "is_patched", "original_class", "patched_class"]

@@ -8,9 +8,12 @@ plus ONE line in ``leanvit/adapters/__init__.py`` registering it::
 The module implements :class:`Backbone` (every family that runs token methods), and
 :class:`TokenBackbone` on top of it when ``KIND == "tokens"``. A family that only supports
 layer compaction (PVTv2, NextViT) provides just ``FAMILY``, ``KIND``, ``DESCRIPTION``,
-``matches`` and ``COMPACTION``. Nothing outside :mod:`leanvit.adapters` may use a function of a
-specific adapter: callers go through the adapter found for the model
-(:func:`leanvit.adapters.find_adapter`) and the functions listed here.
+``matches`` and ``COMPACTION``, and ``LAYERS`` (a
+:class:`leanvit.adapters.layer_macs.LayerMap`: where its blocks and attention modules are) so
+that :func:`leanvit.count_macs` counts it, plain or compacted, layer by layer. Nothing
+outside :mod:`leanvit.adapters` may use a function of a specific adapter: callers go through
+the adapter found for the model (:func:`leanvit.adapters.find_adapter`) and the functions
+listed here.
 
 Kinds, and which methods serve a family (a method's ``families`` names families or kinds,
 :class:`leanvit.registry.Method`):
@@ -34,17 +37,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
-from typing import (TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Optional, Protocol,
-                    runtime_checkable)
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
+from leanvit.recorder import MacRecorder
 from leanvit.registry import ModelInfo
 from leanvit.signals import Signals
 from leanvit.state import TokenState
-
-if TYPE_CHECKING:  # pragma: no cover  (annotation only: MacRecorder is not imported at run time)
-    from leanvit.macs import MacRecorder
 
 #: the kinds a family can be (see the module docstring)
 KINDS = ("tokens", "hierarchical")
@@ -55,7 +55,7 @@ class Backbone(Protocol):
     """What every family that runs leanvit methods provides (module-level names of its file).
 
     MAC formulas: :func:`forward_features` and :func:`forward_head` record MACs per image into
-    ``recorder`` (a :class:`leanvit.macs.MacRecorder`) when one is given:
+    ``recorder`` (a :class:`leanvit.recorder.MacRecorder`) when one is given:
     ``record_stem(macs)`` (patch embedding), ``record_block(i, tokens_in=[B], tokens_out=[B],
     attention=[B], mlp=[B], signals=[B])`` for each block (from the token counts the block
     actually saw), ``record_layer(name, macs)`` for layers between stages, ``record_head(macs)``
@@ -90,8 +90,8 @@ class Backbone(Protocol):
         """``TypeError``/``ValueError`` (one line) for images ``x`` the model cannot take
         (not a tensor, not ``[B, C, H, W]``, wrong channels or size)."""
 
-    def forward_features(self, model: nn.Module, x: Tensor, recorder: Optional[MacRecorder] = None,
-                         trace_source: bool = False,
+    def forward_features(self, model: nn.Module, x: Tensor,
+                         recorder: Optional[MacRecorder] = None, trace_source: bool = False,
                          on_block: Optional[Callable[[int, Tensor, TokenState], None]] = None
                          ) -> tuple[Tensor, TokenState]:
         """Images ``[B, 3, H, W]`` -> the final normed features (tokens ``[B, N', C]`` or the
@@ -142,6 +142,18 @@ class TokenBackbone(Backbone, Protocol):
         entering, query rows computed, tokens through the MLP): the keyword arguments of
         ``MacRecorder.record_block`` (``tokens_in``, ``tokens_out``, ``attention``, ``mlp``,
         ``signals``)."""
+
+
+def input_size(model: nn.Module) -> tuple[int, int]:
+    """The ``(H, W)`` input size a model is built or configured for: ``patch_embed.img_size``
+    (ViT, Swin), else its data config's ``input_size`` (ConvNeXt: any size works; 224 by
+    default, or what :func:`leanvit.models.create_model`'s ``img_size`` set). For ``describe``."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is not None:
+        return int(size[0]), int(size[1])
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    s = cfg.get("input_size", (3, 224, 224))
+    return int(s[1]), int(s[2])
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,6 +209,9 @@ class Family:
             family), else ``None`` (compaction only).
         compaction: the module's ``COMPACTION`` when :func:`leanvit.compact` supports the
             family, else ``None``.
+        layers: the module's ``LAYERS`` (:class:`leanvit.adapters.layer_macs.LayerMap`) for a
+            family without a method-running adapter that :func:`leanvit.count_macs` counts
+            layer by layer, else ``None``.
     """
 
     name: str
@@ -205,6 +220,7 @@ class Family:
     matches: Callable[[type], bool]
     adapter: Optional[ModuleType] = None
     compaction: Optional[CompactionSites] = None
+    layers: Optional[Any] = None
 
     @classmethod
     def from_module(cls, module: ModuleType) -> "Family":
@@ -224,7 +240,8 @@ class Family:
                                 f"{need.__name__} contract (leanvit.adapters.base)")
         return cls(name=module.FAMILY, kind=module.KIND, description=module.DESCRIPTION,
                    matches=module.matches, adapter=module if runs_methods else None,
-                   compaction=getattr(module, "COMPACTION", None))
+                   compaction=getattr(module, "COMPACTION", None),
+                   layers=getattr(module, "LAYERS", None))
 
 
 def _members(protocol: type) -> list[str]:

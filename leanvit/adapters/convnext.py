@@ -13,6 +13,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from leanvit.adapters.base import input_size
 from leanvit.adapters.stages import BlockParts, linear_macs, run_stage
 from leanvit.registry import ModelInfo, Reducer
 from leanvit.state import TokenState
@@ -56,8 +57,6 @@ def _dims(model: nn.Module) -> tuple[int, ...]:
 
 
 def describe(model: nn.Module) -> ModelInfo:
-    from leanvit.models import input_size
-
     h, w = input_size(model)  # ConvNeXt takes any size: the one its data config names
     stride = model.stem[0].stride[0] if isinstance(model.stem, nn.Sequential) else 4
     cfg = getattr(model, "pretrained_cfg", None) or {}

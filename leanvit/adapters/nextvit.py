@@ -1,5 +1,5 @@
-"""Family record of timm's ``NextViT`` (``nextvit_*``): layer compaction only (no token methods
-yet).
+"""Family record of timm's ``NextViT`` (``nextvit_*``): layer compaction and MACs
+(:func:`leanvit.count_macs`, layer by layer: ``LAYERS``); no token methods yet.
 
 Compaction sites: ``stages[s].blocks[i].e_mhsa`` of the ``NextTransformerBlock`` s (E-MHSA;
 the convolutional ``NextConvBlock`` s have no attention maps) and ``blocks[i].mlp.fc2`` of every
@@ -12,6 +12,7 @@ from typing import Iterator
 from torch import Tensor, nn
 
 from leanvit.adapters.base import CompactionSites, Site
+from leanvit.adapters.layer_macs import LayerMap
 from leanvit.adapters.pvt_v2 import staged
 
 FAMILY = "nextvit"
@@ -53,3 +54,18 @@ def _plain_logits(attn: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
 
 COMPACTION = CompactionSites(_attention_sites, _ffn_sites, _attention_class, _plain_logits,
                              conv_ffn=True)
+
+
+# --------------------------------------------------------------------------------------------
+# MACs (leanvit.count_macs), counted layer by layer as the model runs, plain or compacted
+
+
+def _block_paths(model: nn.Module) -> list[str]:
+    return [p for p, _ in staged(model)]
+
+
+def _attention_paths(model: nn.Module) -> list[str]:
+    return [p + ".e_mhsa" for p, b in staged(model) if hasattr(b, "e_mhsa")]
+
+
+LAYERS = LayerMap(_block_paths, _attention_paths, stem=("stem",))

@@ -1,5 +1,5 @@
-"""Family record of timm's ``PyramidVisionTransformerV2`` (``pvt_v2_*``): layer compaction only
-(no token methods yet).
+"""Family record of timm's ``PyramidVisionTransformerV2`` (``pvt_v2_*``): layer compaction and
+MACs (:func:`leanvit.count_macs`, layer by layer: ``LAYERS``); no token methods yet.
 
 Compaction sites: ``stages[s].blocks[i].attn`` (spatial-reduction ``Attention``; 1, 2, 5, 8
 heads in the b0-b5 models: the 1-head first stage stays plain, 5 heads split 3 + 2) and
@@ -12,6 +12,7 @@ from typing import Iterator
 from torch import Tensor, nn
 
 from leanvit.adapters.base import CompactionSites, Site
+from leanvit.adapters.layer_macs import LayerMap
 
 FAMILY = "pvt_v2"
 KIND = "hierarchical"
@@ -57,3 +58,18 @@ def _plain_logits(attn: nn.Module, x: Tensor, feat_size, *args, **kwargs) -> Ten
 
 COMPACTION = CompactionSites(_attention_sites, _ffn_sites, _attention_class, _plain_logits,
                              conv_ffn=False)
+
+
+# --------------------------------------------------------------------------------------------
+# MACs (leanvit.count_macs), counted layer by layer as the model runs, plain or compacted
+
+
+def _block_paths(model: nn.Module) -> list[str]:
+    return [p for p, _ in staged(model)]
+
+
+def _attention_paths(model: nn.Module) -> list[str]:
+    return [p + ".attn" for p, _ in staged(model)]
+
+
+LAYERS = LayerMap(_block_paths, _attention_paths, stem=("patch_embed",))

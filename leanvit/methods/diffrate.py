@@ -128,7 +128,8 @@ class DiffRateReducer(Reducer):
             if state.recorder is not None:  # cosine similarities of the merge, per image
                 state.recorder.add_extra("diffrate_merge", (kp - km) * km * x.shape[2])
             x, size, source = merge_tail(x, state.size, self.prefix, km, source=state.source)
-            state = state.replace(size=size, source=source)
+            # the first km tokens remain, the merged ones folded into them: their positions
+            state = state.replace(size=size, source=source, positions=state.positions[:, :km])
         return x, state
 
 

@@ -132,16 +132,18 @@ def _append_fused(new: TokenState, old: TokenState, dropped: Tensor) -> TokenSta
     """Per-token state of the fused token appended last: it holds the dropped tokens.
 
     ``size`` (when tracked): the dropped tokens' sizes summed; ``source`` (when traced): the
-    union (max) of their sources.
+    union (max) of their sources; ``positions``: index 0, the class token's position (a token
+    fused from all over the image has no one position; see :class:`TokenState`).
     """
     size, source = new.size, new.source
+    positions = torch.cat([new.positions, torch.zeros_like(new.positions[:, :1])], dim=1)
     if old.size is not None:
         fused = (old.size * dropped.to(old.size.dtype)).sum(1, keepdim=True)
         size = torch.cat([new.size, fused], dim=1)
     if old.source is not None:
         held = old.source * dropped.to(old.source.dtype).unsqueeze(-1)
         source = torch.cat([new.source, held.amax(1, keepdim=True)], dim=1)
-    return new.replace(size=size, source=source)
+    return new.replace(size=size, source=source, positions=positions)
 
 
 def build(options: EViTOptions, info: ModelInfo) -> Reducer:

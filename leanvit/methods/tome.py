@@ -157,7 +157,9 @@ class ToMe(Reducer):
             state.recorder.add_extra("matching", ((n + 1) // 2) * (n // 2) * metric.shape[-1])
         x, size = merge_wavg(m, x, state.size)
         source = None if state.source is None else merge_source(m, state.source)
-        return x, state.replace(size=size, source=source)
+        # a merged token keeps its destination's position (relative position bias)
+        return x, state.replace(size=size, source=source,
+                                positions=state.merged_positions(m.keep))
 
 
 def build(options: ToMeOptions, info: ModelInfo) -> Reducer:

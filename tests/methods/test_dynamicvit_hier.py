@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import leanvit
 from leanvit.adapters import find_adapter
-from leanvit.methods import dynamicvit_hier as hier
+from leanvit.methods.dynamicvit import hierarchical as hier
 from leanvit.methods.dynamicvit import DECISION, KEPT
 from leanvit.registry import ModelInfo, get_method
 from tests._hier_models import images, tiny_convnext, tiny_swin

@@ -3,12 +3,12 @@ the TPAMI extension of DynamicViT (Rao et al., "Dynamic Spatial Sparsification f
 Vision Transformers and Convolutional Neural Networks", arXiv 2207.01580; authors' code
 raoyongming/DynamicViT ``models/dyconvnext.py``, ``models/dyswin.py``).
 
-Registered under the same name as the ViT method (:mod:`leanvit.methods.dynamicvit`); this
-file holds the algorithm for the ``convnext`` and ``swin`` families. Feature maps keep their
+Registered under the same name as the flat-token method (:mod:`leanvit.methods.dynamicvit`,
+algorithm in :mod:`leanvit.methods.dynamicvit.tokens`); this file holds the algorithm for the ``convnext`` and ``swin`` families. Feature maps keep their
 spatial layout, so tokens are never removed. Only stage 3 (index 2) is dynamic:
 
 - Before blocks ``locations`` of stage 3 (authors: (1, 2, 3) for -T models) a prediction
-  module (:class:`~leanvit.methods.dynamicvit.Predictor`, global feature = the PLAIN mean over
+  module (:class:`~leanvit.methods.dynamicvit.predictor.Predictor`, global feature = the PLAIN mean over
   all positions) scores every position. Decision ``s`` keeps the ratio
   ``keep_rate - s * ratio_step`` (authors: rho, rho - 0.2, rho - 0.4), independently of the
   earlier decisions (not multiplied); each decision routes the blocks from its location up to
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leanvit.losses import HIERARCHICAL_WEIGHTS
-from leanvit.methods.dynamicvit import DECISION, KEPT, Predictor
+from leanvit.methods.dynamicvit.predictor import DECISION, KEPT, Predictor
 from leanvit.ops.route import mix, route, split_by_score
 from leanvit.registry import ModelInfo, Reducer, check_locations, check_number
 from leanvit.state import TokenState
