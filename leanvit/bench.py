@@ -40,14 +40,30 @@ def _build(model_name: str, method: Optional[str], options: dict, img_size, chec
 def apply_method(model: nn.Module, method: str, options: dict) -> nn.Module:
     """``leanvit.patch(model, method, **options)``, or :func:`leanvit.load` when ``options``
     hold ``load=FILE`` (``--set load=FILE``: a :func:`leanvit.save` file, e.g. ``leanvit
-    tune``'s choice; other options override the stored ones)."""
-    from leanvit.compare import apply_setting, setting_from
+    tune``'s choice; other options override the stored ones; ``method`` may be ``"none"``, the
+    command-line default, or the file's method)."""
     from leanvit.patching import patch
 
-    setting = setting_from(method, options)
-    if setting.load is None:
+    options = dict(options)
+    path = options.pop("load", None)
+    if path is None:
         return patch(model, method, **options)
-    return apply_setting(model, setting)
+    from leanvit.io import load
+
+    stored = method_of(method, {"load": path})
+    if method not in ("none", stored):
+        raise ValueError(f"{path} holds method {stored!r}, not {method!r}")
+    return load(model, str(path), **options)
+
+
+def method_of(method: str, options: dict) -> str:
+    """The method that :func:`apply_method` applies: ``method``, or the stored method of a
+    ``load=FILE`` among ``options``."""
+    if options.get("load") is None:
+        return method
+    from leanvit.io import read
+
+    return read(str(options["load"]))[1].get("method") or method
 
 
 def _sync(device: torch.device) -> None:
@@ -187,7 +203,6 @@ def run_benchmark(
     ``gmacs``, ``peak_mem_mb``, the per-round times), ``speedup`` (patched over baseline
     images/s), ``mac_ratio`` (baseline over patched GMACs), ``config`` and ``environment``.
     """
-    from leanvit.compare import setting_from
     from leanvit.macs import count_macs
 
     options = dict(options or {})
@@ -204,7 +219,7 @@ def run_benchmark(
 
     base = _build(model, None, {}, img_size, checkpoint, num_classes, head)
     patched = apply_method(copy.deepcopy(base), method, options).eval()
-    method = setting_from(method, options).method  # the file's method for --set load=FILE
+    method = method_of(method, options)  # the file's method for --set load=FILE
     from leanvit.models import input_size
 
     h, w = input_size(base)
