@@ -19,15 +19,24 @@ GRID = [Setting("tome", {"r": 1}), Setting("tome", {"r": 2}), Setting("tome", {"
         Setting("topk", {"keep_rate": 0.5, "locations": (1,)})]
 
 
-def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model("deit_tiny_patch16_224", depth=4, img_size=64,
-                             num_classes=10).eval()
-
-
-def _images(n: int = 16) -> torch.Tensor:
+def _images(n: int = 24) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randn(n, 3, 64, 64, generator=g) * 2.0
+
+
+def _model() -> torch.nn.Module:
+    """A random depth-4 DeiT-T with a 50-class head centred on the test images' mean feature
+    (a random model's logits are otherwise dominated by one direction, and every setting
+    predicts the same class)."""
+    torch.manual_seed(0)
+    m = timm.create_model("deit_tiny_patch16_224", depth=4, img_size=64, num_classes=50).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        f = m.forward_head(m.forward_features(_images()), pre_logits=True)
+        w = torch.randn(50, f.shape[1], generator=g)
+        m.head.weight.copy_(w)
+        m.head.bias.copy_(-(w @ f.mean(0)))
+    return m
 
 
 def _reference(model, setting, x):
@@ -68,8 +77,9 @@ def test_tune_picks_the_constructed_best(case):
     model, x, labels, ref = case
     budget = ref["tome r=2"][1] * 1.001  # the unmodified model and tome r=1 are over it
     assert ref["none"][1] > budget and ref["tome r=1"][1] > budget
-    r = tune(model, _batches(x, labels), budget, methods=GRID, progress=False, log=None,
-             repeats=1)
+    r = leanvit.tune(model, _batches(x, labels), budget=budget, methods=GRID, progress=False,
+                     log=None, repeats=1)
+    assert isinstance(r, leanvit.TuneResult)
     assert _expected(ref, budget) == "tome r=2"
     assert r.choice["label"] == "tome r=2" and r.choice["top1"] == 100.0
     for row in r.rows:  # tune's numbers are the plain reference's
@@ -110,7 +120,7 @@ def test_bad_budgets(budget):
 
 
 def test_knob_setting_is_the_mildest_within_the_target():
-    model, x = _model(), _images(4)
+    model, x = _model(), _images()[:4]
     dense = leanvit.count_macs(model, x).gmacs
     target = 0.8 * dense
     s, g = knob_setting(model, "tome", target, x)

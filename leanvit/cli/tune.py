@@ -105,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
               f"({result.budget.describe()}); see {paths['md']}", file=sys.stderr)
         return 1
     c = result.choice
+    use = json.loads(paths["json_choice"].read_text())["choice"]["use"]
     print(f"chosen: {c['label']}  top-1 {c['top1']:.2f}%  {c['gmacs']:.3f} GMACs  "
-          f"{c['speedup']:.2f}x; wrote {paths['choice']} ({json.loads(paths['json_choice'].read_text())['use']['bench']})")
+          f"{c['speedup']:.2f}x; wrote {paths['choice']}")
+    print(f"use it: {use['bench']}  |  {use['set']}  |  {use['python']}")
     return 0
