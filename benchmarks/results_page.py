@@ -15,8 +15,8 @@ Methods not registered in this checkout, and learned/searched settings whose sav
 (``load=``, written by ``leanvit.save`` after training/search) is absent, are listed as skipped.
 4. the section made by ``leanvit tune`` (:func:`tune_section`): the command below with
    ``--budget-gmacs 4.0`` on the same model, head, data and 500 images, its output in
-   ``results/tmp/tune_4.0`` (run when absent). ``--only tune`` rewrites just that section of
-   an existing page (between its ``<!-- tune -->`` markers) without re-running steps 1-3.
+   ``results/tmp/tune_4.0`` (run when absent). ``--section tune`` rewrites just that section
+   of an existing page without re-running steps 1-3.
 """
 from __future__ import annotations
 
@@ -78,22 +78,18 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tune-dir", default=f"results/tmp/tune_{TUNE_BUDGET}",
                    help="output folder of the page's 'leanvit tune' run (run when absent)")
-    p.add_argument("--only", choices=("tune",), default=None,
-                   help="rewrite only this section of the existing page")
+    p.add_argument("--section", choices=("all", "dense", "tune"), default="all",
+                   help="'dense': only (re)write the dense-segmentation section of --page from "
+                        "benchmarks/results/dense_segmentation.json (benchmarks/"
+                        "dense_segmentation.py); 'tune': only the leanvit tune section (from "
+                        "--tune-dir, running leanvit tune when it has no tune.json); the rest "
+                        "of the page stays as it is")
     args = p.parse_args()
-    if args.only == "tune":
+    if args.section in ("dense", "tune"):
         page = Path(args.page)
-        text = page.read_text()
-        start, end = text.find(TUNE_START), text.find(TUNE_END)
-        section = "\n".join(tune_section(args))
-        if start >= 0 and end > start:
-            text = text[:start] + section + text[end + len(TUNE_END):]
-        else:
-            skipped_at = text.find("## Skipped settings")
-            cut = skipped_at if skipped_at >= 0 else len(text)
-            text = text[:cut].rstrip("\n") + "\n\n" + section + "\n\n" + text[cut:]
-        page.write_text(text.rstrip("\n") + "\n")
-        print(f"wrote the tune section of {page}")
+        lines = dense_section(page) if args.section == "dense" else tune_section(args)
+        write_section(page, args.section, lines)
+        print(f"wrote the {args.section} section of {page}")
         return 0
 
     import torch
@@ -200,13 +196,14 @@ def _write_page(page: Path, img: Path, rows, skipped, probe, probe_wall, meta, a
         f"![top-1 against GMACs and throughput]({img.relative_to(page.parent) if img.is_relative_to(page.parent) else img})",
         "",
     ]
-    lines += tune_section(args) + [""]
     if skipped:
         lines += ["## Skipped settings", ""]
         lines += [f"- `{label}`: {why}" for label, why in skipped]
         lines.append("")
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text("\n".join(lines))
+    write_section(page, "dense", dense_section(page))
+    write_section(page, "tune", tune_section(args))
     (page.parent / "img").mkdir(exist_ok=True)
     Path("results/tmp/results_page.json").write_text(
         json.dumps({"meta": meta, "rows": rows, "skipped": skipped,
@@ -214,10 +211,75 @@ def _write_page(page: Path, img: Path, rows, skipped, probe, probe_wall, meta, a
 
 
 # --------------------------------------------------------------------------------------------
+# Page sections kept between markers, each (re)written on its own
+
+
+def write_section(page: Path, name: str, lines: list) -> None:
+    """Put ``lines`` between ``<!-- section:NAME -->`` and ``<!-- /section:NAME -->`` in
+    ``page``, replacing what was there, or at the end of the page."""
+    start, end = f"<!-- section:{name} -->", f"<!-- /section:{name} -->"
+    text = page.read_text() if page.is_file() else ""
+    block = "\n".join([start, *lines, end])
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(text)
+
+
+def dense_section(page: Path) -> list:
+    """Issue 15: foreground segmentation from the dense features of each reduced model
+    (``benchmarks/dense_segmentation.py``'s results)."""
+    from leanvit.compare import markdown_table
+
+    res = ROOT / "benchmarks" / "results" / "dense_segmentation.json"
+    lines = ["## Dense features: foreground segmentation (issue 15)", ""]
+    if not res.is_file():
+        return lines + ["Not run yet: `flock /tmp/leanvit-cpu.lock python "
+                        "benchmarks/dense_segmentation.py`, then `python benchmarks/"
+                        "results_page.py --section dense`.", ""]
+    r = json.loads(res.read_text())
+    meta, rows = r["meta"], r["rows"]
+    probe = meta["probe"]
+    img = ROOT / "docs" / "img" / "dense_segmentation_fmnist.png"
+    rel = img.relative_to(page.parent.resolve()) if img.is_relative_to(
+        page.parent.resolve()) else img
+    lines += [
+        f"Generated by `{meta['command']}` and `python benchmarks/results_page.py --section "
+        "dense`; details and the CLI commands in [dense.md](dense.md).",
+        "",
+        f"- `leanvit.dense_features` of `{meta['model']}` (`shared/weights/{meta['weights']}`, "
+        "224 px, 16x16 patches): every patch gets the final features of the token holding it, "
+        "or, when its token was pruned, the features it had when it left (final norm applied).",
+        f"- Target per patch: foreground when more than half its pixels have intensity "
+        f"> {meta['threshold']:g} (mean of R, G, B in [0, 1]); Fashion-MNIST exported by "
+        "`leanvit data fashion-mnist` (seed 0).",
+        f"- Probe: per-patch logistic regression (`leanvit probe --dense`) fitted on the "
+        f"UNPATCHED model's features of {probe['train_images']} train images "
+        f"({probe['train_rows']} patches), weight decay {probe['weight_decay']:g}; never "
+        "refitted for a method.",
+        f"- Evaluation (`leanvit compare --dense`): the same {meta['images']} val images for "
+        "every setting; cosine = mean over patches of the cosine similarity of the setting's "
+        "dense features to the unpatched model's; GMACs per image = backbone (as `count_macs`) "
+        "+ the per-patch head; images/s on one batch of "
+        f"{meta['batch_size']} (median of {meta['repeats']}) on a shared 2-core CPU (load "
+        f"average {meta['loadavg_before'][0]} before, {meta['loadavg_after'][0]} after): "
+        "indicative only.",
+        "",
+        markdown_table(rows).rstrip(),
+        "",
+        f"![mIoU against GMACs and throughput]({rel})",
+        "",
+    ]
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
 # Section: leanvit tune (issue 14)
 
 TUNE_BUDGET = 4.0
-TUNE_START, TUNE_END = "<!-- tune -->", "<!-- /tune -->"
 TUNE_IMG = "docs/img/results_tune_dinov2_fmnist.png"
 
 
@@ -257,7 +319,7 @@ def tune_section(args) -> list[str]:
     shutil.copyfile(out / "results.png", TUNE_IMG)
     wall = info.get("wall_s", info["seconds"])
     load = info.get("loadavg")
-    lines = [TUNE_START, f"## Choosing for a budget: `leanvit tune` at {TUNE_BUDGET} GMACs", "",
+    lines = [f"## Choosing for a budget: `leanvit tune` at {TUNE_BUDGET} GMACs", "",
              "Made by (under the CPU lock):", "", "    " + " ".join(cmd), "",
              f"It evaluated {len(rows)} settings on the same {info['meta']['images']} val images "
              f"(grids of every training-free method around the budget, a DiffRate schedule it "
@@ -274,7 +336,7 @@ def tune_section(args) -> list[str]:
                   "(`leanvit.load`, `--set load=FILE`).", ""]
     lines += ["All settings it evaluated:", "", markdown_table(rows).rstrip(), "",
               f"![leanvit tune: top-1 against GMACs and throughput]"
-              f"({Path(TUNE_IMG).relative_to('docs')})", TUNE_END]
+              f"({Path(TUNE_IMG).relative_to('docs')})", ""]
     return lines
 
 

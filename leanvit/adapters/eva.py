@@ -54,10 +54,10 @@ from torch import Tensor, nn
 
 from leanvit.adapters.attention_pool import attention_pool_forward, attention_pool_macs
 from leanvit.adapters.vit import check_input, token_weights  # noqa: F401 (the contract's)
-from leanvit.ops.attention import masked_softmax
+from leanvit.ops.attention import attention
 from leanvit.registry import ModelInfo, Reducer
 from leanvit.signals import Signals
-from leanvit.state import TokenState, attention_bias, gather_tokens
+from leanvit.state import TokenState, attention_bias, gather_tokens, record_departures
 
 FAMILY = "eva"
 KIND = "tokens"
@@ -227,29 +227,11 @@ def _attention(attn: nn.Module, i: int, y: Tensor, state: TokenState, reducer: R
     if reducer.selects_queries(i):
         rows, state = reducer.select_queries(i, signals, state)
         if rows is not None:
-            q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
             gate = None if gate is None else gather_tokens(gate, rows)
-
-    if state.mask is not None:  # training with a soft keep-mask: explicit, float32
-        if rows is not None:
-            raise ValueError("query selection and a training keep-mask cannot be combined")
-        a = (q * attn.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            a = a + bias
-        a = masked_softmax(a, state.mask).to(q.dtype)
-        out = attn.attn_drop(a) @ v
-    elif attn.fused_attn:
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    else:
-        q = q * attn.scale
-        a = q @ k.transpose(-2, -1)
-        if bias is not None:
-            a = a + bias
-        a = a.softmax(dim=-1)
-        a = attn.attn_drop(a)
-        out = a @ v
-    out = out.transpose(1, 2).reshape(B, q.shape[2], attn.num_heads * attn.head_dim)
+    # fused SDPA, timm's explicit order, or the fp32 masked form (training keep-mask)
+    out = attention(q, k, v, attn.scale, bias=bias, keep=state.mask, rows=rows,
+                    fused=attn.fused_attn, dropout=attn.attn_drop)
+    out = out.transpose(1, 2).reshape(B, out.shape[2], attn.num_heads * attn.head_dim)
     out = attn.norm(out)
     if gate is not None:
         out = out * gate
@@ -285,7 +267,9 @@ def block_forward(blk: nn.Module, i: int, x: Tensor, state: TokenState, reducer:
                   ) -> tuple[Tensor, TokenState]:
     """timm ``EvaBlock.forward`` with the method's hooks; ``x`` ``[B, N, C]`` -> ``[B, N', C]``."""
     if reducer.acts_before(i):
-        x, state = reducer.before_block(i, x, state)
+        before = state
+        x_in, (x, state) = x, reducer.before_block(i, x, state)
+        state = record_departures(x_in, before, state)  # no-op unless dense features traced
     counting = state.recorder is not None
     n_kv = state.token_counts(x) if counting else None
     rows, signals = None, None
@@ -293,8 +277,10 @@ def block_forward(blk: nn.Module, i: int, x: Tensor, state: TokenState, reducer:
     if reducer.needs_signals(i) or state.valid is not None or state.mask is not None or (
         state.prop_attn and state.size is not None
     ):
+        before = state
         a, signals, rows, state = _attention(blk.attn, i, y, state, reducer)
         if rows is not None:
+            state = record_departures(x, before, state)
             x = gather_tokens(x, rows)
     else:  # nothing to expose or bias: timm's module itself, with the tokens' rotations
         a = blk.attn(y, rope=_module_rope(state, blk.attn.num_prefix_tokens))
@@ -305,7 +291,9 @@ def block_forward(blk: nn.Module, i: int, x: Tensor, state: TokenState, reducer:
     del a
     n_q = state.token_counts(x) if counting else None
     if reducer.acts_after(i):
-        x, state = reducer.after_attention(i, x, signals, state)
+        before = state
+        x_in, (x, state) = x, reducer.after_attention(i, x, signals, state)
+        state = record_departures(x_in, before, state)
     m = blk.mlp(blk.norm2(x))
     if blk.gamma_2 is not None:
         m = blk.gamma_2 * m
@@ -334,8 +322,8 @@ def _embed(model: nn.Module, x: Tensor, recorder=None) -> tuple[Tensor, TokenSta
 
 
 def forward_features(model: nn.Module, x: Tensor, recorder=None, trace_source: bool = False,
-                     on_block: Optional[Callable[[int, Tensor, TokenState], None]] = None
-                     ) -> tuple[Tensor, TokenState]:
+                     on_block: Optional[Callable[[int, Tensor, TokenState], None]] = None,
+                     trace_where: bool = False) -> tuple[Tensor, TokenState]:
     """Embeddings, blocks with the method's hooks, final norm: ``[B, N', C]`` and its state.
 
     Arguments as :func:`leanvit.adapters.vit.forward_features` (``recorder`` counts MACs,
@@ -347,6 +335,9 @@ def forward_features(model: nn.Module, x: Tensor, recorder=None, trace_source: b
     if trace_source:
         eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
         state = state.replace(source=eye.repeat(x.shape[0], 1, 1))
+    if trace_where:  # dense features (leanvit.dense_features)
+        state = state.replace(where=torch.arange(x.shape[1], device=x.device).repeat(
+            x.shape[0], 1))
     state = reducer.init_state(state, x)
     for i, blk in enumerate(model.blocks):
         x, state = block_forward(blk, i, x, state, reducer)

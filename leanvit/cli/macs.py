@@ -24,11 +24,12 @@ def run(args: argparse.Namespace) -> int:
     import leanvit
     from leanvit.models import create_model
 
-    from leanvit.adapters import find_adapter
+    from leanvit.adapters import find_adapter, layer_map
 
     model = create_model(args.model, img_size=args.img_size, checkpoint=args.checkpoint,
                          num_classes=args.num_classes, head=args.head).eval()
-    find_adapter(model)  # a clear error for unsupported families before any input is made
+    if layer_map(model) is None:  # PVTv2, NextViT: counted layer by layer, no method
+        find_adapter(model)  # a clear error for unsupported families before any input is made
     base = leanvit.count_macs(model, _images(model, args.batch_size))
     if args.method != "none" or args.options:
         from leanvit.bench import apply_method
