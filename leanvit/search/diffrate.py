@@ -164,6 +164,8 @@ def search(
                     ("mac_weight", mac_weight)):
         if not math.isfinite(v):
             raise ValueError(f"{name} must be finite, got {v!r}")
+    if num_images is not None:
+        check_number("num_images", num_images, lo=1, integer=True)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if is_patched(model):
@@ -180,6 +182,10 @@ def search(
         labels = None if labels is None else labels[:num_images]
     if not isinstance(images, Tensor) or images.dim() != 4:
         raise TypeError("images must be a [M, 3, H, W] tensor or an ImageFolder directory")
+    if images.shape[0] == 0:
+        raise ValueError("no images to search on (an empty batch)")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("images hold NaN or infinite values; the search needs real images")
     has_head = getattr(model, "num_classes", 0) > 0
     if objective == "auto":
         objective = "distill-logits" if has_head else "distill-features"
@@ -384,7 +390,7 @@ def _image_folder(path: Any, model: nn.Module, num_images: Optional[int], seed: 
     from pathlib import Path
 
     from timm.data import create_transform, resolve_data_config
-    from torchvision.datasets import ImageFolder
+    from leanvit.data import ImageFolder
 
     root = Path(path)
     if not root.is_dir():
