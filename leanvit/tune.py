@@ -424,6 +424,8 @@ def tune(
     say(f"tune: budget {b.describe()}; unmodified model {dense:.3f} GMACs; grid targets "
         + ", ".join(f"{t:.2f}" for t in targets) + " GMACs")
     settings, est, skipped = grid(model, targets, sample, names)
+    # a setting that removes nothing (e.g. tome r=0) is the unmodified model again
+    settings = [s for s in settings if est[s.label] < dense * (1 - 1e-9)]
     want_search = [m for m in SEARCHED if (names is None and m in _registered()) or
                    (names is not None and m in names)]
     for s in explicit:
