@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from leanvit.ops.attention import attention
+
 
 class Signals:
     """Lazily computed attention statistics of one block.
@@ -42,12 +44,10 @@ class Signals:
         """Post-softmax attention row of the class-token query, ``[B, H, N]`` (all keys)."""
         if self._cls_attn_heads is not None:
             return self._cls_attn_heads
-        q0 = self.q[:, :, :1] * self.scale
-        logits = q0 @ self.k.transpose(-2, -1)  # [B, H, 1, N]
-        if self.bias is not None:
-            logits = logits + self.bias
+        _, weights = attention(self.q[:, :, :1], self.k, None, self.scale, bias=self.bias,
+                               return_weights=True)  # [B, H, 1, N]
         self.macs += self.k.shape[1] * self.k.shape[3] * self.num_tokens
-        self._cls_attn_heads = logits.softmax(dim=-1).squeeze(2)
+        self._cls_attn_heads = weights.squeeze(2)
         return self._cls_attn_heads
 
     @property

@@ -16,9 +16,9 @@ from functools import cached_property
 from typing import Callable, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from leanvit.ops.attention import attention, attention_logits
 from leanvit.ops.hallucinate import (dwconv_logits, fuse_linear_bn, hallucinated_attention,
                                      mix_logits, split_heads)
 from leanvit.signals import Signals
@@ -104,7 +104,7 @@ class HallucinatedSignals(Signals):
     def cls_attn_heads(self) -> Tensor:
         ctx = 0 if self.hallucinate is None else self.hallucinate.context_rows
         rows = min(1 + ctx, self.q.shape[2])
-        logits = (self.q[:, :, :rows] * self.scale) @ self.k.transpose(-2, -1)
+        logits = attention_logits(self.q[:, :, :rows], self.k, self.scale)
         self.macs += self.k.shape[1] * self.k.shape[3] * self.num_tokens * rows
         if self.hallucinate is not None:
             logits = torch.cat([logits, self.hallucinate(logits)], dim=1)
@@ -141,11 +141,9 @@ class HallucinatedAttention(nn.Module):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None,
                keep: Optional[Tensor] = None, rows: Optional[Tensor] = None) -> Tensor:
         """``q``/``k`` ``[B, Hc, N*, D]``, ``v`` ``[B, H, Nk, D]`` -> ``[B, H, Nq', D]``."""
-        if self.hallucinate is None and keep is None and self.fused_attn:
-            if rows is not None:
-                q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0)
+        if self.hallucinate is None:  # one head: plain attention (fused where it can be)
+            return attention(q, k, v, self.scale, bias=bias, keep=keep, rows=rows,
+                             fused=self.fused_attn, dropout=self.attn_drop)
         row_wise = self.hallucinate is None or self.hallucinate.context_rows == 0
         return hallucinated_attention(q, k, v, self.scale, self.hallucinate, bias=bias,
                                       keep=keep, dropout=self.attn_drop, rows=rows,
@@ -154,7 +152,7 @@ class HallucinatedAttention(nn.Module):
     @torch.no_grad()
     def attention_maps(self, q: Tensor, k: Tensor) -> Tensor:
         """Post-softmax maps of all heads ``[B, H, Nq, Nk]`` (for analysis)."""
-        logits = (q * self.scale) @ k.transpose(-2, -1)
+        logits = attention_logits(q, k, self.scale)
         if self.hallucinate is not None:
             logits = torch.cat([logits, self.hallucinate(logits)], dim=1)
         return logits.softmax(-1)

@@ -1,11 +1,47 @@
-"""Attention with a soft keep-mask over keys, as used while training token methods."""
+"""The one attention function every caller uses (adapters, compaction's hMHSA, signals,
+DiffRate), and the fp32 masked softmax used while training token methods.
+
+Three forms, one entry point (:func:`attention`):
+
+- fused: ``torch.nn.functional.scaled_dot_product_attention`` when nothing needs the map and
+  no training keep-mask is set (timm's own fused path, so unchanged models stay bit-identical);
+- explicit: ``softmax((q * scale) @ k^T + bias)`` then ``@ v`` in timm's op order (timm's
+  ``fused_attn=False`` path, and whenever the caller asks for the map);
+- masked: the same logits through :func:`masked_softmax` in float32 (training keep-masks of
+  DynamicViT and the DiffRate search).
+
+Query-row selection (``rows``, ATS) gathers the queries first; all keys and values stay.
+Shapes: ``B`` batch, ``H`` heads, ``Nq`` queries, ``N`` keys, ``D`` head width.
+"""
 from __future__ import annotations
 
+from typing import Callable, Optional, Union
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
-def masked_softmax(logits: Tensor, keep: Tensor, eps: float = 1e-6) -> Tensor:
+def select_rows(q: Tensor, rows: Optional[Tensor]) -> Tensor:
+    """Query rows ``rows`` ``[B, K]`` of ``q`` ``[B, H, Nq, D]`` -> ``[B, H, K, D]`` (all rows
+    when ``rows`` is ``None``)."""
+    if rows is None:
+        return q
+    return q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+
+
+def attention_logits(q: Tensor, k: Tensor, scale: float, bias: Optional[Tensor] = None
+                     ) -> Tensor:
+    """``(q * scale) @ k^T + bias``: ``[B, H, Nq, D]``, ``[B, H, N, D]`` -> ``[B, H, Nq, N]``
+    (timm's op order; ``bias`` broadcastable, e.g. ``[B, 1, 1, N]``)."""
+    a = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        a = a + bias
+    return a
+
+
+def masked_softmax(logits: Tensor, keep: Tensor, eps: float = 1e-6,
+                   rows: Optional[Tensor] = None) -> Tensor:
     """Softmax over keys where dropped keys (``keep`` = 0) get no weight, in float32.
 
     The authors' ``softmax_with_policy`` (DynamicViT, Rao et al. 2021; reused by DiffRate):
@@ -15,18 +51,81 @@ def masked_softmax(logits: Tensor, keep: Tensor, eps: float = 1e-6) -> Tensor:
 
     Args:
         logits: ``[B, H, Nq, N]`` attention logits (scaled, bias added).
-        keep: ``[B, N]`` mask in [0, 1]. Requires ``Nq == N`` (self-attention).
+        keep: ``[B, N]`` mask in [0, 1].
         eps: 1e-6, the authors' value.
+        rows: the key index of each query (its "diagonal"), ``[B, Nq]`` long or a ``[Nq]``
+            tensor; ``None`` requires ``Nq == N`` (self-attention, query ``i`` is key ``i``).
 
     Returns:
         ``[B, H, Nq, N]`` float32 attention weights.
     """
     B, H, Nq, N = logits.shape
-    if Nq != N:
-        raise ValueError(f"masked_softmax needs square attention, got {Nq} queries x {N} keys")
     logits = logits.float()
-    m = keep.float().reshape(B, 1, 1, N)
-    eye = torch.eye(N, dtype=m.dtype, device=m.device).reshape(1, 1, N, N)
-    m = m + (1.0 - m) * eye
+    if rows is None:
+        if Nq != N:
+            raise ValueError(f"masked_softmax needs square attention, got {Nq} queries x {N} "
+                             "keys (pass rows= for selected queries)")
+        m = keep.float().reshape(B, 1, 1, N)
+        eye = torch.eye(N, dtype=m.dtype, device=m.device).reshape(1, 1, N, N)
+        m = m + (1.0 - m) * eye
+    else:  # each query's own key set to exactly 1
+        idx = rows.reshape(-1, 1, Nq, 1).expand(B, 1, Nq, 1).to(torch.long)
+        m = keep.float().reshape(B, 1, 1, N).expand(B, 1, Nq, N).clone()
+        m.scatter_(-1, idx, 1.0)
     a = (logits - logits.amax(dim=-1, keepdim=True)).exp() * m
     return (a + eps / N) / (a.sum(dim=-1, keepdim=True) + eps)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Optional[Tensor],
+    scale: float,
+    *,
+    bias: Optional[Tensor] = None,
+    keep: Optional[Tensor] = None,
+    rows: Optional[Tensor] = None,
+    fused: bool = True,
+    dropout: Union[float, Callable[[Tensor], Tensor], None] = None,
+    return_weights: bool = False,
+) -> Union[Tensor, tuple[Optional[Tensor], Tensor]]:
+    """Scaled dot-product attention in the form the call needs.
+
+    Args:
+        q: ``[B, H, Nq, D]`` queries (after any q-norm), ``k`` ``[B, H, N, D]``, ``v``
+            ``[B, H, N, Dv]`` (``None`` with ``return_weights``: only the map is wanted).
+        scale: softmax scale (timm: ``D ** -0.5``).
+        bias: additive bias broadcastable to ``[B, H, Nq', N]`` (``log(size)`` of merged
+            tokens, ``-inf`` on padding), or ``None``.
+        keep: ``[B, N]`` training keep-mask in [0, 1]: the explicit fp32 :func:`masked_softmax`
+            (the map is cast back to ``q``'s dtype before ``@ v``). Not with ``rows``.
+        rows: ``[B, K]`` query rows to compute (query selection); ``None`` = all.
+        fused: allow the fused SDPA kernel when neither ``keep`` nor ``return_weights`` asks
+            for the map (pass the module's ``fused_attn``; timm's default is fused).
+        dropout: attention dropout: the module's ``nn.Dropout`` (applied to the map; on the
+            fused path its ``p`` while training) or a probability for the fused kernel; ``None``
+            = none.
+        return_weights: also return the post-softmax map ``[B, H, Nq', N]``.
+
+    Returns:
+        ``[B, H, Nq', Dv]`` (``Nq'`` = ``K`` under selection), or ``(out, weights)`` with
+        ``return_weights`` (``out`` is ``None`` when ``v`` is).
+    """
+    if keep is not None and rows is not None:
+        raise ValueError("query selection and a training keep-mask cannot be combined")
+    q = select_rows(q, rows)
+    if fused and keep is None and not return_weights:
+        if dropout is None or isinstance(dropout, float):
+            p = dropout or 0.0
+        else:  # an nn.Dropout: active only while training, as timm
+            p = dropout.p if getattr(dropout, "training", False) else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+    a = attention_logits(q, k, scale, bias)
+    a = masked_softmax(a, keep).to(q.dtype) if keep is not None else a.softmax(dim=-1)
+    weights = a
+    if callable(dropout):
+        a = dropout(a)
+    elif isinstance(dropout, float) and dropout > 0:
+        a = F.dropout(a, dropout)
+    out = None if v is None else a @ v
+    return (out, weights) if return_weights else out

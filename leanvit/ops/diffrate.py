@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from leanvit.ops.attention import attention_logits, masked_softmax
 from leanvit.signals import Signals
 
 
@@ -88,15 +89,7 @@ def ste_min(n: Tensor, a: Tensor, b: Tensor) -> Tensor:
 def masked_cls_attn(signals: Signals, mask: Tensor, eps: float = 1e-6) -> Tensor:
     """Head-averaged class-token row of the eps-masked softmax
     (:func:`leanvit.ops.attention.masked_softmax`), ``[B, N]``, float32."""
-    q0 = signals.q[:, :, :1] * signals.scale
-    logits = q0 @ signals.k.transpose(-2, -1)  # [B, H, 1, N]
-    if signals.bias is not None:
-        logits = logits + signals.bias
-    logits = logits.float()
-    N = logits.shape[-1]
-    m = mask.detach().float()[:, None, None, :].clone()
-    m[..., 0] = 1.0  # the class query's own key (the diagonal) is always kept
-    a = (logits - logits.amax(-1, keepdim=True)).exp() * m
-    a = (a + eps / N) / (a.sum(-1, keepdim=True) + eps)
+    logits = attention_logits(signals.q[:, :, :1], signals.k, signals.scale, signals.bias)
+    rows = torch.zeros(1, dtype=torch.long, device=logits.device)  # the class query is key 0
+    a = masked_softmax(logits, mask.detach(), eps, rows=rows)  # [B, H, 1, N]
     return a.mean(dim=1).squeeze(1)
-

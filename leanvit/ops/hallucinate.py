@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from leanvit.ops.attention import masked_softmax
+from leanvit.ops.attention import attention_logits, masked_softmax, select_rows
 
 
 def split_heads(num_heads: int) -> tuple[int, int]:
@@ -106,9 +106,9 @@ def hallucinated_attention(
             maps are the same as without selection.
     """
     if rows is not None and row_wise:
-        q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+        q = select_rows(q, rows)
         rows = None
-    logits = (q * scale) @ k.transpose(-2, -1)
+    logits = attention_logits(q, k, scale)
     # computed and hallucinated heads go through softmax and values separately: the same
     # result as one [B, H, Nq, Nk] map, without copying the maps into one tensor
     parts = [logits] if hallucinate is None else [logits, hallucinate(logits)]

@@ -85,3 +85,15 @@ def test_a_new_token_family_is_served_by_the_token_methods_without_edits(monkeyp
         leanvit.unpatch(model)
     assert not get_method("tome").serves("convnext", "hierarchical")
     torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+
+
+def test_readme_layout_names_the_contract():
+    """README's layout section says where a new family goes and lists every contract function."""
+    from pathlib import Path
+
+    text = Path(__file__).resolve().parents[2].joinpath("README.md").read_text()
+    layout = text[text.index("## Layout"):]
+    layout = layout[: layout.find("\n## ", 1) if "\n## " in layout[1:] else None]
+    assert "leanvit/adapters/<family>.py" in layout and "register_family" in layout
+    for name in base._members(base.TokenBackbone) + ["COMPACTION"]:
+        assert f"`{name}`" in layout, name

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from leanvit.ops.attention import masked_softmax
@@ -40,3 +41,78 @@ def test_all_kept_is_plain_softmax_and_gradient_reaches_mask():
     torch.testing.assert_close(got, logits.softmax(-1), atol=1e-5, rtol=1e-5)
     (got[..., 1] * torch.arange(4.0)).sum().backward()
     assert keep.grad is not None and keep.grad.abs().sum() > 0
+
+
+# -- the one attention function (leanvit.ops.attention.attention)
+
+
+def _plain(q, k, v, scale, bias=None):
+    """Attention written out per image and head in float64: softmax(q k^T * scale + bias) v."""
+    B, H, Nq, D = q.shape
+    out = torch.empty(B, H, Nq, v.shape[-1], dtype=torch.float64)
+    maps = torch.empty(B, H, Nq, k.shape[2], dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            logits = q[b, h].double() @ k[b, h].double().T * scale
+            if bias is not None:
+                logits = logits + bias[b, 0].double()
+            a = logits.softmax(-1)
+            maps[b, h] = a
+            out[b, h] = a @ v[b, h].double()
+    return out, maps
+
+
+def test_attention_forms_agree_with_a_plain_reference():
+    from leanvit.ops.attention import attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8)
+    bias = torch.randn(2, 1, 1, 6).clamp_min(-1).log1p()  # like log(size)
+    scale = 8 ** -0.5
+    ref, ref_maps = _plain(q, k, v, scale, bias)
+    fused = attention(q, k, v, scale, bias=bias)
+    explicit, maps = attention(q, k, v, scale, bias=bias, fused=False, return_weights=True)
+    torch.testing.assert_close(fused.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(explicit.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(maps.double(), ref_maps, atol=1e-6, rtol=1e-5)
+    # query rows: the selected rows of the full result
+    rows = torch.tensor([[0, 2, 5], [1, 3, 4]])
+    sel = attention(q, k, v, scale, bias=bias, rows=rows)
+    want = torch.stack([ref[b][:, rows[b]] for b in range(2)])
+    torch.testing.assert_close(sel.double(), want, atol=1e-5, rtol=1e-5)
+    # an all-ones keep-mask: the eps-softmax, fp32, close to the plain result
+    masked = attention(q, k, v, scale, bias=bias, keep=torch.ones(2, 6))
+    torch.testing.assert_close(masked.double(), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        attention(q, k, v, scale, keep=torch.ones(2, 6), rows=rows)
+
+
+def test_explicit_form_is_timm_attention_bit_for_bit():
+    """fused=False follows timm's non-fused op order exactly; fused=True is timm's SDPA call."""
+    import timm.layers
+
+    from leanvit.ops.attention import attention
+
+    torch.manual_seed(0)
+    for fused in (True, False):
+        attn = timm.layers.Attention(24, num_heads=3).eval()
+        attn.fused_attn = fused
+        x = torch.randn(2, 7, 24)
+        want = attn(x)
+        B, N, C = x.shape
+        q, k, v = attn.qkv(x).reshape(B, N, 3, 3, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        out = attention(q, k, v, attn.scale, fused=fused, dropout=attn.attn_drop)
+        got = attn.proj(out.transpose(1, 2).reshape(B, N, C))
+        assert torch.equal(got, want)
+
+
+def test_masked_softmax_with_query_rows_matches_the_square_form():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 3, 5, 5)
+    keep = torch.tensor([[1, 0, 1, 0, 0], [0, 1, 1, 0, 1]], dtype=torch.float32)
+    full = masked_softmax(logits, keep)
+    rows = torch.tensor([[0, 3], [4, 1]])
+    sub = torch.stack([logits[b][:, rows[b]] for b in range(2)])
+    got = masked_softmax(sub, keep, rows=rows)
+    want = torch.stack([full[b][:, rows[b]] for b in range(2)])
+    torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-6)
