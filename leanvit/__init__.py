@@ -10,9 +10,11 @@ Public API::
     leanvit.unpatch(model)                  # back to the original, exactly
     leanvit.load(model, "m.safetensors")    # patch again with the saved method and state
     leanvit.compact(model); leanvit.reparameterize(model)   # hMHSA + cFFN layer compaction
+    feats = leanvit.dense_features(model, images)   # [B, H_p, W_p, C] on the full patch grid
 """
 from leanvit import methods as _methods  # noqa: F401  (registers the built-in methods)
 from leanvit.compaction import compact, compaction_spec, reparameterize
+from leanvit.dense import dense_features
 from leanvit.io import load, save
 from leanvit.macs import MacReport, count_macs
 from leanvit.patching import is_patched, patch, patched_method, unpatch
@@ -22,5 +24,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "patch", "unpatch", "is_patched", "patched_method", "available_methods", "count_macs",
-    "MacReport", "save", "load", "compact", "reparameterize", "compaction_spec", "__version__",
+    "MacReport", "save", "load", "compact", "reparameterize", "compaction_spec", "dense_features",
+    "__version__",
 ]

@@ -118,14 +118,21 @@ def run_compare(
     progress: bool = True,
     warmup: int = 1,
     repeats: int = 3,
+    evaluate_fn=None,
 ) -> list[dict[str, Any]]:
     """Evaluate every setting on ``loader`` with a fresh copy of the unpatched ``model``.
 
     The unmodified model (``none``) is evaluated first (also when not listed; then it is
     marked ``"listed": False``) and gives ``speedup`` = images/s / baseline images/s and
     ``mac_ratio`` = baseline GMACs / GMACs. Returns one row dict per setting.
+
+    ``evaluate_fn(model, loader, progress=, warmup=, repeats=, desc=) -> dict`` replaces
+    :func:`leanvit.evaluate.evaluate` (its dict needs ``gmacs`` and ``images_per_s``), e.g.
+    :class:`leanvit.dense.DenseEvaluation` for ``compare --dense``.
     """
     from leanvit.evaluate import evaluate
+
+    run_eval = evaluate if evaluate_fn is None else evaluate_fn
 
     if any(s.method != "none" and s.load is None for s in settings):
         available = set(__import__("leanvit").available_methods())
@@ -139,7 +146,7 @@ def run_compare(
     base = None
     for s in order:
         m = apply_setting(copy.deepcopy(model), s).eval()
-        r = evaluate(m, loader, progress=progress, warmup=warmup, repeats=repeats,
+        r = run_eval(m, loader, progress=progress, warmup=warmup, repeats=repeats,
                      desc=s.label[:40])
         row = {"method": s.method, "settings": s.settings_text, "label": s.label,
                "options": {k: (list(v) if isinstance(v, tuple) else v)
@@ -179,7 +186,19 @@ def pareto(points: Sequence[tuple[float, float]], lower_x_better: bool) -> list[
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Method, settings, top-1, top-5, GMACs, images/s, speedup (over ``none``, same run)."""
+    """Method, settings, top-1, top-5, GMACs, images/s, speedup (over ``none``, same run).
+
+    Dense rows (``compare --dense``, with ``miou``): per-patch accuracy, mIoU and the mean
+    cosine to the unmodified model's dense features instead of top-1 / top-5."""
+    if rows and "miou" in rows[0]:
+        lines = ["| method | settings | per-patch acc. (%) | mIoU (%) | cosine to unpatched | "
+                 "GMACs | images/s | speedup |",
+                 "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in rows:
+            lines.append(f"| {r['method']} | {r['settings'].replace('|', '/')} | "
+                         f"{r['pixel_accuracy']:.2f} | {r['miou']:.2f} | {r['cosine']:.4f} | "
+                         f"{r['gmacs']:.3f} | {r['images_per_s']:.1f} | {r['speedup']:.2f}x |")
+        return "\n".join(lines) + "\n"
     lines = ["| method | settings | top-1 (%) | top-5 (%) | GMACs | images/s | speedup |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
@@ -222,15 +241,21 @@ def label_offsets(points: Sequence[tuple[float, float]], texts: Sequence[str],
     return out
 
 
-def plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+def plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "",
+         metric: Optional[str] = None) -> Path:
     """PNG: top-1 against GMACs (left) and against images/s (right), one colour and marker
     per method, each point labelled with its settings, the Pareto front as a dashed line
-    with the points on it ringed."""
+    with the points on it ringed. ``metric``: the row key plotted (default ``"top1"``, or
+    ``"miou"`` for dense rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if metric is None:
+        metric = "miou" if rows and "miou" in rows[0] else "top1"
+    ylabel = {"top1": "top-1 accuracy (%)", "miou": "mIoU (%)",
+              "pixel_accuracy": "per-patch accuracy (%)"}.get(metric, metric)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cmap = plt.get_cmap("tab10")
     markers = "osD^vP*Xph"
@@ -239,17 +264,17 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> P
     panels = (("gmacs", "GMACs per image (lower is cheaper)", True),
               ("images_per_s", "throughput (images/s, higher is faster)", False))
     for ax, (key, xlabel, lower) in zip(axes, panels):
-        pts = [(r[key], r["top1"]) for r in rows]
+        pts = [(r[key], r[metric]) for r in rows]
         for m in methods:
             sel = [r for r in rows if r["method"] == m]
             color, marker = style[m]
-            ax.scatter([r[key] for r in sel], [r["top1"] for r in sel], color=color,
+            ax.scatter([r[key] for r in sel], [r[metric] for r in sel], color=color,
                        marker=marker, s=60, label=m, zorder=3)
         ax.autoscale_view()
         texts = [_point_label(r) for r in rows]
         shown = ax.transData.transform(pts) * (72.0 / fig.dpi)  # display points
         for r, text, offset in zip(rows, texts, label_offsets(shown.tolist(), texts)):
-            ax.annotate(text, (r[key], r["top1"]), textcoords="offset points",
+            ax.annotate(text, (r[key], r[metric]), textcoords="offset points",
                         xytext=offset, fontsize=7, color="0.25")
         front = pareto(pts, lower_x_better=lower)
         ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="black",
@@ -258,7 +283,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> P
         ax.scatter([pts[i][0] for i in front], [pts[i][1] for i in front], s=180,
                    facecolors="none", edgecolors="black", linewidths=1, zorder=4)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
     axes[0].set_title("accuracy vs. compute")
     axes[1].set_title("accuracy vs. measured throughput")

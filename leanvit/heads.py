@@ -84,16 +84,17 @@ def save_head(head: nn.Linear, path: str | Path, **meta: Any) -> Path:
     """Write ``head`` (``weight`` ``[K, D]``, ``bias`` ``[K]``) to a safetensors file, atomically.
 
     ``meta`` (e.g. ``model=``, ``classes=[names]``, ``img_size=``, ``accuracy=``) is stored
-    as JSON strings in the file's metadata, with ``in_features``, ``num_classes``, ``width``
-    (C = D / 2) and ``feature`` added.
+    as JSON strings in the file's metadata, with ``in_features`` and ``num_classes`` added,
+    and ``width`` (C = D / 2) and ``feature`` unless ``meta`` names them (a dense head:
+    ``width`` = D).
     """
     from safetensors.torch import save_file
 
     if not isinstance(head, nn.Linear):
         raise TypeError(f"head must be an nn.Linear, got {type(head).__name__}")
     path = Path(path)
-    info = dict(meta, in_features=head.in_features, num_classes=head.out_features,
-                width=head.in_features // 2, feature="class token + mean patch token")
+    info = dict(dict(width=head.in_features // 2, feature="class token + mean patch token"),
+                **meta, in_features=head.in_features, num_classes=head.out_features)
     if "classes" in info and len(info["classes"]) != head.out_features:
         raise ValueError(f"{len(info['classes'])} class names for {head.out_features} outputs")
     tensors = {"weight": head.weight.detach().cpu().contiguous(),
@@ -156,6 +157,9 @@ def attach_head(model: nn.Module, head: nn.Linear | str | Path) -> nn.Module:
             (``head.in_features != 2 * model.embed_dim``).
     """
     if isinstance(head, (str, Path)):
+        if head_metadata(head).get("dense"):
+            raise ValueError(f"{head} is a per-patch (dense) probe head; use it with "
+                             "'leanvit compare --dense --head', not as a classifier")
         head = load_head(head)
     if not isinstance(head, nn.Linear):
         raise TypeError(f"head must be an nn.Linear or a path, got {type(head).__name__}")

@@ -61,6 +61,9 @@ def _attach_head_file(model: nn.Module, name: str, head: str | Path) -> None:
     from leanvit.heads import attach_head, head_metadata, load_head
 
     meta = head_metadata(head)
+    if meta.get("dense"):
+        raise ValueError(f"{head} is a per-patch (dense) probe head; use it with "
+                         "'leanvit compare --dense --head', not as a classifier")
     fitted_on = meta.get("model")
     if fitted_on and fitted_on != name:
         raise ValueError(f"head {head} was fitted on {fitted_on} features, not {name}")

@@ -61,9 +61,13 @@ def features(model: nn.Module, images: Tensor) -> Tensor:
 
 
 def extract_features(model: nn.Module, loader: Iterable, progress: bool = True,
-                     desc: str = "features") -> tuple[Tensor, Tensor]:
+                     desc: str = "features", fn=None) -> tuple[Tensor, Tensor]:
     """:func:`features` of every batch of ``loader`` (``(images, labels)`` pairs), in eval
-    mode: ``([M, 2C] float32 on CPU, [M] long)``."""
+    mode: ``([M, 2C] float32 on CPU, [M] long)``.
+
+    ``fn(model, images, labels) -> (features [R, D], labels [R])`` replaces the per-batch
+    step (rows need not be images: :func:`leanvit.dense.dense_batch_fn` gives one row per
+    patch with its foreground label)."""
     from tqdm import tqdm
 
     was_training = model.training
@@ -71,7 +75,11 @@ def extract_features(model: nn.Module, loader: Iterable, progress: bool = True,
     feats, labels = [], []
     try:
         for images, y in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
-            feats.append(features(model, images).float().cpu())
+            if fn is not None:
+                f, y = fn(model, images, y)
+            else:
+                f = features(model, images)
+            feats.append(f.float().cpu())
             labels.append(y.cpu())
     finally:
         model.train(was_training)
@@ -201,8 +209,9 @@ def fit_probe(
 
 def cached_features(model: nn.Module, dataset, cache: Optional[str | Path], key: dict[str, Any],
                     batch_size: int = 64, workers: int = 0, progress: bool = True,
-                    desc: str = "features") -> tuple[Tensor, Tensor]:
-    """:func:`extract_features` of ``dataset``, stored in / read from the file ``cache``.
+                    desc: str = "features", fn=None) -> tuple[Tensor, Tensor]:
+    """:func:`extract_features` of ``dataset`` (with the per-batch ``fn``, if given), stored
+    in / read from the file ``cache``.
 
     The file holds the features, the labels and ``key`` (JSON: what they were computed from,
     e.g. model name, checkpoint, image size, image files); a cache whose key differs is
@@ -221,7 +230,7 @@ def cached_features(model: nn.Module, dataset, cache: Optional[str | Path], key:
         except ValueError:
             pass  # unreadable cache: recompute
     feats, labels = extract_features(model, loader(dataset, batch_size, workers),
-                                     progress=progress, desc=desc)
+                                     progress=progress, desc=desc, fn=fn)
     if cache is not None:
         path = Path(cache)
         with atomic_path(path) as tmp:
@@ -261,10 +270,18 @@ def probe_folder(
     workers: int = 0,
     cache_dir: Optional[str | Path] = None,
     progress: bool = True,
+    dense: bool = False,
+    threshold: Optional[float] = None,
 ) -> dict[str, Any]:
     """``leanvit probe``: features of ``data/train`` -> :func:`fit_probe` -> head saved to
     ``out``; accuracy on ``data/val``. ``limit`` / ``val_limit``: fixed seeded subsets of
     train / val (:func:`leanvit.data.fixed_subset`). Returns the numbers (accuracy in percent, seconds).
+
+    ``dense``: a per-patch (segmentation) probe instead: one row per patch, its final features
+    from :func:`leanvit.dense_features` (``[C]``), its label the foreground target
+    (:func:`leanvit.dense.foreground_targets`, pixel ``threshold`` default
+    :data:`leanvit.dense.FOREGROUND_THRESHOLD`; classes ``background``, ``foreground``; the
+    folders' class labels are not used). Adds ``val_miou``; ``val_accuracy`` is per patch.
 
     The unpatched backbone (no head) gives the features; with ``cache_dir`` they are kept
     in ``cache_dir/<model>-<split>-<hash>.safetensors``, keyed by model, checkpoint (path,
@@ -291,17 +308,29 @@ def probe_folder(
         ck = [str(Path(checkpoint).resolve()), st.st_size, int(st.st_mtime)]
     seconds: dict[str, float] = {}
     feats = {}
+    fn, feature, extra = None, "cls+mean v1", {}
+    if dense:
+        from leanvit.dense import FOREGROUND_THRESHOLD, dense_batch_fn
+
+        threshold = FOREGROUND_THRESHOLD if threshold is None else float(threshold)
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"threshold must be a pixel intensity in [0, 1), got {threshold}")
+        fn, classes = dense_batch_fn(threshold), ["background", "foreground"]
+        feature = f"dense foreground>{threshold!r} v1"
+        extra = dict(dense=True, threshold=threshold, width=model.embed_dim,
+                     feature="final-norm patch token (leanvit.dense_features)")
     for split, ds in (("train", train), ("val", val)):
         key = {"model": model_name, "checkpoint": ck, "img_size": list(model.patch_embed.img_size),
-               "images": dataset_key(ds), "feature": "cls+mean v1"}
+               "images": dataset_key(ds), "feature": feature}
         cache = None
         if cache_dir is not None:
             h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-            cache = Path(cache_dir) / f"{model_name}-{split}-{h}.safetensors"
+            kind = "-dense" if dense else ""
+            cache = Path(cache_dir) / f"{model_name}{kind}-{split}-{h}.safetensors"
         seconds[f"{split}_from_cache"] = float(cache is not None and cache.is_file())
         t0 = time.perf_counter()
         feats[split] = cached_features(model, ds, cache, key, batch_size, workers, progress,
-                                       desc=f"{split} features")
+                                       desc=f"{split} features", fn=fn)
         seconds[f"{split}_features"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     info: dict[str, Any] = {}
@@ -309,15 +338,21 @@ def probe_folder(
     seconds["fit"] = time.perf_counter() - t0
     with torch.no_grad():
         fv, yv = feats["val"]
-        val_acc = 100.0 * float((head(fv).argmax(1) == yv).double().mean())
+        pred = head(fv).argmax(1)
+        val_acc = 100.0 * float((pred == yv).double().mean())
+    if dense:
+        from leanvit.dense import confusion_matrix, segmentation_scores
+
+        extra["val_miou"] = segmentation_scores(confusion_matrix(pred, yv, 2))["miou"]
     save_head(head, out, model=model_name, img_size=list(model.patch_embed.img_size),
               classes=classes, checkpoint=None if checkpoint is None else Path(checkpoint).name,
               val_accuracy=val_acc, weight_decay=info["weight_decay"],
-              train_images=len(train))
+              train_images=len(train), **extra)
     return {"model": model_name, "checkpoint": None if checkpoint is None else str(checkpoint),
             "img_size": list(model.patch_embed.img_size), "data": str(data),
             "classes": classes, "train_images": len(train), "val_images": len(val),
             "val_accuracy": val_acc, "train_accuracy": 100 * info["train_accuracy"],
             "weight_decay": info["weight_decay"],
             "held_out_accuracy": info["held_out_accuracy"], "seconds": seconds,
-            "threads": torch.get_num_threads(), "head": str(out)}
+            "threads": torch.get_num_threads(), "head": str(out),
+            "train_rows": int(feats["train"][1].numel()), **extra}

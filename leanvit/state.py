@@ -43,6 +43,14 @@ class TokenState:
             tuple of ``(name, tensor)`` pairs that hooks extend with
             ``state.replace(aux=state.aux + ((name, t),))`` (e.g. DynamicViT's per-stage keep
             decisions ``[B, N0 - prefix]``). Not per-token: :meth:`gather` leaves it as it is.
+        where: ``[B, N0]`` long, only while dense features are traced
+            (:func:`leanvit.dense_features`): the row of the current token that holds each
+            original token, ``-1`` once it has left the sequence (pruned, or fused into a token
+            that holds no patch of its own). An index map, updated by :meth:`gather` and by
+            every merge (:func:`remap_where`); the cheap replacement of ``source`` for this use.
+        left: features of the tokens that left, recorded with :func:`record_departures` when
+            ``where`` is traced: a tuple of ``(flat index [D] into B * N0, features [D, C])``
+            pairs, one per hook that removed tokens.
         positions: ``[B, N]`` long, the original index (``0 .. N0-1``, prefix included) of the
             position each token takes in position-dependent attention; ``None`` while every
             token is still at its own index (nothing gathered yet). :meth:`gather` fills it, so
@@ -69,6 +77,8 @@ class TokenState:
     prop_attn: bool = False
     recorder: Optional[MacRecorder] = None
     aux: tuple = ()
+    where: Optional[Tensor] = None
+    left: tuple = ()
     positions: Optional[Tensor] = None
     rope: Optional[Tensor] = None
 
@@ -83,6 +93,8 @@ class TokenState:
             source=None if self.source is None else gather_tokens(self.source, index),
             valid=None if self.valid is None else self.valid.gather(1, index),
             mask=None if self.mask is None else self.mask.gather(1, index),
+            where=None if self.where is None else remap_where(
+                self.where, gather_rows(index, self.n0 + index.shape[1])),
             positions=self.merged_positions(index),
         )
 
@@ -132,3 +144,67 @@ def attention_bias(state: TokenState, dtype: torch.dtype) -> Optional[Tensor]:
         pad = pad.masked_fill(~state.valid, float("-inf"))[:, None, None, :]
         bias = pad if bias is None else bias + pad
     return bias
+
+
+# --------------------------------------------------------------------------------------------
+# Index map of the original tokens (dense features)
+
+
+def gather_rows(index: Tensor, n: int) -> Tensor:
+    """Where each input row goes under a gather by ``index`` ``[B, K]``: ``[B, n]`` long, the
+    output row of input row ``j`` (``-1`` for rows not gathered).
+
+    ``n`` is any bound above the input's token count (the rows are scattered, not counted:
+    no host sync); :meth:`TokenState.gather` passes ``n0 + K``, since tokens are only ever
+    removed (EViT appends one fused token while it removes at least one).
+    """
+    B, K = index.shape
+    rows = torch.arange(K, device=index.device).expand(B, K)
+    return torch.full((B, n), -1, dtype=torch.long, device=index.device).scatter_(1, index, rows)
+
+
+def remap_where(where: Tensor, new_row: Tensor) -> Tensor:
+    """Follow the ``[B, N0]`` index map through one gather or merge.
+
+    Args:
+        where: ``[B, N0]`` long, the current row of each original token (``-1``: left).
+        new_row: ``[B, n]`` long, the row each current row becomes (``-1``: removed); ``n``
+            at least the current token count.
+
+    Returns:
+        ``[B, N0]`` long; an original token that had left stays at ``-1``.
+    """
+    return new_row.gather(1, where.clamp_min(0)).masked_fill_(where < 0, -1)
+
+
+def record_departures(x: Tensor, before: TokenState, after: TokenState) -> TokenState:
+    """``after`` with the features of the original tokens that one hook removed.
+
+    Args:
+        x: ``[B, N, C]`` the tokens the hook received (their features when they left).
+        before: the state the hook received; ``after``: the state it returned.
+
+    A token counts as present while ``where >= 0`` and its row is not padding (``valid``,
+    ATS); in ``after``, ``where`` is set to ``-1`` wherever it is not present, so that a later
+    gather cannot bring it back. Returns ``after`` unchanged when ``where`` is not traced. One
+    host sync (how many tokens left) per hook call; the copy is of those ``D`` rows only.
+    """
+    if after.where is None or before.where is None:
+        return after
+    was = present(before)
+    now = present(after)
+    gone = was & ~now
+    b, p = gone.nonzero(as_tuple=True)
+    where = after.where.masked_fill(~now, -1)
+    if b.numel() == 0:
+        return after.replace(where=where)
+    feats = x[b, before.where[b, p]]  # [D, C]
+    return after.replace(where=where, left=after.left + ((b * before.n0 + p, feats),))
+
+
+def present(state: TokenState) -> Tensor:
+    """``[B, N0]`` bool: which original tokens are still held by a real (non-padding) token."""
+    ok = state.where >= 0
+    if state.valid is not None:
+        ok = ok & state.valid.gather(1, state.where.clamp_min(0))
+    return ok

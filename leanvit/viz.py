@@ -227,3 +227,97 @@ def visualize(model: nn.Module, image_path: str | os.PathLike, out: str | os.Pat
     stages = trace_stages(model, x)
     render(shown, stages, tuple(model.patch_embed.grid_size), out, title=title)
     return stages
+
+
+# --------------------------------------------------------------------------------------------
+# Dense-feature PCA (issue 15)
+
+
+def pca_rgb(features: Sequence[Tensor], fit_on: int = 0) -> list[np.ndarray]:
+    """The first three principal components of dense features as RGB images.
+
+    Args:
+        features: ``[H_p, W_p, C]`` tensors (e.g. :func:`leanvit.dense_features` of one image
+            from several models); all are projected on the SAME components, fitted on
+            ``features[fit_on]`` (the unpatched model's, so colours compare across panels).
+        fit_on: index of the features the PCA is fitted on.
+
+    Returns:
+        one ``[H_p, W_p, 3]`` float array in [0, 1] per input: component ``k`` is channel
+        ``k``, scaled so the fitted features' 1st..99th percentile spans [0, 1] (clipped).
+    """
+    ref = features[fit_on].reshape(-1, features[fit_on].shape[-1]).double()
+    mean = ref.mean(0)
+    _, _, vh = torch.linalg.svd(ref - mean, full_matrices=False)
+    basis = vh[:3].T  # [C, 3]
+    proj_ref = (ref - mean) @ basis
+    lo = torch.quantile(proj_ref, 0.01, dim=0)
+    hi = torch.quantile(proj_ref, 0.99, dim=0)
+    out = []
+    for f in features:
+        p = (f.reshape(-1, f.shape[-1]).double() - mean) @ basis
+        rgb = ((p - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
+        out.append(rgb.reshape(*f.shape[:2], 3).numpy())
+    return out
+
+
+def visualize_pca(model: nn.Module, image_path: str | os.PathLike, out: str | os.PathLike,
+                  title: str = "", panel_inches: float = 3.0, dpi: int = 100) -> dict:
+    """The input, the unpatched model's and the patched model's dense-feature PCA (first
+    three components as RGB, :func:`pca_rgb` fitted on the unpatched features) side by side,
+    written to ``out`` (PNG, atomically).
+
+    ``model`` is patched (any method); its unpatched features are computed on the same model
+    with the method off for that pass (:func:`leanvit.unpatch`, then patched back with the
+    same reducer, so learned method state is kept). Returns ``{"cosine": mean cosine of the
+    patched to the unpatched patch features, "method": name}``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from leanvit import adapters
+    from leanvit.dense import dense_features
+    from leanvit.patching import ATTR
+
+    if not adapters.is_patched(model):
+        raise ValueError("visualize_pca compares a patched model with its unpatched self; "
+                         "patch the model first (leanvit.patch)")
+    x, shown = load_image(image_path, model)
+    was_training = model.training
+    model.eval()
+    reducer = getattr(model, ATTR)
+    try:
+        with torch.no_grad():
+            p = next(model.parameters())
+            x = x.to(device=p.device, dtype=p.dtype)
+            patched = dense_features(model, x)[0].float().cpu()
+            cls = type(model)
+            model.__class__ = adapters.original_class(model)  # the method off for one pass
+            try:
+                plain = dense_features(model, x)[0].float().cpu()
+            finally:
+                model.__class__ = cls
+    finally:
+        model.train(was_training)
+    cosine = float(torch.nn.functional.cosine_similarity(patched, plain, dim=-1).mean())
+    rgb_plain, rgb_patched = pca_rgb([plain, patched])
+    name = getattr(reducer, "method_name", "?")
+    panels = [("input", shown), ("unpatched: dense PCA", rgb_plain),
+              (f"{name}: dense PCA (cos {cosine:.3f})", rgb_patched)]
+    fig, axes = plt.subplots(1, 3, layout="constrained",
+                             figsize=(3 * panel_inches, panel_inches + 0.5))
+    for ax, (head, img) in zip(axes, panels):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(head, fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    path = Path(out)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=(path.suffix.lstrip(".") or "png"))
+    finally:
+        plt.close(fig)
+    return {"cosine": cosine, "method": name}

@@ -98,7 +98,10 @@ class Backbone(Protocol):
         family's final map) and the :class:`TokenState`, with the patched model's reducer
         (``model.leanvit``) hooks applied. ``trace_source`` starts ``state.source`` as the
         identity; ``on_block(i, x, state)`` is called after block ``i`` (inspection only).
-        Families that cannot trace sources or report blocks ignore the two."""
+        Families that cannot trace sources or report blocks ignore the two. ``"tokens"``
+        families also take ``trace_where=True`` (:func:`leanvit.dense_features`): start
+        ``state.where`` as ``arange(N0)`` and call :func:`leanvit.state.record_departures`
+        after each reducer hook that may remove tokens."""
 
     def forward_head(self, model: nn.Module, x: Tensor, state: TokenState,
                      pre_logits: bool = False, recorder: Optional[MacRecorder] = None) -> Tensor:

@@ -36,7 +36,7 @@ from leanvit.adapters.vit import check_input, loss_tokens, token_weights
 from leanvit.ops.attention import masked_softmax
 from leanvit.registry import ModelInfo, Reducer
 from leanvit.signals import Signals
-from leanvit.state import TokenState, attention_bias, gather_tokens
+from leanvit.state import TokenState, attention_bias, gather_tokens, record_departures
 
 FAMILY = "beit"
 KIND = "tokens"
@@ -233,7 +233,9 @@ def block_forward(blk: nn.Module, i: int, x: Tensor, state: TokenState, reducer:
     """timm Beit ``Block.forward`` with the method's hooks; ``x`` ``[B, N, C]`` ->
     ``[B, N', C]``; ``shared`` the model's shared relative bias ``[H, N0, N0]`` or ``None``."""
     if reducer.acts_before(i):
-        x, state = reducer.before_block(i, x, state)
+        before = state
+        x_in, (x, state) = x, reducer.before_block(i, x, state)
+        state = record_departures(x_in, before, state)  # no-op unless dense features traced
     if state.positions is None and x.shape[1] != state.n0:
         raise RuntimeError(f"block {i} got {x.shape[1]} tokens of {state.n0} without their "
                            "positions; a method changed the tokens without state.positions")
@@ -243,8 +245,10 @@ def block_forward(blk: nn.Module, i: int, x: Tensor, state: TokenState, reducer:
     y = blk.norm1(x)
     if reducer.needs_signals(i) or state.positions is not None or state.valid is not None \
             or state.mask is not None or (state.prop_attn and state.size is not None):
+        before = state
         a, signals, rows, state = _attention(blk.attn, i, y, shared, state, reducer)
         if rows is not None:
+            state = record_departures(x, before, state)
             x = gather_tokens(x, rows)
     else:
         a = blk.attn(y, shared_rel_pos_bias=shared)  # nothing moved: the module itself
@@ -253,7 +257,9 @@ def block_forward(blk: nn.Module, i: int, x: Tensor, state: TokenState, reducer:
     del a
     n_q = state.token_counts(x) if counting else None
     if reducer.acts_after(i):
-        x, state = reducer.after_attention(i, x, signals, state)
+        before = state
+        x_in, (x, state) = x, reducer.after_attention(i, x, signals, state)
+        state = record_departures(x_in, before, state)
     x = x + blk.drop_path2(_scale(blk.gamma_2, blk.mlp(blk.norm2(x))))
     if counting:
         state.recorder.record_block(i, **block_macs(blk, n_kv, n_q, state.token_counts(x),
@@ -271,8 +277,8 @@ def _embed(model: nn.Module, x: Tensor) -> Tensor:
 
 
 def forward_features(model: nn.Module, x: Tensor, recorder=None, trace_source: bool = False,
-                     on_block: Optional[Callable[[int, Tensor, TokenState], None]] = None
-                     ) -> tuple[Tensor, TokenState]:
+                     on_block: Optional[Callable[[int, Tensor, TokenState], None]] = None,
+                     trace_where: bool = False) -> tuple[Tensor, TokenState]:
     """Embeddings, blocks with the method's hooks, final norm: ``[B, N', C]`` and its state
     (arguments as :func:`leanvit.adapters.vit.forward_features`)."""
     check_input(model, x)
@@ -284,6 +290,9 @@ def forward_features(model: nn.Module, x: Tensor, recorder=None, trace_source: b
     if trace_source:
         eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
         state = state.replace(source=eye.repeat(x.shape[0], 1, 1))
+    if trace_where:  # dense features (leanvit.dense_features)
+        state = state.replace(where=torch.arange(x.shape[1], device=x.device).repeat(
+            x.shape[0], 1))
     state = reducer.init_state(state, x)
     shared = _shared_bias(model)
     for i, blk in enumerate(model.blocks):

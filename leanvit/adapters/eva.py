@@ -57,7 +57,7 @@ from leanvit.adapters.vit import check_input, token_weights  # noqa: F401 (the c
 from leanvit.ops.attention import attention
 from leanvit.registry import ModelInfo, Reducer
 from leanvit.signals import Signals
-from leanvit.state import TokenState, attention_bias, gather_tokens
+from leanvit.state import TokenState, attention_bias, gather_tokens, record_departures
 
 FAMILY = "eva"
 KIND = "tokens"
@@ -268,7 +268,9 @@ def block_forward(blk: nn.Module, i: int, x: Tensor, state: TokenState, reducer:
                   ) -> tuple[Tensor, TokenState]:
     """timm ``EvaBlock.forward`` with the method's hooks; ``x`` ``[B, N, C]`` -> ``[B, N', C]``."""
     if reducer.acts_before(i):
-        x, state = reducer.before_block(i, x, state)
+        before = state
+        x_in, (x, state) = x, reducer.before_block(i, x, state)
+        state = record_departures(x_in, before, state)  # no-op unless dense features traced
     counting = state.recorder is not None
     n_kv = state.token_counts(x) if counting else None
     rows, signals = None, None
@@ -276,8 +278,10 @@ def block_forward(blk: nn.Module, i: int, x: Tensor, state: TokenState, reducer:
     if reducer.needs_signals(i) or state.valid is not None or state.mask is not None or (
         state.prop_attn and state.size is not None
     ):
+        before = state
         a, signals, rows, state = _attention(blk.attn, i, y, state, reducer)
         if rows is not None:
+            state = record_departures(x, before, state)
             x = gather_tokens(x, rows)
     else:  # nothing to expose or bias: timm's module itself, with the tokens' rotations
         a = blk.attn(y, rope=_module_rope(state, blk.attn.num_prefix_tokens))
@@ -288,7 +292,9 @@ def block_forward(blk: nn.Module, i: int, x: Tensor, state: TokenState, reducer:
     del a
     n_q = state.token_counts(x) if counting else None
     if reducer.acts_after(i):
-        x, state = reducer.after_attention(i, x, signals, state)
+        before = state
+        x_in, (x, state) = x, reducer.after_attention(i, x, signals, state)
+        state = record_departures(x_in, before, state)
     m = blk.mlp(blk.norm2(x))
     if blk.gamma_2 is not None:
         m = blk.gamma_2 * m
@@ -317,8 +323,8 @@ def _embed(model: nn.Module, x: Tensor, recorder=None) -> tuple[Tensor, TokenSta
 
 
 def forward_features(model: nn.Module, x: Tensor, recorder=None, trace_source: bool = False,
-                     on_block: Optional[Callable[[int, Tensor, TokenState], None]] = None
-                     ) -> tuple[Tensor, TokenState]:
+                     on_block: Optional[Callable[[int, Tensor, TokenState], None]] = None,
+                     trace_where: bool = False) -> tuple[Tensor, TokenState]:
     """Embeddings, blocks with the method's hooks, final norm: ``[B, N', C]`` and its state.
 
     Arguments as :func:`leanvit.adapters.vit.forward_features` (``recorder`` counts MACs,
@@ -330,6 +336,9 @@ def forward_features(model: nn.Module, x: Tensor, recorder=None, trace_source: b
     if trace_source:
         eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
         state = state.replace(source=eye.repeat(x.shape[0], 1, 1))
+    if trace_where:  # dense features (leanvit.dense_features)
+        state = state.replace(where=torch.arange(x.shape[1], device=x.device).repeat(
+            x.shape[0], 1))
     state = reducer.init_state(state, x)
     for i, blk in enumerate(model.blocks):
         x, state = block_forward(blk, i, x, state, reducer)

@@ -26,7 +26,7 @@ from leanvit.adapters.base import CompactionSites, Site
 from leanvit.ops.attention import attention
 from leanvit.registry import ModelInfo, Reducer
 from leanvit.signals import Signals
-from leanvit.state import TokenState, attention_bias, gather_tokens
+from leanvit.state import TokenState, attention_bias, gather_tokens, record_departures
 
 FAMILY = "vit"
 KIND = "tokens"
@@ -178,7 +178,9 @@ def block_forward(blk: nn.Module, i: int, x: Tensor, state: TokenState, reducer:
                   ) -> tuple[Tensor, TokenState]:
     """timm ``Block.forward`` with the method's hooks; ``x`` ``[B, N, C]`` -> ``[B, N', C]``."""
     if reducer.acts_before(i):
-        x, state = reducer.before_block(i, x, state)
+        before = state
+        x_in, (x, state) = x, reducer.before_block(i, x, state)
+        state = record_departures(x_in, before, state)  # no-op unless dense features traced
     counting = state.recorder is not None
     n_kv = state.token_counts(x) if counting else None
     rows, signals = None, None
@@ -186,8 +188,10 @@ def block_forward(blk: nn.Module, i: int, x: Tensor, state: TokenState, reducer:
     if reducer.needs_signals(i) or state.valid is not None or state.mask is not None or (
         state.prop_attn and state.size is not None
     ):
+        before = state
         a, signals, rows, state = _attention(blk.attn, i, y, state, reducer)
         if rows is not None:
+            state = record_departures(x, before, state)
             x = gather_tokens(x, rows)
     else:
         a = blk.attn(y)  # nothing to expose or bias: the module itself, untouched
@@ -196,7 +200,9 @@ def block_forward(blk: nn.Module, i: int, x: Tensor, state: TokenState, reducer:
     del a
     n_q = state.token_counts(x) if counting else None
     if reducer.acts_after(i):
-        x, state = reducer.after_attention(i, x, signals, state)
+        before = state
+        x_in, (x, state) = x, reducer.after_attention(i, x, signals, state)
+        state = record_departures(x_in, before, state)
     x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
     if counting:
         state.recorder.record_block(i, **block_macs(blk, n_kv, n_q, state.token_counts(x),
@@ -225,8 +231,8 @@ def check_input(model: nn.Module, x: Tensor) -> None:
 
 
 def forward_features(model: nn.Module, x: Tensor, recorder=None, trace_source: bool = False,
-                     on_block: Optional[Callable[[int, Tensor, TokenState], None]] = None
-                     ) -> tuple[Tensor, TokenState]:
+                     on_block: Optional[Callable[[int, Tensor, TokenState], None]] = None,
+                     trace_where: bool = False) -> tuple[Tensor, TokenState]:
     """Embeddings, blocks with the method's hooks, final norm: ``[B, N', C]`` and its state.
 
     Args:
@@ -237,6 +243,9 @@ def forward_features(model: nn.Module, x: Tensor, recorder=None, trace_source: b
         on_block: called as ``on_block(i, x, state)`` after block ``i`` with its output tokens
             ``[B, N, C]`` and state (inspection: source snapshots, features); must not modify
             them.
+        trace_where: start ``state.where`` as ``arange(N0)`` (the index map of the original
+            tokens) and record the features of tokens as they leave (``state.left``), for
+            :func:`leanvit.dense_features`.
     """
     check_input(model, x)
     reducer: Reducer = model.leanvit
@@ -252,6 +261,9 @@ def forward_features(model: nn.Module, x: Tensor, recorder=None, trace_source: b
     if trace_source:
         eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
         state = state.replace(source=eye.repeat(x.shape[0], 1, 1))  # own memory: merges write
+    if trace_where:
+        state = state.replace(where=torch.arange(x.shape[1], device=x.device).repeat(
+            x.shape[0], 1))
     state = reducer.init_state(state, x)
     for i, blk in enumerate(model.blocks):
         x, state = block_forward(blk, i, x, state, reducer)

@@ -31,6 +31,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per setting (default 3)")
     p.add_argument("--title", default=None, help="plot title (default: model and data)")
+    p.add_argument("--dense", action="store_true",
+                   help="per-patch (segmentation) evaluation with a dense probe head from "
+                        "'leanvit probe --dense' (--head): per-patch accuracy, mIoU and the mean "
+                        "cosine of each setting's dense features to the unmodified model's, "
+                        "beside GMACs and throughput; the plot shows mIoU")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -43,19 +48,36 @@ def run(args: argparse.Namespace) -> int:
     from leanvit.models import create_model
 
     settings = parse_methods(args.methods)
-    model = create_model(args.model, img_size=args.img_size, checkpoint=args.checkpoint,
-                         num_classes=args.num_classes, head=args.head).eval().to(args.device)
-    data = load_split(model, args.data, args.split, args.limit)
-    check_classes(model, classes_of(data), args.head)
+    evaluation = None
+    if args.dense:
+        from leanvit.dense import DenseEvaluation, load_dense_head
+
+        if args.head is None:
+            raise ValueError("--dense needs --head: a dense probe head from "
+                             "'leanvit probe --dense'")
+        head, threshold = load_dense_head(args.head)
+        model = create_model(args.model, img_size=args.img_size, checkpoint=args.checkpoint,
+                             num_classes=0).eval().to(args.device)
+        if head.in_features != model.embed_dim:
+            raise ValueError(f"dense head {args.head} takes {head.in_features} features, the "
+                             f"model's patch features are {model.embed_dim} wide")
+        evaluation = DenseEvaluation(head, threshold)
+        data = load_split(model, args.data, args.split, args.limit)
+    else:
+        model = create_model(args.model, img_size=args.img_size, checkpoint=args.checkpoint,
+                             num_classes=args.num_classes, head=args.head).eval().to(args.device)
+        data = load_split(model, args.data, args.split, args.limit)
+        check_classes(model, classes_of(data), args.head)
     rows = run_compare(model, settings, loader(data, args.batch_size, args.workers),
-                       progress=not args.no_progress, repeats=args.repeats)
+                       progress=not args.no_progress, repeats=args.repeats,
+                       evaluate_fn=evaluation)
     from leanvit.bench import environment
     import torch
 
     meta = {"model": args.model, "checkpoint": args.checkpoint, "head": args.head,
             "img_size": list(model.patch_embed.img_size), "data": args.data,
             "split": args.split, "limit": args.limit, "images": len(data),
-            "batch_size": args.batch_size, "methods": args.methods,
+            "batch_size": args.batch_size, "methods": args.methods, "dense": args.dense,
             "environment": environment(torch.device(args.device)),
             "leanvit": leanvit.__version__}
     title = args.title or (f"{args.model} on {args.data}/{args.split} ({len(data)} images, "

@@ -26,6 +26,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="keep extracted features here; re-runs on the same model and images "
                         "skip the extraction")
+    p.add_argument("--dense", action="store_true",
+                   help="a per-patch (segmentation) probe on leanvit.dense_features instead: "
+                        "each patch labelled foreground when more than half its pixels are "
+                        "brighter than --threshold (the folders' classes are not used); "
+                        "reports per-patch accuracy and mIoU")
+    p.add_argument("--threshold", type=float, default=None, metavar="T",
+                   help="with --dense: pixel intensity in [0, 1] (mean of R, G, B) above which "
+                        "a pixel is foreground (default 0.1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     p.set_defaults(func=run)
@@ -37,7 +45,17 @@ def run(args: argparse.Namespace) -> int:
 
     r = probe_folder(args.model, args.data, args.out, checkpoint=args.checkpoint,
                      img_size=args.img_size, batch_size=args.batch_size, limit=args.limit,
-                     workers=args.workers, cache_dir=args.cache, progress=not args.no_progress)
+                     workers=args.workers, cache_dir=args.cache, progress=not args.no_progress,
+                     dense=args.dense, threshold=args.threshold)
+    if args.dense:
+        print(f"dense probe on {r['train_rows']} patches of {r['train_images']} train images "
+              f"(foreground: pixel intensity > {r['threshold']:g} on more than half the patch): "
+              f"weight decay {r['weight_decay']:g}; val per-patch accuracy "
+              f"{r['val_accuracy']:.2f}%, mIoU {r['val_miou']:.2f}% on {r['val_images']} images")
+        print(f"time: features {r['seconds']['train_features'] + r['seconds']['val_features']:.1f}"
+              f" s, fit {r['seconds']['fit']:.1f} s; head written to {args.out}")
+        write_json(args.json, r)
+        return 0
     print(f"probe on {r['train_images']} train images: weight decay {r['weight_decay']:g} "
           f"(held-out part of train: {100 * r['held_out_accuracy'][r['weight_decay']]:.2f}%); "
           f"val accuracy {r['val_accuracy']:.2f}% on {r['val_images']} images")

@@ -25,6 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, default=None, metavar="S",
                    help="input size in pixels, passed to timm.create_model(img_size=S)")
     p.add_argument("--out", required=True, metavar="OUT.png", help="figure to write (PNG)")
+    p.add_argument("--pca", action="store_true",
+                   help="instead of the token stages, draw the dense-feature PCA (first three "
+                        "components as RGB, fitted on the unpatched model) of the unpatched and "
+                        "the patched model side by side (leanvit.dense_features)")
     p.set_defaults(func=run)
 
 
@@ -40,6 +44,13 @@ def run(args: argparse.Namespace) -> int:
     shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
     weights = f"weights {Path(args.checkpoint).name}" if args.checkpoint else "random weights"
     title = (f"{args.model} ({weights}) / {args.method}" + (f" ({shown})" if shown else ""))
+    if args.pca:
+        from leanvit.viz import visualize_pca
+
+        r = visualize_pca(model, args.image, args.out, title=title)
+        print(f"wrote {args.out} (input, unpatched and {args.method} dense-feature PCA; mean "
+              f"cosine of the patch features to the unpatched ones {r['cosine']:.3f})")
+        return 0
     stages = visualize(model, args.image, args.out, title=title)
     counts = ", ".join(f"block {s.block}: {s.num_tokens}" for s in stages) or "no reduction"
     print(f"wrote {args.out} ({len(stages) + 1} panels; tokens after {counts})")

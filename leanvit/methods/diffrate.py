@@ -127,9 +127,11 @@ class DiffRateReducer(Reducer):
         if km < kp:
             if state.recorder is not None:  # cosine similarities of the merge, per image
                 state.recorder.add_extra("diffrate_merge", (kp - km) * km * x.shape[2])
-            x, size, source = merge_tail(x, state.size, self.prefix, km, source=state.source)
+            x, size, source, *where = merge_tail(x, state.size, self.prefix, km,
+                                                 source=state.source, where=state.where)
             # the first km tokens remain, the merged ones folded into them: their positions
-            state = state.replace(size=size, source=source, positions=state.positions[:, :km])
+            state = state.replace(size=size, source=source, positions=state.positions[:, :km],
+                                  where=where[0] if where else None)
         return x, state
 
 

@@ -18,7 +18,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from leanvit.ops.merge import bipartite_soft_matching, max_merges, merge_source, merge_wavg
+from leanvit.ops.merge import (bipartite_soft_matching, max_merges, merge_source, merge_wavg,
+                              merge_where)
 from leanvit.registry import Method, ModelInfo, Reducer, check_bool, register
 from leanvit.signals import Signals
 from leanvit.state import TokenState
@@ -155,10 +156,12 @@ class ToMe(Reducer):
         if state.recorder is not None:  # the cosine-similarity matrix A x B
             n = x.shape[1]
             state.recorder.add_extra("matching", ((n + 1) // 2) * (n // 2) * metric.shape[-1])
+        n = x.shape[1]
         x, size = merge_wavg(m, x, state.size)
         source = None if state.source is None else merge_source(m, state.source)
+        where = None if state.where is None else merge_where(m, state.where, n)
         # a merged token keeps its destination's position (relative position bias)
-        return x, state.replace(size=size, source=source,
+        return x, state.replace(size=size, source=source, where=where,
                                 positions=state.merged_positions(m.keep))
 
 

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from leanvit.ops.attention import attention_logits, masked_softmax
 from leanvit.signals import Signals
+from leanvit.state import remap_where
 
 
 def sort_order(cls_attn: Tensor, prefix: int, k: int) -> Tensor:
@@ -27,8 +28,8 @@ def sort_order(cls_attn: Tensor, prefix: int, k: int) -> Tensor:
 
 
 def merge_tail(x: Tensor, size: Tensor, prefix: int, k: int, end: Optional[int] = None,
-               source: Optional[Tensor] = None, keep_sources: bool = False
-               ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+               source: Optional[Tensor] = None, keep_sources: bool = False,
+               where: Optional[Tensor] = None) -> tuple:
     """Merge tokens ``k .. end-1`` of ``x`` ``[B, N, C]`` into their most similar token among
     ``prefix .. k-1`` (cosine of ``x``; prefix tokens never receive).
 
@@ -37,7 +38,9 @@ def merge_tail(x: Tensor, size: Tensor, prefix: int, k: int, end: Optional[int] 
     ``[B, N, N0]`` is combined with ``max``. Returns the ``k`` merged tokens (and sizes,
     sources) followed by the tokens from ``end`` on, untouched (``end=None``: none follow).
     With ``keep_sources`` the merged sources also stay in place (search mode masks them):
-    the result then has all ``N`` tokens.
+    the result then has all ``N`` tokens. With ``where`` (the ``[B, N0]`` index map of
+    :attr:`leanvit.state.TokenState.where`) a fourth item is returned: the map after the merge
+    (sources follow their destination).
     """
     B, N, C = x.shape
     end = N if end is None else end
@@ -70,7 +73,12 @@ def merge_tail(x: Tensor, size: Tensor, prefix: int, k: int, end: Optional[int] 
         new_size = torch.cat([new_size, size[:, rest:]], dim=1)
         if source is not None:
             new_source = torch.cat([new_source, source[:, rest:]], dim=1)
-    return merged, new_size, new_source
+    if where is None:
+        return merged, new_size, new_source
+    rows = torch.arange(N, device=x.device).expand(B, N)
+    # destinations stay, sources go to theirs, the tokens after ``end`` move up by what left
+    new_row = torch.cat([rows[:, :k], idx, rows[:, end:] - (rest - k)], dim=1)
+    return merged, new_size, new_source, remap_where(where, new_row)
 
 
 def ste_ceil(x: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from leanvit.state import gather_tokens
+from leanvit.state import gather_tokens, remap_where
 
 
 class Matching(NamedTuple):
@@ -144,3 +144,13 @@ def merge_wavg(m: Matching, x: Tensor, size: Optional[Tensor] = None
 def merge_source(m: Matching, source: Tensor) -> Tensor:
     """Merge the ``[B, N, N0]`` 0/1 source map (union of the merged tokens' patches)."""
     return merge_tokens(m, source, "amax")
+
+
+def merge_where(m: Matching, where: Tensor, n: int) -> Tensor:
+    """Follow the ``[B, N0]`` index map (:attr:`leanvit.state.TokenState.where`) through a
+    merge of ``n`` tokens: kept tokens go to their output row, merged ones to their partner's."""
+    B = m.keep.shape[0]
+    rows = torch.arange(m.keep.shape[1], device=m.keep.device).expand(B, -1)
+    new_row = torch.full((B, n), -1, dtype=torch.long, device=m.keep.device)
+    new_row.scatter_(1, m.keep, rows).scatter_(1, m.src, m.dst)
+    return remap_where(where, new_row)
