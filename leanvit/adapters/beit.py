@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leanvit.adapters.vit import check_input, loss_tokens, token_weights
-from leanvit.ops.attention import masked_softmax
+from leanvit.ops.attention import attention
 from leanvit.registry import ModelInfo, Reducer
 from leanvit.signals import Signals
 from leanvit.state import TokenState, attention_bias, gather_tokens, record_departures
@@ -178,26 +178,12 @@ def _attention(attn: nn.Module, i: int, y: Tensor, shared: Optional[Tensor], sta
             q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
             own, shared = _select_rows(own, rows), _select_rows(shared, rows)
 
-    if state.mask is not None or not attn.fused_attn:  # timm's explicit order of additions
-        if state.mask is not None and rows is not None:
-            raise ValueError("query selection and a training keep-mask cannot be combined")
-        a = (q * attn.scale) @ k.transpose(-2, -1)
-        for b in (own, shared, extra):
-            if b is not None:
-                a = a + b
-        if state.mask is not None:  # training with a soft keep-mask: fp32 eps-softmax
-            a = masked_softmax(a, state.mask).to(q.dtype)
-        else:
-            a = a.softmax(dim=-1)
-        out = attn.attn_drop(a) @ v
-    else:
-        bias = own
-        if shared is not None:
-            bias = shared if bias is None else bias + shared
-        if extra is not None:
-            bias = extra if bias is None else bias + extra
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    if state.mask is not None and rows is not None:
+        raise ValueError("query selection and a training keep-mask cannot be combined")
+    # timm's explicit order of additions (relative bias, shared bias, then log(size)/padding)
+    # on the explicit and masked paths; summed in that order into one mask when fused
+    out = attention(q, k, v, attn.scale, bias=(own, shared, extra), keep=state.mask,
+                    fused=attn.fused_attn, dropout=attn.attn_drop)
     out = out.transpose(1, 2).reshape(B, q.shape[2], -1)
     out = attn.proj(out)
     out = attn.proj_drop(out)

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from leanvit.adapters.attention_pool import attention_pool_forward, attention_pool_macs
 from leanvit.adapters.vit import check_input, token_weights  # noqa: F401 (the contract's)
-from leanvit.ops.attention import masked_softmax
+from leanvit.ops.attention import attention
 from leanvit.registry import ModelInfo, Reducer
 from leanvit.signals import Signals
 from leanvit.state import TokenState, attention_bias, gather_tokens, record_departures
@@ -227,29 +227,11 @@ def _attention(attn: nn.Module, i: int, y: Tensor, state: TokenState, reducer: R
     if reducer.selects_queries(i):
         rows, state = reducer.select_queries(i, signals, state)
         if rows is not None:
-            q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
             gate = None if gate is None else gather_tokens(gate, rows)
-
-    if state.mask is not None:  # training with a soft keep-mask: explicit, float32
-        if rows is not None:
-            raise ValueError("query selection and a training keep-mask cannot be combined")
-        a = (q * attn.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            a = a + bias
-        a = masked_softmax(a, state.mask).to(q.dtype)
-        out = attn.attn_drop(a) @ v
-    elif attn.fused_attn:
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    else:
-        q = q * attn.scale
-        a = q @ k.transpose(-2, -1)
-        if bias is not None:
-            a = a + bias
-        a = a.softmax(dim=-1)
-        a = attn.attn_drop(a)
-        out = a @ v
-    out = out.transpose(1, 2).reshape(B, q.shape[2], attn.num_heads * attn.head_dim)
+    # fused SDPA, timm's explicit order, or the fp32 masked form (training keep-mask)
+    out = attention(q, k, v, attn.scale, bias=bias, keep=state.mask, rows=rows,
+                    fused=attn.fused_attn, dropout=attn.attn_drop)
+    out = out.transpose(1, 2).reshape(B, out.shape[2], attn.num_heads * attn.head_dim)
     out = attn.norm(out)
     if gate is not None:
         out = out * gate

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from leanvit.adapters.base import CompactionSites, Site
 from leanvit.adapters.layer_macs import LayerMap
 from leanvit.adapters.pvt_v2 import staged
+from leanvit.ops.attention import attention_logits
 
 FAMILY = "nextvit"
 KIND = "hierarchical"
@@ -49,7 +50,7 @@ def _plain_logits(attn: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
     if attn.sr is not None:
         x = attn.norm(attn.sr(x.transpose(1, 2))).transpose(1, 2)
     k = attn.k(x).reshape(B, -1, attn.num_heads, attn.head_dim).transpose(1, 2)
-    return (q * attn.scale) @ k.transpose(-2, -1)
+    return attention_logits(q, k, attn.scale)
 
 
 COMPACTION = CompactionSites(_attention_sites, _ffn_sites, _attention_class, _plain_logits,

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from leanvit.adapters.base import CompactionSites, Site
 from leanvit.adapters.layer_macs import LayerMap
+from leanvit.ops.attention import attention_logits
 
 FAMILY = "pvt_v2"
 KIND = "hierarchical"
@@ -53,7 +54,7 @@ def _plain_logits(attn: nn.Module, x: Tensor, feat_size, *args, **kwargs) -> Ten
     q = attn.q(x).reshape(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
     kv = attn.kv(_attention_class()._reduce(attn, x, feat_size))
     k = kv[..., :C].reshape(B, -1, attn.num_heads, attn.head_dim).transpose(1, 2)
-    return (q * attn.scale) @ k.transpose(-2, -1)
+    return attention_logits(q, k, attn.scale)
 
 
 COMPACTION = CompactionSites(_attention_sites, _ffn_sites, _attention_class, _plain_logits,

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from leanvit.adapters.attention_pool import (attention_pool_forward, attention_pool_macs,
                                              is_attention_pool, pool_token_count)
 from leanvit.adapters.base import CompactionSites, Site
-from leanvit.ops.attention import attention
+from leanvit.ops.attention import attention, attention_logits
 from leanvit.registry import ModelInfo, Reducer
 from leanvit.signals import Signals
 from leanvit.state import TokenState, attention_bias, gather_tokens, record_departures
@@ -440,7 +440,7 @@ def _plain_logits(attn: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
     B, N, _ = x.shape
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    return (q * attn.scale) @ k.transpose(-2, -1)
+    return attention_logits(q, k, attn.scale)
 
 
 COMPACTION = CompactionSites(_attention_sites, _ffn_sites, _attention_class, _plain_logits,

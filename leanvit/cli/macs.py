@@ -13,7 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "token counts each block sees (averaged over --batch-size random images "
                     "for data-dependent methods).")
     add_model_args(p)
-    p.add_argument("--batch-size", type=int, default=1, help="random images to average over")
+    p.add_argument("--batch-size", type=int, default=1, help="random images to average over (default 1: data-dependent methods such as ats "
+                        "then count one image; give more for their average)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
     p.set_defaults(func=run)
 
@@ -24,11 +25,12 @@ def run(args: argparse.Namespace) -> int:
     import leanvit
     from leanvit.models import create_model
 
-    from leanvit.adapters import find_adapter
+    from leanvit.adapters import find_adapter, layer_map
 
     model = create_model(args.model, img_size=args.img_size, checkpoint=args.checkpoint,
                          num_classes=args.num_classes, head=args.head).eval()
-    find_adapter(model)  # a clear error for unsupported families before any input is made
+    if layer_map(model) is None:  # PVTv2, NextViT: counted layer by layer, no method
+        find_adapter(model)  # a clear error for unsupported families before any input is made
     base = leanvit.count_macs(model, _images(model, args.batch_size))
     if args.method != "none" or args.options:
         leanvit.patch(model, args.method, **parse_set(args.options))

@@ -15,7 +15,7 @@ Shapes: ``B`` batch, ``H`` heads, ``Nq`` queries, ``N`` keys, ``D`` head width.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +30,25 @@ def select_rows(q: Tensor, rows: Optional[Tensor]) -> Tensor:
     return q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
 
 
-def attention_logits(q: Tensor, k: Tensor, scale: float, bias: Optional[Tensor] = None
-                     ) -> Tensor:
+Bias = Union[Tensor, Sequence[Tensor], None]
+
+
+def _biases(bias: Bias) -> list[Tensor]:
+    if bias is None:
+        return []
+    if isinstance(bias, Tensor):
+        return [bias]
+    return [b for b in bias if b is not None]
+
+
+def attention_logits(q: Tensor, k: Tensor, scale: float, bias: Bias = None) -> Tensor:
     """``(q * scale) @ k^T + bias``: ``[B, H, Nq, D]``, ``[B, H, N, D]`` -> ``[B, H, Nq, N]``
-    (timm's op order; ``bias`` broadcastable, e.g. ``[B, 1, 1, N]``)."""
+    (timm's op order; ``bias`` broadcastable, e.g. ``[B, 1, 1, N]``, or several biases added
+    one after the other, in the order given: e.g. BEiT's relative position bias, then the
+    shared one, then ``log(size)``)."""
     a = (q * scale) @ k.transpose(-2, -1)
-    if bias is not None:
-        a = a + bias
+    for b in _biases(bias):
+        a = a + b
     return a
 
 
@@ -82,7 +94,7 @@ def attention(
     v: Optional[Tensor],
     scale: float,
     *,
-    bias: Optional[Tensor] = None,
+    bias: Bias = None,
     keep: Optional[Tensor] = None,
     rows: Optional[Tensor] = None,
     fused: bool = True,
@@ -96,7 +108,8 @@ def attention(
             ``[B, H, N, Dv]`` (``None`` with ``return_weights``: only the map is wanted).
         scale: softmax scale (timm: ``D ** -0.5``).
         bias: additive bias broadcastable to ``[B, H, Nq', N]`` (``log(size)`` of merged
-            tokens, ``-inf`` on padding), or ``None``.
+            tokens, ``-inf`` on padding), a sequence of such biases (added to the logits one
+            after the other; summed in order into one mask on the fused path), or ``None``.
         keep: ``[B, N]`` training keep-mask in [0, 1]: the explicit fp32 :func:`masked_softmax`
             (the map is cast back to ``q``'s dtype before ``@ v``). Not with ``rows``.
         rows: ``[B, K]`` query rows to compute (query selection); ``None`` = all.
@@ -119,7 +132,10 @@ def attention(
             p = dropout or 0.0
         else:  # an nn.Dropout: active only while training, as timm
             p = dropout.p if getattr(dropout, "training", False) else 0.0
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+        mask = None
+        for b in _biases(bias):  # several biases: summed in order, one mask for the kernel
+            mask = b if mask is None else mask + b
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
     a = attention_logits(q, k, scale, bias)
     a = masked_softmax(a, keep).to(q.dtype) if keep is not None else a.softmax(dim=-1)
     weights = a

@@ -140,3 +140,18 @@ def test_clear_errors():
     leanvit.patch(model, "tome", r=2)
     with pytest.raises(ValueError, match="already patched"):
         leanvit.patch(model, "evit")
+
+
+@pytest.mark.parametrize("method,options", [("evit", {"keep_rate": 0.5}), ("tome", {"r": 2}),
+                                            ("diffrate",
+                                             {"schedule": ([17, 13, 9], [17, 11, 7])})])
+def test_compiles_in_one_graph(method, options):
+    """Fixed-rate methods keep static shapes on BEiT too: one graph (``fullgraph=True``,
+    eager backend as in tests/methods/test_compile.py), same outputs."""
+    torch._dynamo.reset()
+    model = leanvit.patch(tiny(), method, **options)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), expected, atol=1e-5, rtol=1e-5)

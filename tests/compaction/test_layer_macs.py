@@ -72,3 +72,16 @@ def test_mode_restored_and_pre_existing_errors_kept():
     assert model.training
     with pytest.raises(ValueError, match="unsupported model type"):
         leanvit.patch(tiny("pvt_v2_b0"), "tome")
+
+
+def test_macs_command_on_pvt(tmp_path, capsys):
+    import json
+
+    from leanvit.cli import main
+
+    out = tmp_path / "m.json"
+    assert main(["macs", "pvt_v2_b0", "--json", str(out)]) == 0  # 224x224 (paper: 0.6 G)
+    data = json.loads(out.read_text())
+    assert data["gmacs"] == pytest.approx(0.566, abs=1e-3)
+    assert len(data["per_block"]) == 8  # b0: depths (2, 2, 2, 2)
+    assert "downsample" in capsys.readouterr().out

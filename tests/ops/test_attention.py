@@ -116,3 +116,20 @@ def test_masked_softmax_with_query_rows_matches_the_square_form():
     got = masked_softmax(sub, keep, rows=rows)
     want = torch.stack([full[b][:, rows[b]] for b in range(2)])
     torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-6)
+
+
+def test_several_biases_are_added_in_order():
+    from leanvit.ops.attention import attention, attention_logits
+
+    torch.manual_seed(2)
+    q, k, v = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)
+    b1, b2 = torch.randn(1, 2, 5, 5), torch.randn(2, 1, 1, 5)
+    want = ((q * 0.5) @ k.transpose(-2, -1) + b1) + b2
+    assert torch.equal(attention_logits(q, k, 0.5, (b1, None, b2)), want)
+    total = b1 + b2  # [2, 2, 5, 5]
+    expect = torch.stack([torch.stack([
+        ((q[b, h].double() @ k[b, h].double().T) * 0.5 + total[b, h].double()).softmax(-1)
+        @ v[b, h].double() for h in range(2)]) for b in range(2)])
+    for fused in (True, False):
+        got = attention(q, k, v, 0.5, bias=(b1, b2), fused=fused)
+        torch.testing.assert_close(got.double(), expect, atol=1e-5, rtol=1e-5)
