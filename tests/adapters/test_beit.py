@@ -155,3 +155,17 @@ def test_compiles_in_one_graph(method, options):
         expected = model(x)
         compiled = torch.compile(model, backend="eager", fullgraph=True)
         torch.testing.assert_close(compiled(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_diffrate_search_runs_on_beit():
+    """The rate search (masked tokens, cached frozen blocks via embed / run_blocks) on BEiT:
+    reaches its MAC target and leaves the model as it was."""
+    from leanvit.search.diffrate import search
+
+    model = tiny(num_classes=0)
+    dense = leanvit.count_macs(model, torch.randn(1, 3, 64, 64)).gmacs
+    target = 0.75 * dense  # ~3 MMACs: a MAC weight large enough that the term matters
+    result = search(model, target, torch.randn(4, 3, 64, 64), epochs=30, batch_size=4,
+                    progress=False, granularity=1, mac_weight=1e7, lr=0.3, min_lr=0.03)
+    assert abs(result.schedule.gmacs - target) / target < 0.03
+    assert not leanvit.is_patched(model)
