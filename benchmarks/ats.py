@@ -27,7 +27,6 @@ import copy
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import leanvit  # noqa: E402
-from leanvit.bench import run_benchmark  # noqa: E402
+from leanvit.bench import round_spread, run_benchmark, time_models  # noqa: E402
 from leanvit.models import create_model  # noqa: E402
 from leanvit.viz import data_transform  # noqa: E402
 
@@ -96,23 +95,16 @@ def macs(model, images, **options) -> dict:
 
 
 def time_pair(base, patched, x, warmup: int, repeats: int) -> dict:
-    """run_benchmark's protocol on given input: warm-up, interleaved rounds, median."""
-    times = {"baseline": [], "patched": []}
-    models = {"baseline": base, "patched": patched}
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for m in models.values():
-                m(x)
-        for r in range(repeats):
-            for key in (("baseline", "patched") if r % 2 == 0 else ("patched", "baseline")):
-                t0 = time.perf_counter()
-                models[key](x)
-                times[key].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"baseline_ms": med["baseline"] * 1e3, "patched_ms": med["patched"] * 1e3,
-            "speedup": med["baseline"] / med["patched"],
+    """run_benchmark's protocol on given input (``leanvit.bench.time_models``: warm-up,
+    interleaved rounds in alternating order), medians and the rounds' spread."""
+    rounds = time_models(base, patched, x, warmup=warmup, repeats=repeats)
+    med = {k: statistics.median(v) for k, v in rounds.items()}
+    return {"baseline_ms": med["baseline"] * 1e3, "patched_ms": med["candidate"] * 1e3,
+            "speedup": med["baseline"] / med["candidate"],
             "baseline_images_per_s": x.shape[0] / med["baseline"],
-            "patched_images_per_s": x.shape[0] / med["patched"]}
+            "patched_images_per_s": x.shape[0] / med["candidate"],
+            "spread": {"baseline": round_spread(rounds["baseline"]),
+                       "patched": round_spread(rounds["candidate"])}}
 
 
 def main() -> int:

@@ -14,8 +14,8 @@ transform (28 px grey -> 224 px RGB, ImageNet mean/std), as ``leanvit probe`` do
    held-out 20 %). This probe is FIXED for the whole experiment ("fixed probe").
 2. Conversion: :func:`leanvit.compact` with the best setting on main (``hallucination="mix"``,
    ``ffn_ratio=2/3``, ``branches=2``: fitted mixing beat dwconv on DINOv2 in feature cosine and
-   probe accuracy, ``benchmarks/results_head_similarity.json``,
-   ``results_compaction_probe.json``), calibrated on ``--calib`` training images (the first of
+   probe accuracy, ``benchmarks/results/compaction_head_similarity.json``,
+   ``benchmarks/results/compaction_probe.json``), calibrated on ``--calib`` training images (the first of
    a seeded permutation, not among the probe's). Accuracy right after conversion.
 3. Fine-tune: :func:`leanvit.train.train` (the shared trainer) on the converted model with the
    fixed probe attached and FROZEN (:func:`leanvit.probe.attach_head`, head

@@ -14,7 +14,7 @@ photos. Reported per variant:
   against the pretrained heads they replace (on the evaluation images, model inputs of the
   plain model), mean over blocks.
 
-    flock /tmp/leanvit-cpu.lock python benchmarks/compaction_head_similarity.py
+    flock /tmp/leanvit-cpu.lock python benchmarks/compaction_head_similarity.py --out benchmarks/results/compaction_head_similarity.json
 """
 from __future__ import annotations
 

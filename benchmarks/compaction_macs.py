@@ -8,7 +8,7 @@ FFN-only. MACs per 224x224 image counted by ``leanvit.macs.traced_macs``
 them). Paper (arXiv 2306.10875): 10-20% fewer FLOPs and parameters; PVTv2-b1 -13.2% params,
 -15.2% FLOPs; NextViT-S -13.9% params, -11.5% FLOPs.
 
-    flock /tmp/leanvit-cpu.lock python benchmarks/compaction_macs.py --out results.json
+    flock /tmp/leanvit-cpu.lock python benchmarks/compaction_macs.py --out benchmarks/results/compaction_macs.json
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ standardised class-token features) is fitted on ``--train`` training images and 
 (``leanvit.compact(..., images=16 other training images)``, no fine-tune: the distillation
 fine-tune needs issue 5's trainer). Each model gets its own probe (as a user would refit).
 
-    flock /tmp/leanvit-cpu.lock python benchmarks/compaction_probe.py --out results.json
+    flock /tmp/leanvit-cpu.lock python benchmarks/compaction_probe.py --out benchmarks/results/compaction_probe.json
 """
 from __future__ import annotations
 

@@ -46,13 +46,12 @@ from torch import Tensor
 
 import leanvit
 from leanvit._files import atomic_write_text
-from leanvit.adapters.vit import block_forward
+from leanvit.adapters import vit
 from leanvit.losses import LossWeights, Output, total_loss
-from leanvit.methods.dynamicvit import DECISION, keep_counts
+from leanvit.methods.dynamicvit import DECISION
 from leanvit.models import create_model
 from leanvit.probe import class_mean, fit_probe, save_head
 from leanvit.data import read_idx
-from leanvit.registry import Method, Reducer, check_locations, register
 from leanvit.state import TokenState
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,74 +86,29 @@ def to_input(images: Tensor, size: int = 224) -> Tensor:
 # -- features -------------------------------------------------------------------------------
 
 def pooled(tokens: Tensor, state: TokenState) -> Tensor:
-    """``[B, 2C]`` probe feature (``leanvit.probe.class_mean``): class token and the mean of
-    the patch tokens, size-weighted, padding and masked-out (training) tokens left out."""
-    w = state.sizes_like(tokens)
-    if state.valid is not None:
-        w = w * state.valid.to(w.dtype)
-    if state.mask is not None:
-        w = w * state.mask.to(w.dtype)
-    return class_mean(tokens, state.prefix, w)
+    """``[B, 2C]`` probe feature (``leanvit.heads.class_mean``): class token and the mean of
+    the patch tokens, weighted as the model's own pooling weighs them
+    (``leanvit.adapters.vit.token_weights``: by size, without padding or masked-out tokens)."""
+    return class_mean(tokens, state.prefix, vit.token_weights(state, tokens))
 
 
 # -- running the model from the cached block-3 input ----------------------------------------
 
 def embed_and_first_blocks(model, x: Tensor) -> Tensor:
-    """Unpatched blocks 0..FIRST-1 (timm modules): the input of block FIRST."""
-    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-    for blk in model.blocks[:FIRST]:
-        x = blk(x)
-    return x
+    """The input of block FIRST: the library's embedding and blocks 0..FIRST-1 of the patched
+    model (``leanvit.adapters.vit.embed`` / ``run_blocks``; no variant acts before FIRST)."""
+    return vit.run_blocks(model, *vit.embed(model, x), 0, FIRST)[0]
 
 
 def run_from(model, x: Tensor, n0: int) -> tuple[Tensor, TokenState]:
-    """Blocks FIRST.. of a patched model with its method's hooks, then the final norm."""
-    reducer = model.leanvit
-    state = reducer.init_state(TokenState(prefix=model.num_prefix_tokens, n0=n0), x)
-    for i in range(FIRST, len(model.blocks)):
-        x, state = block_forward(model.blocks[i], i, x, state, reducer)
-    return model.norm(x), state
+    """Blocks FIRST.. of a patched model with its method's hooks, then the final norm
+    (``leanvit.adapters.vit.run_blocks`` from a fresh per-forward state)."""
+    state = model.leanvit.init_state(TokenState(prefix=model.num_prefix_tokens, n0=n0), x)
+    return vit.run_blocks(model, x, state, FIRST)
 
 
-# -- random keep: the control for "the predictors learned something" ------------------------
-
-@dataclasses.dataclass(frozen=True)
-class RandomKeepOptions:
-    keep_rate: float = 0.7
-    locations: tuple = (3, 6, 9)
-    seed: int = 0
-
-
-class RandomKeep(Reducer):
-    """DynamicViT's counts ``int(N0 * rho ** (s + 1))`` before the same blocks, survivors drawn
-    uniformly at random (seeded)."""
-
-    def __init__(self, options, info):
-        super().__init__(options, info)
-        self.stage = {loc: s for s, loc in enumerate(options.locations)}
-        self.gen = torch.Generator().manual_seed(options.seed)
-
-    def acts_before(self, i):
-        return i in self.stage
-
-    def before_block(self, i, x, state):
-        s, P = self.stage[i], state.prefix
-        B, N = x.shape[:2]
-        k = keep_counts(state.n0 - P, self.options.keep_rate, s + 1)[s]
-        idx = torch.rand(B, N - P, generator=self.gen).topk(k, dim=1).indices.sort(1).values
-        index = torch.cat([torch.arange(P).expand(B, -1), idx + P], dim=1)
-        return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1])), state.gather(index)
-
-
-def _build_random(options: RandomKeepOptions, info) -> RandomKeep:
-    check_locations("locations", options.locations, info.depth)
-    return RandomKeep(options, info)
-
-
-def _register_random() -> None:
-    if "random_keep" not in leanvit.available_methods():
-        register(Method("random_keep", RandomKeepOptions, _build_random,
-                        summary="control: DynamicViT's token counts, random survivors"))
+# The random-keep control is the registered method ``random`` (leanvit/methods/random_keep.py):
+# DynamicViT's counts before the same blocks, survivors drawn uniformly at random (seeded).
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -309,11 +263,11 @@ def main() -> None:
     leanvit.unpatch(model)
 
     # 4. training-free methods and the random control, same keep rate and locations
-    _register_random()
     for name, method, opts in (
             ("topk", "topk", {"keep_rate": args.keep_rate, "locations": (3, 6, 9)}),
             ("evit", "evit", {"keep_rate": args.keep_rate, "locations": (3, 6, 9)}),
-            ("random_keep", "random_keep", {"keep_rate": args.keep_rate, "seed": args.seed})):
+            ("random_keep", "random", {"keep_rate": args.keep_rate, "locations": (3, 6, 9),
+                                       "seed": args.seed})):
         leanvit.patch(model, method, **opts)
         t0 = time.perf_counter()
         results[name] = {**_eval_patched(model, head, val["x3"], yva, n0, mac_images),

@@ -38,6 +38,16 @@ def _build(model_name: str, method: Optional[str], options: dict, img_size, chec
     return model.eval()
 
 
+#: timing rounds whose (max - min) / median exceeds this probably shared the cores with
+#: another heavy process: run_benchmark warns
+SPREAD_WARNING = 0.20
+
+
+def round_spread(times: list[float]) -> float:
+    """``(max - min) / median`` of one model's round times (0 for one round)."""
+    return (max(times) - min(times)) / statistics.median(times) if times else 0.0
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -192,6 +202,9 @@ def run_benchmark(
 
     base = _build(model, None, {}, img_size, checkpoint, num_classes, head)
     patched = patch(copy.deepcopy(base), method, **options).eval()
+    from leanvit.patching import warn_if_untrained
+
+    warn_if_untrained(patched)
     from leanvit.models import input_size
 
     h, w = input_size(base)
@@ -213,6 +226,17 @@ def run_benchmark(
                          repeats=repeats, iters=iters,
                          desc=f"bench {model} / {method}" if progress else None)
     times = {"baseline": rounds["baseline"], "patched": rounds["candidate"]}
+    spread = {k: round_spread(v) for k, v in times.items()}
+    worst = max(spread, key=spread.get)
+    if spread[worst] > SPREAD_WARNING:
+        import warnings
+
+        load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") \
+            else "n/a"
+        warnings.warn(f"the {worst} model's timing rounds spread by {spread[worst]:.0%} of their "
+                      f"median (> {SPREAD_WARNING:.0%}): another process probably competed for "
+                      f"the cores (load average {load}); the speedup is unreliable", UserWarning,
+                      stacklevel=2)
 
     peak: dict[str, Optional[float]] = {"baseline": None, "patched": None}
     if memory:
@@ -234,12 +258,14 @@ def run_benchmark(
     def summary(key: str, gmacs: float) -> dict[str, Any]:
         med = statistics.median(times[key])
         return {"images_per_s": batch_size / med, "ms_per_batch": med * 1e3, "gmacs": gmacs,
-                "peak_mem_mb": peak[key], "round_ms": [t * 1e3 for t in times[key]]}
+                "peak_mem_mb": peak[key], "round_ms": [t * 1e3 for t in times[key]],
+                "spread": spread[key]}
 
     result = {
         "baseline": summary("baseline", gmacs_base),
         "patched": summary("patched", gmacs_patched),
         "config": {"model": model, "method": method, "options": _jsonable(options),
+                   "resolved_options": _jsonable(resolved_options(patched)),
                    "img_size": [h, w], "batch_size": batch_size, "dtype": dtype,
                    "compile": compile, "checkpoint": checkpoint, "head": head,
                    "warmup": warmup,
@@ -252,8 +278,36 @@ def run_benchmark(
 
 
 def _jsonable(options: dict) -> dict:
-    return {k: (v if isinstance(v, (int, float, str, bool, type(None), list)) else repr(v))
-            for k, v in options.items()}
+    """Options as values ``json`` writes: tuples stay tuples (JSON arrays in a file, tuples
+    when printed; they were repr strings), other objects become their repr."""
+    def one(v):
+        if isinstance(v, (tuple, list)):
+            return type(v)(one(x) for x in v)
+        if isinstance(v, dict):
+            return {str(k): one(x) for k, x in v.items()}
+        return v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
+
+    return {k: one(v) for k, v in options.items()}
+
+
+def resolved_options(model: nn.Module) -> dict:
+    """Every option of the method patched into ``model``, defaults filled in, and resolved
+    block ``locations`` where the method resolves them (``None`` -> the depth's default)."""
+    import dataclasses
+
+    reducer = getattr(model, "leanvit", None)
+    opts = getattr(reducer, "options", None)
+    if opts is None or not dataclasses.is_dataclass(opts):
+        return {}
+    out = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
+    if out.get("locations", 0) is None and getattr(reducer, "locations", None) is not None:
+        out["locations"] = tuple(reducer.locations)
+    return out
+
+
+def format_options(options: dict) -> str:
+    """``keep_rate=0.7, locations=(3, 6, 9)``: Python literals, as ``--set`` takes them."""
+    return ", ".join(f"{k}={v!r}" for k, v in options.items()) or "(no options)"
 
 
 def format_table(result: dict) -> str:
@@ -268,7 +322,8 @@ def format_table(result: dict) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
     cfg, env = result["config"], result["environment"]
     lines.append(f"speedup {result['speedup']:.3f}x   MAC ratio {result['mac_ratio']:.3f}x")
-    lines.append(f"{cfg['model']} method={cfg['method']} {cfg['options']} batch "
+    shown = cfg.get("resolved_options") or cfg["options"]
+    lines.append(f"{cfg['model']} method={cfg['method']} {format_options(shown)} batch "
                  f"{cfg['batch_size']} {cfg['dtype']} on {env['device_name']} "
                  f"({env['threads']} threads), torch {env['torch']}, timm {env['timm']}")
     return "\n".join(lines)

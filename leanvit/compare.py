@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 from torch import nn
 
 from leanvit._files import atomic_path, atomic_write_text
+from leanvit.patching import warn_if_untrained
 
 
 @dataclass
@@ -107,7 +108,9 @@ def apply_setting(model: nn.Module, setting: Setting) -> nn.Module:
         return model
     if setting.method == "none" and not setting.options:
         return model
-    return leanvit.patch(model, setting.method, **setting.options)
+    leanvit.patch(model, setting.method, **setting.options)
+    warn_if_untrained(model)
+    return model
 
 
 def run_compare(

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.datasets import ImageFolder as _TvImageFolder
+from torchvision.datasets.folder import make_dataset as _tv_make_dataset
 
 #: Debian's ``dataset-fashion-mnist`` package installs the IDX files here.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -114,6 +116,60 @@ def check_image_folder(root: str | Path) -> list[str]:
     return classes
 
 
+class ImageReadError(ValueError):
+    """An image file that cannot be decoded (truncated, not an image); names the file."""
+
+
+def read_image(path: str) -> Any:
+    """The RGB PIL image in ``path`` (fully decoded); :class:`ImageReadError` naming the file
+    when it is truncated or not an image (PIL's own error names neither the file nor the
+    cause in one line)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except UnidentifiedImageError:
+        raise ImageReadError(f"cannot read image {path}: not an image file PIL can read "
+                             "(garbage or an unsupported format)") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBomb...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ImageReadError(f"cannot read image {path}: {reason}") from None
+
+
+def check_no_repeated_folders(root: str | Path) -> None:
+    """``ValueError`` when walking ``root`` (following symlinks, as ImageFolder does) reaches a
+    folder a second time: a symlink loop (or two links to one folder) would read its images
+    many times (a loop of 8 files read as 168)."""
+    seen: dict[str, str] = {}
+    for dirpath, _, _ in os.walk(str(root), followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            raise ValueError(f"{dirpath} is the folder {seen[real]} again (a symlink loop or a "
+                             "second link to it): its images would be read more than once")
+        seen[real] = dirpath
+
+
+class ImageFolder(_TvImageFolder):
+    """torchvision's ``ImageFolder`` (same samples, classes, targets), except: a folder
+    reached twice (symlink loop) is an error, a class folder without images is a
+    ``ValueError`` naming it, and an unreadable image raises :class:`ImageReadError` naming
+    its file (in training too: the run stops there, with the file's name)."""
+
+    def __init__(self, root: str | Path, transform=None, target_transform=None):
+        check_image_folder(root)
+        super().__init__(str(root), transform=transform, target_transform=target_transform,
+                         loader=read_image)
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None,
+                     allow_empty=False):
+        check_no_repeated_folders(directory)
+        return _tv_make_dataset(directory, class_to_idx, extensions=extensions,
+                                is_valid_file=is_valid_file, allow_empty=allow_empty)
+
+
 def image_folder(root: str | Path, model: Optional[nn.Module] = None, transform=None) -> Dataset:
     """torchvision ``ImageFolder`` at ``root`` with ``model``'s evaluation transform.
 
@@ -125,14 +181,12 @@ def image_folder(root: str | Path, model: Optional[nn.Module] = None, transform=
     Raises:
         ValueError: ``root`` is missing or not an ImageFolder.
     """
-    from torchvision.datasets import ImageFolder
-
     check_image_folder(root)
     if transform is None:
         if model is None:
             raise ValueError("image_folder needs a model (for its data config) or a transform")
         transform = eval_transform(model)
-    return ImageFolder(str(root), transform=transform)
+    return ImageFolder(root, transform=transform)
 
 
 def split_dir(data: str | Path, split: str) -> Path:

@@ -18,6 +18,8 @@ decisions (EViT, ToMe, ATS, top-k) get CE + KL; the token term needs tokens kept
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, fields
 from typing import Optional, Sequence
 
@@ -39,8 +41,9 @@ class LossWeights:
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"loss weight {f.name} must be a number >= 0, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v < 0:
+                raise ValueError(f"loss weight {f.name} must be a finite number >= 0, got {v!r}")
 
 
 #: DynamicViT's weights for hierarchical backbones (DynamicSwin / DynamicConvNeXt, Rao et al.,

@@ -83,3 +83,22 @@ def patched_method(model: nn.Module) -> tuple[str, Any] | None:
         return None
     reducer = getattr(model, ATTR)
     return reducer.method_name, reducer.options
+
+
+def warn_if_untrained(model: nn.Module) -> None:
+    """Warn when the method just patched into ``model`` has learned parameters (DynamicViT's
+    prediction modules): freshly initialised, its keep decisions are random, so accuracy and
+    pictures of which tokens it keeps mislead (MACs and speed do not depend on them).
+    For commands that patch a fresh model (``bench``, ``eval``, ``compare``, ``viz``)."""
+    import warnings
+
+    reducer = getattr(model, ATTR, None)
+    if reducer is None:
+        return
+    n = sum(p.numel() for p in reducer.parameters())
+    if n:
+        warnings.warn(
+            f"{reducer.method_name}'s {n} learned parameters are freshly initialised (random): "
+            "which tokens it keeps is random, so accuracy and token pictures do not show the "
+            "trained method (MACs and speed do); train it (leanvit train) and load the saved "
+            "state (leanvit.load; eval and compare: --set load=FILE)", UserWarning, stacklevel=2)

@@ -25,6 +25,7 @@ stay importable from here.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -240,7 +241,8 @@ def cached_features(model: nn.Module, dataset, cache: Optional[str | Path], key:
 
 
 def dataset_key(dataset) -> list:
-    """Image files (relative names) and labels of an ImageFolder or Subset, for cache keys."""
+    """Image files (relative names, sizes, modification times) and labels of an ImageFolder or
+    Subset, for cache keys: ``[count, sha256]``."""
     from torch.utils.data import Subset
 
     idx = None
@@ -253,7 +255,11 @@ def dataset_key(dataset) -> list:
 
     h = hashlib.sha256()
     for path, label in samples:
-        h.update(f"{Path(path).relative_to(root)}\t{label}\n".encode())
+        # size and modification time (ns) too: images replaced under the same names must not
+        # give the old features (issue 13.2)
+        st = os.stat(path)
+        h.update(f"{Path(path).relative_to(root)}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n"
+                 .encode())
     return [len(samples), h.hexdigest()]
 
 

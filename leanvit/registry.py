@@ -140,6 +140,9 @@ class Method:
     families: tuple[str, ...] = ("vit",)
     summary: str = ""
     family_options: Mapping[str, type] = dataclasses.field(default_factory=dict)
+    #: a mode other code patches in (``diffrate-search``, used by ``leanvit search``): not
+    #: listed by :func:`available_methods` and ``leanvit methods``, still accepted by ``patch``
+    internal: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.build, Mapping):
@@ -222,8 +225,9 @@ def get_method(name: str) -> Method:
 
 
 def available_methods() -> dict[str, type]:
-    """Method name -> its options dataclass (read the defaults from its fields)."""
-    return {name: m.options for name, m in sorted(_METHODS.items())}
+    """Method name -> its options dataclass (read the defaults from its fields); internal
+    modes (``Method.internal``) are left out."""
+    return {name: m.options for name, m in sorted(_METHODS.items()) if not m.internal}
 
 
 def describe_options(options_cls: type) -> str:
@@ -241,6 +245,8 @@ def check_number(name: str, value: Any, *, lo: float = -math.inf, hi: float = ma
     kind = numbers.Integral if integer else numbers.Real
     if isinstance(value, bool) or not isinstance(value, kind):
         raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     below = value <= lo if lo_open else value < lo
     above = value >= hi if hi_open else value > hi
     if below or above:

@@ -66,6 +66,24 @@ from leanvit.losses import LossWeights, Output, total_loss
 FROZEN_NAMES = ("cls_token", "pos_embed", "dist_token", "reg_token")
 
 
+def default_workers() -> int:
+    """Data-loader workers: 4 (DeiT's 10 per GPU scaled down), at most the CPU cores this
+    process may use."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(4, cores))
+
+
+#: TrainConfig fields never compared on resume (how this invocation runs, not what it trains;
+#: ``output``: a run folder may be moved)
+RESUME_IGNORES = ("resume", "progress", "log_every", "max_steps", "allow_changes", "output")
+#: fields a resumed run may change when ``allow_changes`` names them: they change speed or
+#: bookkeeping, not the result (``workers``: images are seeded per index, not per worker)
+RESUME_MAY_CHANGE = ("workers", "device", "checkpoint_interval_s", "eval_every")
+
+
 @dataclass
 class TrainConfig:
     """A training run. Defaults: the DynamicViT DeiT-S recipe (Rao et al. 2021, authors'
@@ -106,17 +124,24 @@ class TrainConfig:
     ema: bool = False
     ema_decay: float = 0.99996  #: DeiT
     clip_grad: Optional[float] = None
-    workers: int = 4
+    workers: int = field(default_factory=lambda: default_workers())  #: min(4, CPU cores)
     seed: int = 0
     device: Optional[str] = None  #: default: cuda:LOCAL_RANK if available, else cpu
     log_every: int = 50
     checkpoint_interval_s: float = 1800.0
     resume: Optional[str] = None  #: a checkpoint path, or "auto" (OUTPUT/last.pt if present)
+    #: fields a resumed run may change (only those in RESUME_MAY_CHANGE; the rest must equal
+    #: the checkpoint's config, else resuming is refused listing the differences)
+    allow_changes: tuple = ()
     max_steps: Optional[int] = None  #: stop after this many optimizer steps in this run
     eval_every: int = 1  #: evaluate on val every N epochs (0: never)
     progress: bool = True
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name} must be a finite number, got {v!r}")
         if self.amp not in ("auto", "none", "bf16", "fp16"):
             raise ValueError(f"amp must be auto, none, bf16 or fp16, got {self.amp!r}")
         for name in ("epochs", "batch_size"):
@@ -137,6 +162,13 @@ class TrainConfig:
                              f"{self.crop_scale!r}")
         if not isinstance(self.compact_images, int) or self.compact_images < 0:
             raise ValueError(f"compact_images must be an int >= 0, got {self.compact_images!r}")
+
+        if isinstance(self.allow_changes, str):
+            self.allow_changes = (self.allow_changes,)
+        bad = sorted(set(self.allow_changes) - set(RESUME_MAY_CHANGE))
+        if bad:
+            raise ValueError(f"allow_changes: {', '.join(bad)} cannot change in a resumed run "
+                             f"(they change what is trained); only {', '.join(RESUME_MAY_CHANGE)}")
 
     @classmethod
     def fields(cls) -> dict[str, Any]:
@@ -220,7 +252,7 @@ def _data_config(model: nn.Module) -> dict:
 
 def _datasets(cfg: TrainConfig, model: nn.Module):
     from timm.data import create_transform
-    from torchvision.datasets import ImageFolder
+    from leanvit.data import ImageFolder
 
     root = Path(cfg.data)
     for split in ("train", "val"):
@@ -379,8 +411,89 @@ def _keep_rate_at(progress: float, cfg: TrainConfig, target: float) -> float:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """``torch.save`` through a temporary file; a failed write (disk full: torch reports
+    ``unexpected pos``; read-only or vanished folder) is a ``ValueError`` naming the file."""
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+    except (OSError, RuntimeError) as e:
+        import shutil
+
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else \
+            (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        try:
+            free = shutil.disk_usage(path.parent).free
+            reason += f"; {free / 2**20:.0f} MiB free on that disk"
+        except OSError:
+            pass
+        raise ValueError(f"could not write checkpoint {path}: {reason}") from None
+
+
+#: what atomic_path leaves behind when a process is killed mid-write
+_STALE_TEMP_GLOBS = (".last.pt.*.tmp", ".final.safetensors.*.tmp")
+
+
+def _prepare_output(out: Path) -> None:
+    """Create ``out``, check that files can be written there, and remove temporary files of
+    checkpoint writes a killed run left behind."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".leanvit-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"output folder {out} is not writable: "
+                         f"{e.strerror or type(e).__name__}") from None
+    for pattern in _STALE_TEMP_GLOBS:
+        for stale in out.glob(pattern):
+            stale.unlink(missing_ok=True)
+
+
+def _read_training_checkpoint(path: Path) -> dict:
+    """A ``last.pt`` written by :func:`train`; ``ValueError`` for anything else (e.g. the
+    run's ``final.safetensors``, which holds weights only)."""
+    hint = (f"{path} is not a training checkpoint: --resume continues a run from its "
+            "OUTPUT/last.pt (optimizer, step, RNG states); to start a new run from trained "
+            "weights use --checkpoint")
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        raise ValueError(hint)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # unpickling errors of corrupt files come in many types
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    need = ("model", "optimizer", "epoch", "step", "global_step", "rng")
+    if not isinstance(ck, dict) or any(k not in ck for k in need):
+        raise ValueError(hint)
+    return ck
+
+
+def _comparable(v: Any) -> Any:
+    return json.loads(json.dumps(v, sort_keys=True, default=str))
+
+
+def _check_resumed_config(cfg: TrainConfig, saved: Optional[dict], path) -> None:
+    """``ValueError`` listing every field whose value differs from the checkpoint's config
+    (except :data:`RESUME_IGNORES` and the allowed :data:`RESUME_MAY_CHANGE`)."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"checkpoint {path} holds no training config; cannot check that the "
+                         "resumed run is the same")
+    now = dataclasses.asdict(cfg)
+    skip = set(RESUME_IGNORES) | set(cfg.allow_changes)
+    diffs = []
+    for k in now:
+        if k in skip:
+            continue
+        a, b = _comparable(saved.get(k)), _comparable(now[k])
+        if a != b:
+            diffs.append(f"{k} {saved.get(k)!r} -> {now[k]!r}")
+    if diffs:
+        may = [d.split(" ", 1)[0] for d in diffs if d.split(" ", 1)[0] in RESUME_MAY_CHANGE]
+        hint = (f"; harmless ones can be allowed: "
+                f"{' '.join(f'--allow-change {m}' for m in may)}" if may else "")
+        raise ValueError(f"cannot resume from {path}: the config differs from the run's: "
+                         f"{'; '.join(diffs)} (use the run's values or a new --output{hint})")
 
 
 class _Logger:
@@ -435,7 +548,7 @@ def _calibration_images(cfg: TrainConfig, data_cfg: dict, n: int) -> Tensor:
     """``n`` training images with the evaluation transform (no augmentation), the first ones
     of a permutation seeded by ``cfg.seed``: ``[n, 3, H, W]`` (for :func:`leanvit.compact`)."""
     from timm.data import create_transform
-    from torchvision.datasets import ImageFolder
+    from leanvit.data import ImageFolder
 
     tf = create_transform(
         data_cfg["input_size"], is_training=False, interpolation=data_cfg["interpolation"],
@@ -473,13 +586,14 @@ def train(config: TrainConfig | dict, model: Optional[nn.Module] = None,
         raise ValueError("config.data must name an ImageFolder root (with train/ and val/)")
     world, rank, device = _setup_distributed(cfg)
     amp, amp_dtype = _autocast(cfg, device)
+    # the data first: a wrong --data must not leave an empty output folder behind
+    num_classes = cfg.num_classes if cfg.num_classes is not None else _count_classes(cfg.data)
     out = Path(cfg.output)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        _prepare_output(out)
     log = _Logger(out / "log.jsonl" if rank == 0 else None)
 
     # -- model, teacher, method (the same seed on every rank and on resume)
-    num_classes = cfg.num_classes if cfg.num_classes is not None else _count_classes(cfg.data)
     _seed_all(cfg.seed)
     if model is None:
         model = create_model(cfg.model, img_size=cfg.img_size, checkpoint=cfg.checkpoint,
@@ -555,11 +669,15 @@ def train(config: TrainConfig | dict, model: Optional[nn.Module] = None,
     if resume == "auto":
         resume = str(out / "last.pt") if (out / "last.pt").is_file() else None
     if resume:
+        ck = _read_training_checkpoint(Path(resume))
+        _check_resumed_config(cfg, ck.get("config"), resume)
         try:
-            ck = torch.load(resume, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise ValueError(f"cannot read checkpoint {resume}: {type(e).__name__}: {e}") from None
-        model.load_state_dict(ck["model"])
+            model.load_state_dict(ck["model"])
+        except RuntimeError as e:
+            from leanvit.models import load_error_summary
+
+            raise ValueError(f"cannot resume from {resume}: the model differs from the one "
+                             f"trained there ({load_error_summary(e)})") from None
         optimizer.load_state_dict(ck["optimizer"])
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])

@@ -178,8 +178,11 @@ def render(image: np.ndarray, stages: Sequence[Stage], grid: tuple[int, int],
     for ax, (head, img) in zip(axes.flat, panels):
         ax.imshow(img, interpolation="nearest")
         ax.set_title(head, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
+    if title:  # wrapped to the figure's width (a one-panel figure is 2 inches wide)
+        import textwrap
+
+        chars = max(16, int(cols * panel_inches * 11))  # ~11 characters per inch at 10 pt
+        fig.suptitle(textwrap.fill(title, chars), fontsize=10)
     path = Path(path)
     try:
         with atomic_path(path) as tmp:
@@ -203,15 +206,11 @@ def data_transform(model: nn.Module):
 def load_image(path: str | os.PathLike, model: nn.Module) -> tuple[Tensor, np.ndarray]:
     """An image file as the model's input ``[1, 3, H, W]`` and as the RGB picture ``[H, W, 3]``
     in [0, 1] it shows (the same resize and crop, without normalisation)."""
-    from PIL import Image, UnidentifiedImageError
+    from leanvit.data import read_image
 
-    try:
-        with Image.open(path) as im:
-            pil = im.convert("RGB")
-    except (FileNotFoundError, IsADirectoryError):
-        raise ValueError(f"image {path} does not exist") from None
-    except UnidentifiedImageError:
-        raise ValueError(f"{path} is not an image PIL can read") from None
+    if not Path(path).is_file():
+        raise ValueError(f"image {path} does not exist")
+    pil = read_image(str(path))  # a truncated or garbage file: ValueError naming it
     transform, cfg = data_transform(model)
     x = transform(pil)
     mean = torch.tensor(cfg["mean"]).view(3, 1, 1)
@@ -220,9 +219,30 @@ def load_image(path: str | os.PathLike, model: nn.Module) -> tuple[Tensor, np.nd
     return x[None], shown
 
 
+def check_drawable(model: nn.Module) -> None:
+    """``ValueError`` unless ``model`` is of a flat-token family (ViT), whose methods remove or
+    merge tokens that :func:`visualize` can draw."""
+    from leanvit.adapters import find_family
+
+    family = find_family(model)
+    if family.kind != "tokens" or not hasattr(model, "patch_embed"):
+        raise ValueError(f"viz draws which tokens each stage keeps, drops or merges in "
+                         f"flat-token models (ViT family); {type(model).__name__} is a "
+                         f"{family.name} model whose methods keep every position of its feature "
+                         f"maps (dynamicvit routes them through a slow or fast path), so there is "
+                         f"nothing to draw")
+
+
 def visualize(model: nn.Module, image_path: str | os.PathLike, out: str | os.PathLike,
               title: str = "") -> list[Stage]:
-    """Trace ``image_path`` through ``model`` and write the per-stage figure to ``out``."""
+    """Trace ``image_path`` through ``model`` and write the per-stage figure to ``out``.
+
+    Raises:
+        ValueError: a model of a family whose methods remove no tokens (ConvNeXt, Swin:
+            ``dynamicvit`` routes positions inside stage 3 and keeps the feature map whole),
+            or an image that is missing or unreadable.
+    """
+    check_drawable(model)
     x, shown = load_image(image_path, model)
     stages = trace_stages(model, x)
     render(shown, stages, tuple(model.patch_embed.grid_size), out, title=title)

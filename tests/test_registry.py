@@ -54,3 +54,44 @@ def test_builders_per_family_dispatch_on_the_model(temp_method):
 def test_a_family_without_builder_is_refused_at_registration():
     with pytest.raises(ValueError, match="no builder"):
         Method("_bad", _VitOpts, {"vit": lambda o, i: None}, families=("vit", "swin"))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_check_number_rejects_non_finite_numbers(bad):
+    """Issue 13.4: NaN compared False with both bounds and so passed every range check."""
+    from leanvit.registry import check_number
+
+    with pytest.raises(ValueError, match="finite"):
+        check_number("x", bad, lo=0.0, hi=1.0)
+    with pytest.raises(ValueError, match="finite"):
+        check_number("x", bad)
+
+
+@pytest.mark.parametrize("method,options,bad", [
+    ("evit", dict(keep_rate=0.7), dict(keep_rate=float("nan"))),
+    ("topk", dict(keep_rate=0.7), dict(keep_rate=float("nan"))),
+    ("dynamicvit", dict(locations=(1,), tau=1.0), dict(tau=float("nan"))),
+    ("dynamicvit", dict(locations=(1,), keep_rate=0.7), dict(keep_rate=float("inf"))),
+    ("tome", dict(r=(2, 0.5)), dict(r=(2, float("nan")))),
+])
+def test_methods_refuse_nan_options(method, options, bad):
+    """The same options with a finite value patch; with NaN/inf they are refused."""
+    import leanvit
+    from tests.conftest import tiny_vit
+
+    model = tiny_vit()
+    leanvit.unpatch(leanvit.patch(model, method, **options))
+    with pytest.raises(ValueError, match="finite|must be"):
+        leanvit.patch(model, method, **{**options, **bad})
+    assert not leanvit.is_patched(model)
+
+
+def test_training_config_and_loss_weights_refuse_nan():
+    from leanvit.losses import LossWeights
+    from leanvit.train import TrainConfig
+
+    with pytest.raises(ValueError, match="finite"):
+        LossWeights(ratio=float("nan"))
+    for name in ("lr", "weight_decay", "smoothing", "mixup", "clip_grad"):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+            TrainConfig(**{name: float("nan")})

@@ -33,11 +33,37 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):  # one line each
+        print(f"leanvit {args.command}: warning: {message}", file=sys.stderr)
+
+    shown_before = warnings.showwarning
+    warnings.showwarning = show
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError) as e:
-        print(f"leanvit {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"leanvit {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown_before
+
+
+def one_line(e: BaseException) -> str:
+    """An error's message on one line. An error raised in a DataLoader worker arrives with the
+    worker's whole traceback in its message: its last line is the original message."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        name = type(e).__name__
+        for prefix in (f"{type(e).__module__}.{name}: ", f"{name}: "):
+            if last.startswith(prefix):
+                last = last[len(prefix):]
+        text = last.split(": ", 1)[1] if last.startswith("leanvit.") and ": " in last else last
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+        text = f"{text}: {e.filename}"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) \
+        or type(e).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -28,11 +28,12 @@ def parse_set(items: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
-def add_model_args(p: argparse.ArgumentParser, method: bool = True) -> None:
+def add_model_args(p: argparse.ArgumentParser, method: bool = True,
+                   default_method: str = "none") -> None:
     p.add_argument("model", metavar="MODEL", help="timm model name, e.g. deit_small_patch16_224")
     if method:
-        p.add_argument("--method", default="none",
-                       help="method name (see 'leanvit methods'); default: none")
+        p.add_argument("--method", default=default_method,
+                       help=f"method name (see 'leanvit methods'); default: {default_method}")
         p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                        help="method option as a Python literal, e.g. --set keep_rate=0.7 "
                             "--set 'locations=(3,6,9)'; repeatable")

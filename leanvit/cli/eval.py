@@ -11,7 +11,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "eval", help="accuracy, GMACs and throughput on an ImageFolder split",
         description="Evaluate a model (optionally patched with --method) on DATA/SPLIT, read "
                     "with the model's own timm data config at its input size: top-1 and top-5 "
-                    "(%%), GMACs per image averaged over the evaluated images, and images/s of "
+                    "(%), GMACs per image averaged over the evaluated images, and images/s of "
                     "the model alone (median of timed passes on one batch).")
     add_model_args(p)
     p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder root (DIR/SPLIT)")

@@ -19,6 +19,8 @@ def run(args: argparse.Namespace) -> int:
         return ", ".join(f"{f} ({', '.join(family_names(f))})" if f in KINDS else f for f in fams)
 
     for name, m in sorted(_METHODS.items()):
+        if m.internal:
+            continue
         print(f"{name}: {m.summary}  [families: {served(m.families)}]")
         groups = [(None, m.options)] + [(fam, cls) for fam, cls in m.family_options.items()
                                         if cls is not m.options]

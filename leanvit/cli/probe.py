@@ -10,7 +10,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Fit a linear classifier on the class token concatenated with the mean "
                     "patch token (2C features, DINOv2's linear evaluation) of DATA/train: "
                     "logistic regression by full-batch L-BFGS, weight decay chosen on a "
-                    "held-out 20%% of train; report accuracy on DATA/val; save the head "
+                    "held-out 20% of train; report accuracy on DATA/val; save the head "
                     "(safetensors) for --head.")
     p.add_argument("model", metavar="MODEL", help="timm model name, e.g. vit_small_patch14_dinov2")
     p.add_argument("--checkpoint", default=None, metavar="FILE",

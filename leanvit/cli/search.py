@@ -33,11 +33,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="weight of (GMACs - target)^2 (default 5, authors)")
     p.add_argument("--granularity", type=int, default=None,
                    help="candidate spacing in tokens (default: 4 per 196 patches)")
-    p.add_argument("--img-size", type=int, default=None, metavar="S")
+    p.add_argument("--img-size", type=int, default=None, metavar="S",
+                   help="input size in pixels, passed to timm.create_model(img_size=S)")
     p.add_argument("--checkpoint", default=None, metavar="FILE",
                    help="timm state dict to load (random weights otherwise)")
-    p.add_argument("--num-classes", type=int, default=None, metavar="N")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-classes", type=int, default=None, metavar="N",
+                   help="classifier size (0: headless); default: the model's or the checkpoint's")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the image subset and the batch order (default 0)")
     p.add_argument("--out", required=True, metavar="FILE", help="schedule JSON to write")
     p.set_defaults(func=run)
 

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from leanvit.cli.common import add_model_args, parse_set
+
+#: TrainConfig fields a resumed run may change (leanvit.train.RESUME_MAY_CHANGE; repeated
+#: here so that --help does not import torch)
+RESUME_MAY_CHANGE = ("workers", "device", "checkpoint_interval_s", "eval_every")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,8 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "leanvit train ... (DDP; gloo on CPU). Checkpoints: OUTPUT/last.pt every "
                     "epoch and every --checkpoint-interval seconds; --resume auto continues "
                     "exactly where a run stopped. Any TrainConfig field: --cfg key=value.")
-    add_model_args(p)
-    p.set_defaults(method="dynamicvit")
+    add_model_args(p, default_method="dynamicvit")
     p.add_argument("--data", required=True, metavar="DIR",
                    help="ImageFolder root with train/<class>/* and val/<class>/*")
     p.add_argument("--output", default="runs/leanvit", metavar="DIR",
@@ -29,10 +31,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", default=None, choices=("auto", "none", "bf16", "fp16"),
                    help="autocast dtype (default auto: bf16 on CUDA, none on CPU)")
     p.add_argument("--ema", action="store_true", help="keep an EMA of the weights")
-    p.add_argument("--workers", type=int, default=None, help="data-loader workers (default 4)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data-loader workers (default: 4, at most this machine's CPU cores)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--resume", default=None, metavar="CKPT|auto",
                    help="checkpoint to continue from; 'auto': OUTPUT/last.pt if present")
+    p.add_argument("--allow-change", action="append", default=[], metavar="FIELD",
+                   choices=RESUME_MAY_CHANGE,
+                   help="with --resume: let this harmless TrainConfig field differ from the "
+                        "run's saved config (choices: %(choices)s); any other difference is "
+                        "refused; repeatable")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many steps in this run (a checkpoint is written)")
     p.add_argument("--checkpoint-interval", type=float, default=None, metavar="SECONDS",
@@ -71,6 +79,8 @@ def config_from_args(args: argparse.Namespace):
         v = getattr(args, attr)
         if v is not None:
             values[key] = v
+    if args.allow_change:
+        values["allow_changes"] = tuple(args.allow_change)
     if args.ema:
         values["ema"] = True
     if args.no_distill:
@@ -90,6 +100,25 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     summary = train(config_from_args(args))
-    if os.environ.get("RANK", "0") == "0":  # one line per run, not per torchrun process
-        print(json.dumps(summary))
+    if os.environ.get("RANK", "0") == "0":  # once per run, not per torchrun process
+        print(format_summary(summary))
     return 0
+
+
+def format_summary(summary: dict) -> str:
+    """The end of a run for a person: what was done, the accuracy, where the files are."""
+    def pct(v):
+        return "-" if v is None else f"{v:.2f}%"
+
+    lines = [f"{'stopped after' if summary.get('stopped_early') else 'finished'} "
+             f"{summary.get('epochs_done')} epoch(s), {summary.get('global_step')} steps"]
+    last = {k[len("last_"):]: v for k, v in summary.items() if k.startswith("last_")}
+    if "top1" in last or summary.get("best_top1") is not None:
+        lines.append(f"val top-1: last {pct(last.get('top1'))}, best "
+                     f"{pct(summary.get('best_top1'))}"
+                     + (f", EMA {pct(last['ema_top1'])}" if "ema_top1" in last else ""))
+    for key, label in (("weights", "weights"), ("ema_weights", "EMA weights"),
+                       ("checkpoint", "checkpoint (--resume)")):
+        if summary.get(key):
+            lines.append(f"{label}: {summary[key]}")
+    return "\n".join(lines)

@@ -12,9 +12,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "figure: the input, then one panel per block that changed the tokens, with "
                     "dropped patches blanked and merged groups painted in their mean colour "
                     "and outlined. Random weights unless --checkpoint is given.")
-    p.add_argument("image", metavar="IMAGE", help="image file (anything PIL reads)")
-    p.add_argument("--model", required=True, metavar="M",
-                   help="timm model name, e.g. vit_small_patch14_dinov2")
+    p.add_argument("positional", nargs="+", metavar="IMAGE [MODEL]",
+                   help="the image file (anything PIL reads) and the timm model name, in either "
+                        "order (or the model with --model)")
+    p.add_argument("--model", default=None, metavar="M",
+                   help="timm model name, e.g. vit_small_patch14_dinov2 (or give it as a "
+                        "positional argument, as in the other commands)")
     p.add_argument("--method", default="none", metavar="M",
                    help="method name (see 'leanvit methods'); default: none")
     p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
@@ -36,11 +39,16 @@ def run(args: argparse.Namespace) -> int:
     import leanvit
     from leanvit.cli.common import parse_set
     from leanvit.models import create_model
-    from leanvit.viz import visualize
+    from leanvit.viz import check_drawable, visualize
 
+    resolve_image_and_model(args)
     options = parse_set(args.options)
     model = create_model(args.model, img_size=args.img_size, checkpoint=args.checkpoint).eval()
+    check_drawable(model)  # before patching: ConvNeXt/Swin have nothing to draw
     leanvit.patch(model, args.method, **options)
+    from leanvit.patching import warn_if_untrained
+
+    warn_if_untrained(model)
     shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
     weights = f"weights {Path(args.checkpoint).name}" if args.checkpoint else "random weights"
     title = (f"{args.model} ({weights}) / {args.method}" + (f" ({shown})" if shown else ""))
@@ -55,3 +63,25 @@ def run(args: argparse.Namespace) -> int:
     counts = ", ".join(f"block {s.block}: {s.num_tokens}" for s in stages) or "no reduction"
     print(f"wrote {args.out} ({len(stages) + 1} panels; tokens after {counts})")
     return 0
+
+
+def resolve_image_and_model(args: argparse.Namespace) -> None:
+    """Sets ``args.image`` and ``args.model`` from ``IMAGE MODEL``, ``MODEL IMAGE`` or
+    ``IMAGE --model MODEL``: of two positionals, the model is the timm model name."""
+    import timm
+
+    pos = list(args.positional)
+    if len(pos) > 2:
+        raise ValueError(f"viz takes IMAGE and MODEL, got {len(pos)} arguments: {' '.join(pos)}")
+    if len(pos) == 2:
+        if args.model is not None:
+            raise ValueError("give the model once: as a positional argument or with --model")
+        names = [p for p in pos if timm.is_model(p) and not Path(p).is_file()]
+        if len(names) != 1:
+            raise ValueError(f"of {pos[0]!r} and {pos[1]!r} exactly one must be a timm model "
+                             "name (the other the image file)")
+        pos.remove(names[0])
+        args.model = names[0]
+    elif args.model is None:
+        raise ValueError("viz needs a model: leanvit viz IMAGE MODEL (or --model MODEL)")
+    args.image = pos[0]

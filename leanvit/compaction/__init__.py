@@ -63,7 +63,7 @@ def _check(attention, ffn, ffn_ratio, branches, hallucination, kernel_size, imag
         raise ValueError(f"ffn must be 'compact' or None, got {ffn!r}")
     if isinstance(ffn_ratio, bool) or not isinstance(ffn_ratio, (int, float)):
         raise TypeError(f"ffn_ratio must be a number, got {type(ffn_ratio).__name__}")
-    if not 0 < ffn_ratio <= 1:
+    if not 0 < ffn_ratio <= 1:  # also refuses NaN
         raise ValueError(f"ffn_ratio must be in (0, 1] (fraction of the width C), got {ffn_ratio}")
     if isinstance(branches, bool) or not isinstance(branches, int):
         raise TypeError(f"branches must be an int, got {type(branches).__name__}")
@@ -78,6 +78,14 @@ def _check(attention, ffn, ffn_ratio, branches, hallucination, kernel_size, imag
         raise ValueError(f"kernel_size must be an odd positive int, got {kernel_size}")
     if images is not None and (not isinstance(images, Tensor) or images.dim() != 4):
         raise ValueError("images must be a [B, 3, H, W] tensor of calibration images or None")
+    if images is not None:
+        if images.shape[0] == 0:
+            raise ValueError("images is an empty batch; give a few calibration images or None")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a float tensor (normalised as the model expects), "
+                            f"got {images.dtype}")
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError("images hold NaN or infinite values; calibration needs real images")
 
 
 def compact(
@@ -278,7 +286,12 @@ def _capture(model: nn.Module, att_sites: list[Site], ffn_sites: list[Site], ima
         model.eval()
         p = next(model.parameters())
         with torch.no_grad():
-            model(images.to(device=p.device, dtype=p.dtype))
+            try:
+                model(images.to(device=p.device, dtype=p.dtype))
+            except (AssertionError, RuntimeError, ValueError) as e:  # timm asserts the size
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise ValueError(f"calibration images {list(images.shape)} do not fit the "
+                                 f"model: {reason}") from None
     finally:
         for h in handles:
             h.remove()

@@ -144,6 +144,8 @@ def pack_kept(keep: Tensor, prefix: int) -> tuple[Tensor, Optional[Tensor]]:
     """
     B, L = keep.shape
     counts = keep.sum(dim=1)
+    if B == 0:  # an empty batch keeps its (empty) shape, as the unpatched model does
+        return torch.zeros(0, prefix + L, dtype=torch.long, device=keep.device), None
     lo, hi = (int(v) for v in torch.aminmax(counts))  # host sync: the shape depends on data
     # Kept tokens first, each group in position order (stable sort of 0 = kept, 1 = dropped).
     order = (~keep).to(torch.uint8).argsort(dim=1, stable=True)[:, :hi]

@@ -188,5 +188,6 @@ def _build_search(options: DiffRateSearchOptions, info: ModelInfo) -> Reducer:
 
 SEARCH_METHOD = register(Method(
     "diffrate-search", DiffRateSearchOptions, _build_search, families=("tokens",),
-    summary="DiffRate's training-time rate search mode (used by 'leanvit search')"))
+    summary="DiffRate's training-time rate search mode (used by 'leanvit search')",
+    internal=True))
 

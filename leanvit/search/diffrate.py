@@ -123,6 +123,8 @@ def search(
     check_number("mac_weight", mac_weight, lo=0)
     check_number("lr", lr, lo=0, lo_open=True)
     check_number("min_lr", min_lr, lo=0)
+    if num_images is not None:
+        check_number("num_images", num_images, lo=1, integer=True)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if is_patched(model):
@@ -139,6 +141,10 @@ def search(
         labels = None if labels is None else labels[:num_images]
     if not isinstance(images, Tensor) or images.dim() != 4:
         raise TypeError("images must be a [M, 3, H, W] tensor or an ImageFolder directory")
+    if images.shape[0] == 0:
+        raise ValueError("no images to search on (an empty batch)")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("images hold NaN or infinite values; the search needs real images")
     has_head = getattr(model, "num_classes", 0) > 0
     if objective == "auto":
         objective = "distill-logits" if has_head else "distill-features"
@@ -279,7 +285,7 @@ def _image_folder(path: Any, model: nn.Module, num_images: Optional[int], seed: 
     from pathlib import Path
 
     from timm.data import create_transform, resolve_data_config
-    from torchvision.datasets import ImageFolder
+    from leanvit.data import ImageFolder
 
     root = Path(path)
     if not root.is_dir():

@@ -107,3 +107,32 @@ def test_data_command_exports_fashion_mnist(tmp_path, capsys):
                  "--val", "10"]) == 0
     assert len(list((tmp_path / "f" / "train").rglob("*.png"))) == 20
     assert len(list((tmp_path / "f" / "val").rglob("*.png"))) == 10
+
+
+def test_probe_cache_sees_images_replaced_under_the_same_names(tmp_path, capsys):
+    """Issue 13.2: the cache keyed on file names and labels reported the old accuracy (100%
+    where the truth is 0%) after the images were replaced."""
+    torch.manual_seed(0)
+    m = timm.create_model(MODEL, img_size=32, num_classes=0)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, tmp_path / "w.safetensors")
+    rng = np.random.default_rng(0)
+
+    def write(split, n, levels):
+        for c, level in zip(("dark", "light"), levels):
+            d = tmp_path / "data" / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = np.clip(level + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")
+
+    write("train", 12, (30, 220))
+    write("val", 6, (30, 220))
+    args = ["probe", MODEL, "--img-size", "32", "--checkpoint", str(tmp_path / "w.safetensors"),
+            "--data", str(tmp_path / "data"), "--out", str(tmp_path / "head.safetensors"),
+            "--batch-size", "8", "--no-progress", "--cache", str(tmp_path / "cache"),
+            "--json", str(tmp_path / "p.json")]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "p.json").read_text())["val_accuracy"] == 100.0
+    write("val", 6, (220, 30))  # the same names, the classes' pictures swapped
+    assert main(args) == 0
+    assert json.loads((tmp_path / "p.json").read_text())["val_accuracy"] == 0.0
