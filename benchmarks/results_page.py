@@ -56,6 +56,8 @@ ats max_tokens=64
 diffrate schedule=benchmarks/results/diffrate_dinov2_4.0_lr0.05_schedule.json
 diffrate schedule=benchmarks/results/diffrate_dinov2_4.0_schedule.json
 dynamicvit load=benchmarks/results/dynamicvit_fashion_mnist_continued.predictors.safetensors
+random keep_rate=0.7
+random keep_rate=0.5
 """
 
 
