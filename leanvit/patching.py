@@ -6,6 +6,7 @@ from typing import Any
 from torch import nn
 
 from leanvit import adapters
+from leanvit.ops.precision import floating_dtype
 from leanvit.registry import Reducer, get_method
 
 #: attribute under which the method's reducer (an ``nn.Module``) hangs on a patched model
@@ -20,6 +21,9 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
             patch16_224")``), pretrained or not.
         method: a name from :func:`leanvit.available_methods` (``"none"`` is the identity).
         **options: the method's options (fields of its options dataclass).
+
+    The method's modules (e.g. DynamicViT's predictors) are created on the model's device in
+    its floating-point dtype (that of its first floating-point parameter).
 
     Raises:
         ValueError: unknown method or option, option out of range, unsupported model, or a
@@ -49,10 +53,15 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
     if not isinstance(reducer, Reducer):  # pragma: no cover - guards method authors
         raise TypeError(f"method {method!r} built {type(reducer).__name__}, not a Reducer")
     reducer.method_name = m.name
-    # Only now change the model: every check above leaves it as it was.
+    # Only now change the model: every check above leaves it as it was. The method's modules
+    # (predictors, fast paths) follow the model's device and floating-point dtype, so a model
+    # cast with .half()/.bfloat16() before patching runs as one that is cast after.
     p = next(model.parameters(), None)
     if p is not None:
         reducer.to(device=p.device)
+    dtype = floating_dtype(model)
+    if dtype is not None:
+        reducer.to(dtype=dtype)
     reducer.train(model.training)  # a fresh module is in train mode; follow the model's mode
     model.add_module(ATTR, reducer)
     model.__class__ = adapters.patched_class(adapter, type(model))

@@ -41,18 +41,23 @@ class Signals:
 
     @property
     def cls_attn_heads(self) -> Tensor:
-        """Post-softmax attention row of the class-token query, ``[B, H, N]`` (all keys)."""
+        """Post-softmax attention row of the class-token query, ``[B, H, N]``, at least float32
+        (all keys)."""
         if self._cls_attn_heads is not None:
             return self._cls_attn_heads
-        _, weights = attention(self.q[:, :, :1], self.k, None, self.scale, bias=self.bias,
-                               return_weights=True)  # [B, H, 1, N]
+        # in at least float32 (one query row: cheap), as autocast runs softmax: in bf16 the
+        # probabilities of ~200 tokens keep 2-3 significant digits and rankings tie
+        dtype = torch.promote_types(self.q.dtype, torch.float32)  # float64 stays float64
+        _, weights = attention(self.q[:, :, :1].to(dtype), self.k.to(dtype), None, self.scale,
+                               bias=self.bias, return_weights=True)  # [B, H, 1, N]
         self.macs += self.k.shape[1] * self.k.shape[3] * self.num_tokens
         self._cls_attn_heads = weights.squeeze(2)
         return self._cls_attn_heads
 
     @property
     def cls_attn(self) -> Tensor:
-        """Class-token attention averaged over heads, ``[B, N]`` (EViT, DiffRate, top-k)."""
+        """Class-token attention averaged over heads, ``[B, N]``, at least float32 (EViT,
+        DiffRate, top-k)."""
         if self._cls_attn is None:
             self._cls_attn = self.cls_attn_heads.mean(dim=1)
         return self._cls_attn

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from leanvit.adapters.base import input_size
 from leanvit.adapters.stages import BlockParts, linear_macs, run_stage
+from leanvit.ops.precision import check_input_dtype
 from leanvit.registry import ModelInfo, Reducer
 from leanvit.state import TokenState
 
@@ -130,10 +131,14 @@ def block_parts(model: nn.Module) -> list[list[Parts]]:
 
 
 def check_input(model: nn.Module, x: object) -> None:
-    """``ValueError`` unless ``x`` is an image batch ``[B, C, H, W]`` (ConvNeXt takes any size)."""
+    """``ValueError`` unless ``x`` is an image batch ``[B, C, H, W]`` (ConvNeXt takes any size);
+    ``TypeError`` for images of another dtype than the model's (outside autocast)."""
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"images must be a [B, C, H, W] tensor, got "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    stem = model.stem[0] if isinstance(model.stem, nn.Sequential) else model.stem
+    if isinstance(getattr(stem, "weight", None), Tensor):
+        check_input_dtype(x, stem.weight.dtype)
 
 
 def forward_features(model: nn.Module, x: Tensor, recorder=None, **_: object

@@ -15,6 +15,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from leanvit.adapters.stages import BlockParts, linear_macs, run_stage
+from leanvit.ops.precision import check_input_dtype
 from leanvit.registry import ModelInfo, Reducer
 from leanvit.state import TokenState
 
@@ -117,7 +118,8 @@ def block_parts(model: nn.Module) -> list[list[Parts]]:
 
 
 def check_input(model: nn.Module, x: object) -> None:
-    """``ValueError`` unless ``x`` is an image batch ``[B, C, H, W]`` of the built size."""
+    """``ValueError`` unless ``x`` is an image batch ``[B, C, H, W]`` of the built size;
+    ``TypeError`` for images of another dtype than the model's (outside autocast)."""
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"images must be a [B, C, H, W] tensor, got "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
@@ -126,6 +128,7 @@ def check_input(model: nn.Module, x: object) -> None:
         raise ValueError(f"model was built for {expected[0]}x{expected[1]} images, got "
                          f"{x.shape[-2]}x{x.shape[-1]}; create it with img_size="
                          f"{x.shape[-1]} to use another size")
+    check_input_dtype(x, model.patch_embed.proj.weight.dtype)
 
 
 def forward_features(model: nn.Module, x: Tensor, recorder=None, **_: object

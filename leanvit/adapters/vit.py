@@ -24,6 +24,7 @@ from leanvit.adapters.attention_pool import (attention_pool_forward, attention_p
                                              is_attention_pool, pool_token_count)
 from leanvit.adapters.base import CompactionSites, Site
 from leanvit.ops.attention import attention, attention_logits
+from leanvit.ops.precision import check_input_dtype
 from leanvit.registry import ModelInfo, Reducer
 from leanvit.signals import Signals
 from leanvit.state import TokenState, attention_bias, gather_tokens, record_departures
@@ -228,6 +229,9 @@ def check_input(model: nn.Module, x: Tensor) -> None:
                 f"{x.shape[-2]}x{x.shape[-1]}; create it with img_size={x.shape[-1]} "
                 "(timm.create_model(..., img_size=S)) to use another size"
             )
+    proj = getattr(pe, "proj", None)
+    if isinstance(getattr(proj, "weight", None), Tensor):
+        check_input_dtype(x, proj.weight.dtype)
 
 
 def forward_features(model: nn.Module, x: Tensor, recorder=None, trace_source: bool = False,

@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from leanvit.state import gather_tokens, remap_where
+from leanvit.state import add_tokens_, gather_tokens, remap_where
 
 
 class Matching(NamedTuple):
@@ -136,9 +136,8 @@ def merge_wavg(m: Matching, x: Tensor, size: Optional[Tensor] = None
         src_size = size.gather(1, m.src)
     new_size = keep_size.scatter_add(1, m.dst, src_size)
     coef = src_size / new_size.gather(1, m.dst)  # [B, r]
-    idx = m.dst.unsqueeze(-1).expand(x_src.shape)
-    delta = (x_src - out.gather(1, idx)) * coef.unsqueeze(-1).to(x.dtype)
-    return out.scatter_add_(1, idx, delta), new_size
+    delta = (x_src - gather_tokens(out, m.dst)) * coef.unsqueeze(-1).to(x.dtype)
+    return add_tokens_(out, m.dst, delta), new_size
 
 
 def merge_source(m: Matching, source: Tensor) -> Tensor:

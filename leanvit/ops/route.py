@@ -34,10 +34,13 @@ def scatter_tokens(kept: Tensor, y_kept: Tensor, rest: Tensor, y_rest: Tensor) -
     n = K + rest.shape[1]
     ref = y_kept if K > 0 else y_rest
     out = ref.new_empty(B, n, ref.shape[-1])
+    flat = out.view(B * n, ref.shape[-1])  # rows: index_copy_ instead of scatter_ with an
+    offset = torch.arange(B, device=out.device).unsqueeze(1) * n  # index expanded over C
     if K > 0:
-        out.scatter_(1, kept.unsqueeze(-1).expand(-1, -1, ref.shape[-1]), y_kept)
+        flat.index_copy_(0, (kept + offset).reshape(-1), y_kept.reshape(B * K, -1))
     if rest.shape[1] > 0:
-        out.scatter_(1, rest.unsqueeze(-1).expand(-1, -1, ref.shape[-1]), y_rest.to(ref.dtype))
+        flat.index_copy_(0, (rest + offset).reshape(-1),
+                         y_rest.to(ref.dtype).reshape(B * rest.shape[1], -1))
     return out
 
 

@@ -1,5 +1,11 @@
-"""Fixed-rate token methods keep static shapes: ``torch.compile`` traces a patched model in ONE
-graph (``fullgraph=True``: no graph break, no data-dependent shape) and gives the same outputs.
+"""Fixed-rate token methods keep static shapes and never synchronise with the host in the
+forward: ``torch.compile`` traces a patched model in ONE graph (``fullgraph=True``: no graph
+break, no data-dependent shape, no ``.item()``) and gives the same outputs. This is what lets
+``torch.compile(mode="reduce-overhead")`` capture the whole forward in one CUDA graph.
+
+Covered (issue 16): none, evit, topk, tome, diffrate, and dynamicvit in eval mode on ViT,
+ConvNeXt and Swin; fp32 and bf16. ``ats`` keeps a per-image token count (data-dependent
+shapes by design) and is not a fixed-rate method.
 
 The default backend (inductor) needs a C++ toolchain and about a minute per model on a small
 CPU; the tracing that decides "static shapes, no graph break" is the same, so the test runs
@@ -13,20 +19,73 @@ import pytest
 import torch
 
 import leanvit
+from tests._hier_models import images, tiny_convnext, tiny_swin
 from tests.methods._vit_reference import tiny_vit
 
-CASES = [("evit", dict(keep_rate=0.7)), ("topk", dict(keep_rate=0.5)),
-         ("tome", dict(r=2)), ("tome", dict(r=(2, -0.5), trace_source=True, prop_attn=False))]
+
+def _vit():
+    return tiny_vit(seed=1).float()
+
+
+CASES = [
+    ("none", {}, _vit),
+    ("evit", dict(keep_rate=0.7), _vit),
+    ("topk", dict(keep_rate=0.5), _vit),
+    ("tome", dict(r=2), _vit),
+    ("tome", dict(r=(2, -0.5), trace_source=True, prop_attn=False), _vit),
+    ("diffrate", dict(schedule=([17, 15, 13, 11], [15, 13, 11, 9])), _vit),
+    ("diffrate", dict(schedule=([17, 13, 13, 9], [15, 13, 11, 9]), trace_source=True), _vit),
+    ("dynamicvit", dict(locations=(1, 2), keep_rate=0.7), _vit),
+    ("dynamicvit", {}, tiny_convnext),
+    ("dynamicvit", {}, tiny_swin),
+]
+IDS = [f"{m}-{i}-{f.__name__.strip('_')}" for i, (m, _, f) in enumerate(CASES)]
 BACKENDS = ["eager"] + (["inductor"] if os.environ.get("LEANVIT_TEST_INDUCTOR") else [])
 
 
+def _inputs(model, dtype=torch.float32):
+    x = torch.randn(2, 3, 32, 32) if hasattr(model, "blocks") else images(model)
+    return x.to(dtype)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("method, options", CASES)
-def test_compiles_in_one_graph_with_the_same_outputs(method, options, backend):
+@pytest.mark.parametrize("method, options, make", CASES, ids=IDS)
+def test_compiles_in_one_graph_with_the_same_outputs(method, options, make, backend):
+    """``torch._dynamo.explain`` counts the graphs and breaks of one forward (one and none,
+    naming the reason otherwise); ``fullgraph=True`` raises on any break; same outputs."""
     torch._dynamo.reset()
-    model = leanvit.patch(tiny_vit(seed=1).float(), method, **options)
-    images = torch.randn(2, 3, 32, 32)
+    model = leanvit.patch(make(), method, **options).eval()
+    x = _inputs(model)
     with torch.no_grad():
-        expected = model(images)
+        expected = model(x)
+        report = torch._dynamo.explain(model)(x)
+        reasons = [str(b.reason).splitlines()[0] for b in report.break_reasons]
+        assert (report.graph_count, report.graph_break_count) == (1, 0), reasons
+        torch._dynamo.reset()
         compiled = torch.compile(model, backend=backend, fullgraph=True)
-        torch.testing.assert_close(compiled(images), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(compiled(x), expected, atol=1e-5, rtol=1e-5)
+
+
+BF16 = [CASES[3], CASES[7]]  # tome, dynamicvit on ViT
+
+
+@pytest.mark.parametrize("method, options, make", BF16, ids=[IDS[3], IDS[7]])
+def test_bf16_model_compiles_in_one_graph(method, options, make):
+    torch._dynamo.reset()
+    model = leanvit.patch(make().bfloat16(), method, **options).eval()
+    x = _inputs(model, torch.bfloat16)
+    with torch.no_grad():
+        expected = model(x)
+        out = torch.compile(model, backend="eager", fullgraph=True)(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+def test_ats_is_not_fixed_rate():
+    """The counter-case, so the check above can fail: ATS reads its per-image token counts
+    on the host (``pack_kept``), which breaks the graph."""
+    torch._dynamo.reset()
+    model = leanvit.patch(_vit(), "ats", locations=(3,)).eval()
+    with torch.no_grad():
+        report = torch._dynamo.explain(model)(_inputs(model))
+    assert report.graph_break_count > 0

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from leanvit.methods.dynamicvit.predictor import DECISION, KEPT, Predictor
 from leanvit.registry import ModelInfo, Reducer, check_locations, check_number
-from leanvit.state import TokenState
+from leanvit.state import TokenState, gather_tokens
 
 @dataclass(frozen=True)
 class DynamicViTOptions:
@@ -129,7 +129,7 @@ class DynamicViT(Reducer):
         idx = score.topk(keep, dim=1, sorted=False).indices.sort(dim=1).values  # spatial order
         prefix_idx = torch.arange(P, device=x.device).expand(B, -1)
         index = torch.cat([prefix_idx, idx + P], dim=1)
-        x = x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = gather_tokens(x, index)
         state = state.gather(index)
         return x, state.replace(aux=state.aux + ((KEPT, original.gather(1, idx)),))
 
