@@ -80,6 +80,70 @@ class _SourceTraced(_Features):
                                                                   trace_source=True)[0]
 
 
+class _ComponentTimer:
+    """Wall time spent inside the functions only dense_features runs (the index-map updates,
+    the departure copies, the final scatter), by wrapping them where they are called from.
+
+    A contention-robust complement to the end-to-end ratio: on a shared machine whole-forward
+    timings swing by tens of percent between rounds, while the share of one pass spent in
+    these functions is measured within that pass."""
+
+    TARGETS = (("leanvit.state", "remap_where"), ("leanvit.state", "gather_rows"),
+               ("leanvit.adapters.vit", "record_departures"),
+               ("leanvit.methods.tome", "merge_where"), ("leanvit.ops.diffrate", "remap_where"),
+               ("leanvit.dense", "_scatter"))
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._depth = 0
+        self._saved = []
+
+    def __enter__(self):
+        import importlib
+        import time
+
+        for mod_name, fn_name in self.TARGETS:
+            mod = importlib.import_module(mod_name)
+            fn = getattr(mod, fn_name)
+
+            def wrapped(*a, _fn=fn, **k):
+                self._depth += 1
+                t0 = time.perf_counter()
+                try:
+                    return _fn(*a, **k)
+                finally:
+                    self._depth -= 1
+                    if self._depth == 0:  # nested calls (merge_where -> remap_where) once
+                        self.seconds += time.perf_counter() - t0
+
+            self._saved.append((mod, fn_name, fn))
+            setattr(mod, fn_name, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        for mod, name, fn in self._saved:
+            setattr(mod, name, fn)
+        self._saved.clear()
+
+
+def _component_share(model: nn.Module, x, passes: int) -> dict:
+    """Share of ``dense_features``' wall time spent in the dense-only functions, per pass."""
+    import time
+
+    import leanvit
+
+    shares = []
+    with torch.inference_mode():
+        for _ in range(passes):
+            with _ComponentTimer() as timer:
+                t0 = time.perf_counter()
+                leanvit.dense_features(model, x)
+                total = time.perf_counter() - t0
+            shares.append(timer.seconds / total)
+    return {"median": statistics.median(shares), "min": min(shares), "max": max(shares),
+            "passes": shares}
+
+
 def _model() -> nn.Module:
     import timm
 
@@ -105,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--component-passes", type=int, default=2,
+                   help="dense_features passes timing the dense-only functions (0: skip)")
+    p.add_argument("--skip-ratio", action="store_true",
+                   help="only the component share (no interleaved end-to-end ratio)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "dense_speed"))
     args = p.parse_args(argv)
 
@@ -122,10 +190,14 @@ def main(argv: list[str] | None = None) -> int:
         model = leanvit.patch(_model(), method, **options).eval()
         with torch.inference_mode():
             n_tokens = model.forward_features(x[:2]).shape[1]
-        t = time_models(_Features(model), _Dense(model), x, warmup=args.warmup,
-                        repeats=args.repeats, desc=label)
-        row = {"label": label, "method": method, "final_tokens": n_tokens, "dense": _ratios(t)}
-        if label in args.source_methods:
+        row = {"label": label, "method": method, "final_tokens": n_tokens}
+        if not args.skip_ratio:
+            t = time_models(_Features(model), _Dense(model), x, warmup=args.warmup,
+                            repeats=args.repeats, desc=label)
+            row["dense"] = _ratios(t)
+        if args.component_passes:
+            row["dense_only_share"] = _component_share(model, x, args.component_passes)
+        if label in args.source_methods and not args.skip_ratio:
             t = time_models(_Features(model), _SourceTraced(model), x, warmup=args.warmup,
                             repeats=args.repeats, desc=label + " source")
             row["source_map"] = _ratios(t)
@@ -150,14 +222,21 @@ def format_table(result: dict) -> str:
              f"(load average before {' '.join(result['loadavg_before'])}, after "
              f"{' '.join(result['loadavg_after'])})", "",
              "| method | final tokens | forward_features s/batch | dense / forward_features "
-             "(median, min-max) | with source map [B,N,N0] / forward_features |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+             "(median, min-max) | dense-only functions, share of dense_features (median, "
+             "min-max) | with source map [B,N,N0] / forward_features |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+
+    def fmt(v, pct=False):
+        if not v:
+            return "-"
+        f = (lambda a: f"{100 * a:.2f}%") if pct else (lambda a: f"{a:.3f}")
+        return f"{f(v['median'])} ({f(v['min'])}-{f(v['max'])})"
+
     for r in result["rows"]:
-        d = r["dense"]
-        s = r.get("source_map")
-        src = f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f})" if s else "-"
-        lines.append(f"| {r['label']} | {r['final_tokens']} | {d['baseline_s']:.2f} | "
-                     f"{d['median']:.3f} ({d['min']:.3f}-{d['max']:.3f}) | {src} |")
+        d = r.get("dense")
+        base = f"{d['baseline_s']:.2f}" if d else "-"
+        lines.append(f"| {r['label']} | {r['final_tokens']} | {base} | {fmt(d)} | "
+                     f"{fmt(r.get('dense_only_share'), pct=True)} | {fmt(r.get('source_map'))} |")
     return "\n".join(lines) + "\n"
 
 

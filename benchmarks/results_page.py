@@ -13,6 +13,10 @@ Steps (each re-used when its output exists, so re-runs after adding a method are
    ``--limit`` val images: table + ``docs/img/results_dinov2_fmnist.png``.
 Methods not registered in this checkout, and learned/searched settings whose saved state
 (``load=``, written by ``leanvit.save`` after training/search) is absent, are listed as skipped.
+4. the section made by ``leanvit tune`` (:func:`tune_section`): the command below with
+   ``--budget-gmacs 4.0`` on the same model, head, data and 500 images, its output in
+   ``results/tmp/tune_4.0`` (run when absent). ``--section tune`` rewrites just that section
+   of an existing page without re-running steps 1-3.
 """
 from __future__ import annotations
 
@@ -52,6 +56,8 @@ ats max_tokens=64
 diffrate schedule=benchmarks/results/diffrate_dinov2_4.0_lr0.05_schedule.json
 diffrate schedule=benchmarks/results/diffrate_dinov2_4.0_schedule.json
 dynamicvit load=benchmarks/results/dynamicvit_fashion_mnist_continued.predictors.safetensors
+random keep_rate=0.7
+random keep_rate=0.5
 """
 
 
@@ -72,15 +78,20 @@ def main() -> int:
     p.add_argument("--page", default="docs/results.md")
     p.add_argument("--img", default="docs/img/results_dinov2_fmnist.png")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--section", choices=("all", "dense"), default="all",
+    p.add_argument("--tune-dir", default=f"results/tmp/tune_{TUNE_BUDGET}",
+                   help="output folder of the page's 'leanvit tune' run (run when absent)")
+    p.add_argument("--section", choices=("all", "dense", "tune"), default="all",
                    help="'dense': only (re)write the dense-segmentation section of --page from "
                         "benchmarks/results/dense_segmentation.json (benchmarks/"
-                        "dense_segmentation.py), leaving the rest of the page as it is")
+                        "dense_segmentation.py); 'tune': only the leanvit tune section (from "
+                        "--tune-dir, running leanvit tune when it has no tune.json); the rest "
+                        "of the page stays as it is")
     args = p.parse_args()
-    if args.section == "dense":
+    if args.section in ("dense", "tune"):
         page = Path(args.page)
-        write_section(page, "dense", dense_section(page))
-        print(f"wrote the dense section of {page}")
+        lines = dense_section(page) if args.section == "dense" else tune_section(args)
+        write_section(page, args.section, lines)
+        print(f"wrote the {args.section} section of {page}")
         return 0
 
     import torch
@@ -194,6 +205,7 @@ def _write_page(page: Path, img: Path, rows, skipped, probe, probe_wall, meta, a
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text("\n".join(lines))
     write_section(page, "dense", dense_section(page))
+    write_section(page, "tune", tune_section(args))
     (page.parent / "img").mkdir(exist_ok=True)
     Path("results/tmp/results_page.json").write_text(
         json.dumps({"meta": meta, "rows": rows, "skipped": skipped,
@@ -263,6 +275,70 @@ def dense_section(page: Path) -> list:
         f"![mIoU against GMACs and throughput]({rel})",
         "",
     ]
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# Section: leanvit tune (issue 14)
+
+TUNE_BUDGET = 4.0
+TUNE_IMG = "docs/img/results_tune_dinov2_fmnist.png"
+
+
+def tune_command(args) -> list[str]:
+    """The ``leanvit tune`` command of the page's section (same model, head, data, images)."""
+    return ["leanvit", "tune", MODEL, "--img-size", "224", "--checkpoint",
+            f"../shared/weights/{WEIGHTS.name}", "--head", args.head,
+            "--data", args.data, "--limit", str(args.limit), "--batch-size",
+            str(args.batch_size), "--budget-gmacs", str(TUNE_BUDGET), "--out", args.tune_dir,
+            "--no-progress"]
+
+
+def tune_section(args) -> list[str]:
+    """Lines of the page's section made by ``leanvit tune`` (run first when its output folder
+    has no ``tune.json``): what it evaluated, its Pareto front, its choice for 4.0 GMACs."""
+    import subprocess
+
+    from leanvit.compare import markdown_table
+
+    out = Path(args.tune_dir)
+    cmd = tune_command(args)
+    if not (out / "tune.json").is_file():
+        load0 = Path("/proc/loadavg").read_text().split()[:3]
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "leanvit", *cmd[1:]], check=True,
+                       cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+        info = json.loads((out / "tune.json").read_text())
+        info["wall_s"] = time.perf_counter() - t0
+        info["loadavg"] = [load0, Path("/proc/loadavg").read_text().split()[:3]]
+        (out / "tune.json").write_text(json.dumps(info, indent=2) + "\n")
+    info = json.loads((out / "tune.json").read_text())
+    rows = info["rows"]
+    front = [r for r in rows if r["label"] in info["front"]]
+    choice = next((r for r in rows if r["label"] == info["choice"]), None)
+    within = [r for r in rows if r["gmacs"] <= TUNE_BUDGET]
+    Path(TUNE_IMG).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(out / "results.png", TUNE_IMG)
+    wall = info.get("wall_s", info["seconds"])
+    load = info.get("loadavg")
+    lines = [f"## Choosing for a budget: `leanvit tune` at {TUNE_BUDGET} GMACs", "",
+             "Made by (under the CPU lock):", "", "    " + " ".join(cmd), "",
+             f"It evaluated {len(rows)} settings on the same {info['meta']['images']} val images "
+             f"(grids of every training-free method around the budget, a DiffRate schedule it "
+             f"searched to the budget, the unmodified model) in {wall / 60:.1f} min"
+             + (f" (load average {' '.join(load[0])} before, {' '.join(load[1])} after)"
+                if load else "") + f"; {len(within)} are within {TUNE_BUDGET} GMACs.", "",
+             "Pareto front (top-1 against GMACs):", "", markdown_table(front).rstrip(), ""]
+    if choice is not None:
+        best = max(r["top1"] for r in within)
+        lines += [f"**Chosen: `{choice['label']}`**, top-1 {choice['top1']:.2f}% at "
+                  f"{choice['gmacs']:.3f} GMACs ({choice['speedup']:.2f}x the unmodified "
+                  f"model's images/s in the same run); the best top-1 of the settings within "
+                  f"the budget is {best:.2f}%. Written as `choice.safetensors` "
+                  "(`leanvit.load`, `--set load=FILE`).", ""]
+    lines += ["All settings it evaluated:", "", markdown_table(rows).rstrip(), "",
+              f"![leanvit tune: top-1 against GMACs and throughput]"
+              f"({Path(TUNE_IMG).relative_to('docs')})", ""]
     return lines
 
 

@@ -11,6 +11,7 @@ Public API::
     leanvit.load(model, "m.safetensors")    # patch again with the saved method and state
     leanvit.compact(model); leanvit.reparameterize(model)   # hMHSA + cFFN layer compaction
     feats = leanvit.dense_features(model, images)   # [B, H_p, W_p, C] on the full patch grid
+    result = leanvit.tune(model, loader, budget=4.0)   # best setting within 4 GMACs per image
 """
 from leanvit import methods as _methods  # noqa: F401  (registers the built-in methods)
 from leanvit.compaction import compact, compaction_spec, reparameterize
@@ -19,11 +20,14 @@ from leanvit.io import load, save
 from leanvit.macs import MacReport, count_macs
 from leanvit.patching import is_patched, patch, patched_method, unpatch
 from leanvit.registry import available_methods
+# ``leanvit.tune`` is the function (the module leanvit/tune.py stays importable by its
+# names: ``from leanvit.tune import TuneResult, Budget``)
+from leanvit.tune import TuneResult, tune
 
 __version__ = "0.1.0"
 
 __all__ = [
     "patch", "unpatch", "is_patched", "patched_method", "available_methods", "count_macs",
     "MacReport", "save", "load", "compact", "reparameterize", "compaction_spec", "dense_features",
-    "__version__",
+    "tune", "TuneResult", "__version__",
 ]

@@ -29,12 +29,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def _build(model_name: str, method: Optional[str], options: dict, img_size, checkpoint,
            num_classes, head=None) -> nn.Module:
     from leanvit.models import create_model
-    from leanvit.patching import patch
 
     model = create_model(model_name, img_size=img_size, checkpoint=checkpoint,
                          num_classes=num_classes, head=head)
     if method is not None:
-        patch(model, method, **options)
+        apply_method(model, method, options)
     return model.eval()
 
 
@@ -46,6 +45,35 @@ SPREAD_WARNING = 0.20
 def round_spread(times: list[float]) -> float:
     """``(max - min) / median`` of one model's round times (0 for one round)."""
     return (max(times) - min(times)) / statistics.median(times) if times else 0.0
+
+
+def apply_method(model: nn.Module, method: str, options: dict) -> nn.Module:
+    """``leanvit.patch(model, method, **options)``, or :func:`leanvit.load` when ``options``
+    hold ``load=FILE`` (``--set load=FILE``: a :func:`leanvit.save` file, e.g. ``leanvit
+    tune``'s choice; other options override the stored ones; ``method`` may be ``"none"``, the
+    command-line default, or the file's method)."""
+    from leanvit.patching import patch
+
+    options = dict(options)
+    path = options.pop("load", None)
+    if path is None:
+        return patch(model, method, **options)
+    from leanvit.io import load
+
+    stored = method_of(method, {"load": path})
+    if method not in ("none", stored):
+        raise ValueError(f"{path} holds method {stored!r}, not {method!r}")
+    return load(model, str(path), **options)
+
+
+def method_of(method: str, options: dict) -> str:
+    """The method that :func:`apply_method` applies: ``method``, or the stored method of a
+    ``load=FILE`` among ``options``."""
+    if options.get("load") is None:
+        return method
+    from leanvit.io import read
+
+    return read(str(options["load"]))[1].get("method") or method
 
 
 def _sync(device: torch.device) -> None:
@@ -186,7 +214,6 @@ def run_benchmark(
     images/s), ``mac_ratio`` (baseline over patched GMACs), ``config`` and ``environment``.
     """
     from leanvit.macs import count_macs
-    from leanvit.patching import patch
 
     options = dict(options or {})
     if dtype not in DTYPES:
@@ -201,7 +228,8 @@ def run_benchmark(
             raise ValueError(f"{name} must be a positive int, got {v!r}")
 
     base = _build(model, None, {}, img_size, checkpoint, num_classes, head)
-    patched = patch(copy.deepcopy(base), method, **options).eval()
+    patched = apply_method(copy.deepcopy(base), method, options).eval()
+    method = method_of(method, options)  # the file's method for --set load=FILE
     from leanvit.patching import warn_if_untrained
 
     warn_if_untrained(patched)

@@ -15,7 +15,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from torch import nn
 
@@ -89,6 +89,23 @@ def parse_methods(text: str) -> list[Setting]:
     return out
 
 
+def setting_from(method: str, options: dict[str, Any]) -> Setting:
+    """A :class:`Setting` from a method name and options among which ``load=FILE`` (a
+    :func:`leanvit.save` file, e.g. ``leanvit tune``'s ``choice.safetensors``) may stand, as
+    ``--set load=FILE`` gives it; with ``method="none"`` (the command-line default) the
+    file's method is taken. Other options then override the stored ones."""
+    options = dict(options)
+    load = options.pop("load", None)
+    if load is None:
+        return Setting(method, options)
+    load = str(load)
+    if method == "none":
+        from leanvit.io import read
+
+        method = read(load)[1].get("method") or "none"
+    return Setting(method, options, load)
+
+
 def apply_setting(model: nn.Module, setting: Setting) -> nn.Module:
     """``leanvit.patch`` (or ``leanvit.load`` for saved state) on ``model``, in place."""
     import leanvit
@@ -101,7 +118,7 @@ def apply_setting(model: nn.Module, setting: Setting) -> nn.Module:
                              "of leanvit lacks") from None
         if not Path(setting.load).is_file():
             raise ValueError(f"saved method state {setting.load} does not exist")
-        model = load(model, setting.load)
+        model = load(model, setting.load, **setting.options)
         got = leanvit.patched_method(model)
         if got is not None and got[0] != setting.method:
             raise ValueError(f"{setting.load} holds method {got[0]!r}, not {setting.method!r}")
@@ -122,6 +139,7 @@ def run_compare(
     warmup: int = 1,
     repeats: int = 3,
     evaluate_fn=None,
+    callback: Optional[Callable[[int, Setting, Optional[dict[str, Any]]], None]] = None,
 ) -> list[dict[str, Any]]:
     """Evaluate every setting on ``loader`` with a fresh copy of the unpatched ``model``.
 
@@ -132,6 +150,8 @@ def run_compare(
     ``evaluate_fn(model, loader, progress=, warmup=, repeats=, desc=) -> dict`` replaces
     :func:`leanvit.evaluate.evaluate` (its dict needs ``gmacs`` and ``images_per_s``), e.g.
     :class:`leanvit.dense.DenseEvaluation` for ``compare --dense``.
+    ``callback(i, setting, row)`` is called before (``row=None``) and after evaluating the
+    ``i``-th setting of the run (the unmodified model included), e.g. to show progress.
     """
     from leanvit.evaluate import evaluate
 
@@ -147,7 +167,9 @@ def run_compare(
     plain = [s for s in settings if s.method == "none" and not s.options and s.load is None]
     order = list(settings) if plain else [Setting("none")] + list(settings)
     base = None
-    for s in order:
+    for i, s in enumerate(order):
+        if callback is not None:
+            callback(i, s, None)
         m = apply_setting(copy.deepcopy(model), s).eval()
         r = run_eval(m, loader, progress=progress, warmup=warmup, repeats=repeats,
                      desc=s.label[:40])
@@ -161,6 +183,8 @@ def run_compare(
         row["mac_ratio"] = base["gmacs"] / row["gmacs"]
         rows.append(row)
         del m
+        if callback is not None:
+            callback(i, s, row)
     return rows
 
 

@@ -102,8 +102,8 @@ def _scatter(model: nn.Module, x: Tensor, state) -> Tensor:
     if state.left:
         flat = torch.cat([i for i, _ in state.left])
         feats = model.norm(torch.cat([f for _, f in state.left]))
-        out = out.reshape(B * state.n0, C).index_put((flat,), feats.to(out.dtype))
-        out = out.reshape(B, state.n0, C)
+        # in place: ``out`` is the gather's own new tensor (no second full-grid copy)
+        out.view(B * state.n0, C).index_put_((flat,), feats.to(out.dtype))
         missing = missing.reshape(-1).index_put((flat,), torch.tensor(False)).reshape(B, -1)
     if bool(missing.any()):  # pragma: no cover - guards method authors
         raise RuntimeError("dense_features: some tokens neither stayed nor left (a method "

@@ -231,6 +231,85 @@ def effective_counts(prune_kept: Sequence[int], merge_kept: Sequence[int], num_t
     return p_out, m_out
 
 
+
+# -- hand-set schedules ----------------------------------------------------------------------
+
+#: Hand-set shapes of DiffRate's schedule space (:func:`handset_counts`): the same number of
+#: tokens merged / pruned in every block from ``first_block`` on, or EViT-like three stages
+#: (blocks ``d//4, d//2, 3d//4``) each keeping the same fraction, by merging or by pruning.
+HANDSET_KINDS = ("merge-uniform", "prune-uniform", "merge-3stage", "prune-3stage")
+
+
+def schedule_macs(prune_kept: Sequence[int], merge_kept: Sequence[int], num_tokens: int,
+                  coeffs: dict) -> float:
+    """MACs per image (in 1e9) of a schedule on a plain ViT with per-image coefficients
+    ``coeffs`` (``constant``, ``attn_token``, ``attn_pair``, ``mlp_token``: see
+    :func:`leanvit.search.diffrate.mac_model`): each block's attention at the tokens entering
+    it, its MLP at the tokens left after pruning and merging (the merge similarities and the
+    class-attention row, < 0.1% of a block, are left out)."""
+    n, total = num_tokens, float(coeffs["constant"])
+    for m in effective_counts(prune_kept, merge_kept, num_tokens)[1]:
+        total += n * coeffs["attn_token"] + n * n * coeffs["attn_pair"]
+        n = m
+        total += n * coeffs["mlp_token"]
+    return total / 1e9
+
+
+def handset_counts(kind: str, strength: float, num_tokens: int, prefix_tokens: int, depth: int,
+                   first_block: int = 1) -> tuple[list[int], list[int]]:
+    """``(prune_kept, merge_kept)`` of a hand-set schedule (prefix tokens included).
+
+    Args:
+        kind: one of :data:`HANDSET_KINDS`.
+        strength: ``*-uniform``: tokens removed per block from ``first_block`` on (a float:
+            block ``i`` keeps ``round(P - strength * (i - first_block + 1))`` of the ``P``
+            patches); ``*-3stage``: the fraction of the present patches each of the blocks
+            ``depth // 4, depth // 2, 3 * depth // 4`` keeps (``ceil``), in ``(0, 1]``.
+        first_block: first block that may compress (DiffRate leaves block 0 alone: 1).
+    """
+    if kind not in HANDSET_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(HANDSET_KINDS)}, got {kind!r}")
+    if not math.isfinite(strength) or strength < 0:
+        raise ValueError(f"strength must be a finite number >= 0, got {strength!r}")
+    patches = num_tokens - prefix_tokens
+    stages = (depth // 4, depth // 2, 3 * depth // 4)
+    present, prune, merge = patches, [], []
+    for i in range(depth):
+        kept = present
+        if kind.endswith("uniform") and i >= first_block:
+            kept = round(patches - strength * (i - first_block + 1))
+        elif kind.endswith("3stage") and i in stages:
+            kept = math.ceil(min(strength, 1.0) * present)
+        kept = max(1, min(present, kept))
+        prune.append(prefix_tokens + (kept if kind.startswith("prune") else present))
+        merge.append(prefix_tokens + kept)
+        present = kept
+    return prune, merge
+
+
+def fit_handset(kind: str, target_gmacs: float, num_tokens: int, prefix_tokens: int,
+                depth: int, coeffs: dict, first_block: int = 1
+                ) -> tuple[list[int], list[int], float, float]:
+    """The hand-set schedule of ``kind`` whose :func:`schedule_macs` is closest to
+    ``target_gmacs``: bisection on its strength. Returns ``(prune_kept, merge_kept, strength,
+    gmacs)``."""
+    uniform = kind.endswith("uniform")
+    lo, hi = (0.0, float(num_tokens)) if uniform else (0.0, 1.0)
+    best = None
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        p, m = handset_counts(kind, mid, num_tokens, prefix_tokens, depth, first_block)
+        g = schedule_macs(p, m, num_tokens, coeffs)
+        if best is None or abs(g - target_gmacs) < abs(best[3] - target_gmacs):
+            best = (p, m, mid, g)
+        # uniform: a larger strength removes more (fewer MACs); 3stage: a larger keep fraction
+        # removes less
+        if (g > target_gmacs) == uniform:
+            lo = mid
+        else:
+            hi = mid
+    return best
+
 # -- files ---------------------------------------------------------------------------------
 
 def save_schedule(schedule: Schedule, path: Union[str, os.PathLike]) -> Path:

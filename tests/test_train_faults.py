@@ -168,3 +168,16 @@ def test_gitignore_covers_the_default_outputs():
     ignored = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().split()
     assert {"/runs/", "/data/", "/cache/", "/results/"} <= set(ignored)
     assert TrainConfig().output.startswith("runs/")
+
+
+def test_training_from_a_checkpoint_missing_backbone_tensors_is_refused(folder, tmp_path):
+    """Issue 13.1 on the train path: train passes the number of class folders (2), so timm
+    loaded non-strictly and trained random blocks with exit 0."""
+    import timm
+    from safetensors.torch import save_file
+
+    src = timm.create_model("vit_tiny_patch16_224", img_size=32, **MODEL_KW)
+    sd = {k: v for k, v in src.state_dict().items() if not k.startswith("blocks.1.")}
+    save_file(sd, tmp_path / "partial.safetensors")
+    with pytest.raises(ValueError, match=r"missing tensor\(s\): blocks\.1\."):
+        train(_cfg(folder, tmp_path / "out", checkpoint=str(tmp_path / "partial.safetensors")))

@@ -11,7 +11,8 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-COMMANDS = ('bench', 'macs', 'methods', 'viz', 'search', 'train', 'compare', 'data', 'eval', 'probe')
+COMMANDS = ('bench', 'macs', 'methods', 'viz', 'search', 'train', 'compare', 'data', 'eval', 'probe',
+            'tune')
 
 
 def build_parser() -> argparse.ArgumentParser:

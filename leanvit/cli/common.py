@@ -36,7 +36,8 @@ def add_model_args(p: argparse.ArgumentParser, method: bool = True,
                        help=f"method name (see 'leanvit methods'); default: {default_method}")
         p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                        help="method option as a Python literal, e.g. --set keep_rate=0.7 "
-                            "--set 'locations=(3,6,9)'; repeatable")
+                            "--set 'locations=(3,6,9)'; repeatable. --set load=FILE applies a "
+                            "leanvit.save file (e.g. leanvit tune's choice.safetensors)")
     p.add_argument("--img-size", type=int, default=None, metavar="S",
                    help="input size in pixels, passed to timm.create_model(img_size=S)")
     p.add_argument("--checkpoint", default=None, metavar="FILE",

@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import leanvit
-    from leanvit.compare import Setting, apply_setting
+    from leanvit.compare import apply_setting, setting_from
     from leanvit.data import classes_of, loader
     from leanvit.evaluate import check_classes, evaluate, load_split
     from leanvit.models import create_model
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     data = load_split(model, args.data, args.split, args.limit)
     check_classes(model, classes_of(data), args.head)
     options = parse_set(args.options)
-    model = apply_setting(model, Setting(args.method, options)).to(args.device)
+    model = apply_setting(model, setting_from(args.method, options)).to(args.device)
     result = evaluate(model, loader(data, args.batch_size, args.workers),
                       progress=not args.no_progress, repeats=args.repeats)
     print(f"{args.model} / {args.method} {options or ''}: top-1 {result['top1']:.2f}%  "

@@ -33,7 +33,9 @@ def run(args: argparse.Namespace) -> int:
         find_adapter(model)  # a clear error for unsupported families before any input is made
     base = leanvit.count_macs(model, _images(model, args.batch_size))
     if args.method != "none" or args.options:
-        leanvit.patch(model, args.method, **parse_set(args.options))
+        from leanvit.bench import apply_method
+
+        apply_method(model, args.method, parse_set(args.options))  # also --set load=FILE
     torch.manual_seed(0)
     report = leanvit.count_macs(model, _images(model, args.batch_size))
     print(report.table())

@@ -27,12 +27,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    choices=("auto", "ce", "distill-logits", "distill-features"),
                    help="task loss: auto = distill-features for headless models, "
                         "distill-logits otherwise")
-    p.add_argument("--lr", type=float, default=0.01, help="AdamW lr (default 0.01, authors)")
-    p.add_argument("--min-lr", type=float, default=0.001, help="cosine floor (default 0.001)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="AdamW lr (default 0.05 from the warm start, the authors' 0.01 from "
+                        "--init zero)")
+    p.add_argument("--min-lr", type=float, default=None,
+                   help="cosine floor (default lr / 10)")
     p.add_argument("--mac-weight", type=float, default=5.0,
                    help="weight of (GMACs - target)^2 (default 5, authors)")
     p.add_argument("--granularity", type=int, default=None,
                    help="candidate spacing in tokens (default: 4 per 196 patches)")
+    p.add_argument("--init", default="warm",
+                   help="start of the rate logits: warm (default: the schedule merging the same "
+                        "number of tokens in every block that meets the target), zero (the "
+                        "authors'), or a hand-set kind: merge-uniform, prune-uniform, "
+                        "merge-3stage, prune-3stage")
+    p.add_argument("--init-spread", type=float, default=2.0,
+                   help="width of the warm start's count distributions, in candidates "
+                        "(default 2)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimiser steps in all (overrides --epochs)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="stop after about this many seconds (the lr schedule is fitted to it)")
     p.add_argument("--img-size", type=int, default=None, metavar="S",
                    help="input size in pixels, passed to timm.create_model(img_size=S)")
     p.add_argument("--checkpoint", default=None, metavar="FILE",
@@ -46,6 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+    import warnings
     from pathlib import Path
 
     from leanvit.search.diffrate import search
@@ -57,14 +74,21 @@ def run(args: argparse.Namespace) -> int:
     data = Path(args.data)
     if (data / "train").is_dir():
         data = data / "train"
-    result = search(model, args.target_gmacs, data, objective=args.objective,
-                    epochs=args.epochs, batch_size=args.batch_size, num_images=args.images,
-                    lr=args.lr, min_lr=args.min_lr, mac_weight=args.mac_weight,
-                    granularity=args.granularity, seed=args.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the off-target one is printed below
+        result = search(model, args.target_gmacs, data, objective=args.objective,
+                        epochs=args.epochs, batch_size=args.batch_size,
+                        num_images=args.images, lr=args.lr, min_lr=args.min_lr,
+                        mac_weight=args.mac_weight, granularity=args.granularity,
+                        init=args.init, init_spread=args.init_spread, steps=args.steps,
+                        max_seconds=args.max_seconds, seed=args.seed)
     s = result.schedule
     save_schedule(s, args.out)
     print(f"prune_kept {list(s.prune_kept)}")
     print(f"merge_kept {list(s.merge_kept)}")
-    print(f"{s.gmacs:.4f} GMACs (target {args.target_gmacs}), {result.steps} steps, "
+    print(f"{s.gmacs:.4f} GMACs (target {args.target_gmacs}, "
+          f"{100 * s.obtained['off_target']:+.1f}%), {result.steps} steps, "
           f"{result.seconds:.0f} s; wrote {args.out}")
+    if "warning" in s.obtained:  # still a result: exit 0, the warning is in the file too
+        print(f"leanvit search: warning: {s.obtained['warning']}", file=sys.stderr)
     return 0

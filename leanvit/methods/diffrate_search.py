@@ -128,6 +128,38 @@ class DiffRateSearchReducer(Reducer):
             total = total + n * c["mlp_token"]
         return total / 1e9
 
+    @torch.no_grad()
+    def warm_start(self, prune_kept: Sequence[int], merge_kept: Sequence[int],
+                   spread: float = 2.0) -> None:
+        """Set the logits so that the expected kept counts are ``prune_kept`` /
+        ``merge_kept`` (per block, prefix included; e.g. a hand-set schedule that already
+        meets the MAC target): each block's distribution is a discretised Gaussian over the
+        candidates, ``spread`` candidates wide (standard deviation), whose mean is moved until
+        the expected count is half a token below the wanted one (so its ceil is that count).
+        Every block then starts with a soft boundary and gets task gradient from step 1,
+        unlike the zero start, where every block starts at the same (middle) count. (A count
+        of one patch, the smallest candidate, is reached only in the limit: it starts at
+        two.)"""
+        check_number("spread", spread, lo=0, lo_open=True)
+        for name, counts in (("prune_kept", prune_kept), ("merge_kept", merge_kept)):
+            if len(counts) != self.info.depth:
+                raise ValueError(f"{name} needs {self.info.depth} counts, got {len(counts)}")
+        cand = self.candidates.double()
+        g = float(cand[0] - cand[1]) if len(cand) > 1 else 1.0
+        sigma = spread * g
+        for logits, counts in ((self.prune_logits, prune_kept), (self.merge_logits, merge_kept)):
+            for i, c in enumerate(counts):
+                if not self.compressible(i):
+                    continue
+                want = min(max(float(c) - self.prefix, float(cand[-1])), float(cand[0])) - 0.5
+                lo, hi = float(cand[-1]) - 20 * sigma, float(cand[0]) + 20 * sigma
+                for _ in range(80):  # the expected count grows with the mean
+                    mu = (lo + hi) / 2
+                    row = -0.5 * ((cand - mu) / sigma) ** 2
+                    e = float(cand @ row.softmax(-1))
+                    lo, hi = (mu, hi) if e < want else (lo, mu)
+                logits[i] = (-0.5 * ((cand - (lo + hi) / 2) / sigma) ** 2).float()
+
     def _op_mask(self, logits: Tensor, kept: int, present: int) -> Tensor:
         """``[N0]`` mask: 0 at positions ``kept .. present-1`` (1 elsewhere), plus the
         straight-through probability that the kept count exceeds each position."""
@@ -149,9 +181,9 @@ class DiffRateSearchReducer(Reducer):
         alive = mask.detach() > 0.5
         # class attention under the same eps-masked softmax as the block's attention; alive
         # tokens first whatever their attention (a masked token's eps weight could otherwise
-        # outrank an alive token with a near-zero weight)
+        # outrank an alive token with a near-zero weight), each group in exact order
         attn = _masked_cls_attn(signals, mask)
-        order = sort_order(attn + 2.0 * alive.to(attn.dtype), self.prefix, x.shape[1])
+        order = sort_order(attn, self.prefix, x.shape[1], alive=alive)
         x = gather_tokens(x, order)
         state = state.gather(order)
         mask = state.mask

@@ -18,13 +18,24 @@ from leanvit.signals import Signals
 from leanvit.state import remap_where
 
 
-def sort_order(cls_attn: Tensor, prefix: int, k: int) -> Tensor:
+def sort_order(cls_attn: Tensor, prefix: int, k: int, alive: Optional[Tensor] = None
+               ) -> Tensor:
     """Indices of the ``k`` tokens to keep, ``[B, k]`` long: the ``prefix`` tokens first, then
-    the others by descending class attention ``cls_attn`` ``[B, N]``."""
+    the others by descending class attention ``cls_attn`` ``[B, N]``, compared exactly (no
+    offset added to the values), ties in token order.
+
+    ``alive`` ``[B, N]`` bool (the search's unmasked tokens): alive tokens come before masked
+    ones whatever their attention, each group by descending attention; a lexicographic order
+    by two stable sorts, not ``attn + c * alive``, which in float32 rounds the attention to
+    multiples of ``ulp(c)`` and reorders near-tied tokens.
+    """
     B, N = cls_attn.shape
-    top = cls_attn[:, prefix:].topk(k - prefix, dim=1, largest=True, sorted=True).indices
+    rest = torch.sort(cls_attn[:, prefix:], dim=1, descending=True, stable=True).indices
+    if alive is not None:
+        first = alive[:, prefix:].gather(1, rest).to(torch.uint8)
+        rest = rest.gather(1, torch.sort(first, dim=1, descending=True, stable=True).indices)
     pre = torch.arange(prefix, device=cls_attn.device).expand(B, prefix)
-    return torch.cat([pre, top + prefix], dim=1)
+    return torch.cat([pre, rest[:, :k - prefix] + prefix], dim=1)
 
 
 def merge_tail(x: Tensor, size: Tensor, prefix: int, k: int, end: Optional[int] = None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -20,7 +21,7 @@ from leanvit.macs import count_macs
 from leanvit.methods.diffrate_search import DiffRateSearchReducer
 from leanvit.patching import is_patched, patch, unpatch
 from leanvit.registry import check_number
-from leanvit.schedule import Schedule
+from leanvit.schedule import HANDSET_KINDS, Schedule, fit_handset
 from leanvit.state import TokenState
 
 # --------------------------------------------------------------------------------------------
@@ -81,11 +82,16 @@ def search(
     epochs: int = 3,
     batch_size: int = 32,
     num_images: Optional[int] = None,
-    lr: float = 0.01,
-    min_lr: float = 0.001,
+    lr: Optional[float] = None,
+    min_lr: Optional[float] = None,
     mac_weight: float = 5.0,
     granularity: Optional[int] = None,
     first_block: int = 1,
+    init: str = "warm",
+    init_spread: float = 2.0,
+    steps: Optional[int] = None,
+    max_seconds: Optional[float] = None,
+    tolerance: float = 0.02,
     seed: int = 0,
     progress: bool = True,
     log: Optional[Callable[[dict], None]] = None,
@@ -93,9 +99,12 @@ def search(
     """Search DiffRate's per-block kept counts for ``model`` to ``target_gmacs``.
 
     The backbone is frozen (restored afterwards) and only the rate logits are trained: AdamW
-    (weight decay 0) at ``lr`` 0.01 with a per-step cosine to ``min_lr`` 0.001, loss =
-    task + ``mac_weight`` (5) x (GMACs - target)^2 (the authors' defaults). What the frozen
-    blocks before ``first_block`` compute is cached once.
+    (weight decay 0) with a per-step cosine from ``lr`` to ``min_lr``, loss = task +
+    ``mac_weight`` (5, the authors') x (GMACs - target)^2. ``lr`` defaults to the authors' 0.01
+    for their zero start and to 0.05 for the warm start (a short search must move counts by
+    several candidates: ``docs/diffrate.md``), ``min_lr`` to ``lr / 10`` (the authors' ratio).
+    What the frozen blocks before ``first_block`` compute, and the unpatched model's outputs
+    (the distillation targets), are computed once and cached.
 
     Args:
         model: an unpatched timm ViT (with a class token), eval mode.
@@ -111,18 +120,50 @@ def search(
         batch_size: images per step.
         num_images: use this many images of the folder (a fixed random subset, ``seed``).
         granularity / first_block: see :class:`DiffRateSearchOptions`.
+        init: the logits' start. ``"warm"`` (default): the hand-set schedule that merges the
+            same number of tokens in every block and meets the target (``"merge-uniform"``
+            of :func:`handset_schedule`; any of :data:`leanvit.schedule.HANDSET_KINDS` may
+            be named instead), so the search starts on its budget and every block gets task
+            gradient from the first step; ``"zero"``: the authors' zero logits (every block
+            at the same, middle count).
+        init_spread: width of the warm start's distributions, in candidates
+            (:meth:`DiffRateSearchReducer.warm_start`).
+        steps: optimiser steps in all (overrides ``epochs``; the images are cycled).
+        max_seconds: stop after about this many seconds of search (caching included): the
+            step count is cut to what fits, measured after the first steps, and the lr
+            schedule follows the cut so it still ends at ``min_lr``.
+        tolerance: relative distance of the deployed MACs from the target above which the
+            result carries a warning (``schedule.obtained["warning"]``, and a Python
+            ``UserWarning``); default 2%.
         log: called with each step's record.
 
     Returns:
         :class:`SearchResult` with the deployable schedule; ``schedule.gmacs`` is measured by
-        :func:`leanvit.count_macs` on the model with the schedule deployed.
+        :func:`leanvit.count_macs` on the model with the schedule deployed, and
+        ``schedule.obtained["off_target"]`` is its relative distance from the target.
     """
     check_number("target_gmacs", target_gmacs, lo=0, lo_open=True)
     check_number("epochs", epochs, lo=1, integer=True)
     check_number("batch_size", batch_size, lo=1, integer=True)
     check_number("mac_weight", mac_weight, lo=0)
+    if lr is None:  # the authors' 0.01 from their zero start; 5x from the warm start
+        lr = 0.01 if init == "zero" else 0.05
+    if min_lr is None:
+        min_lr = lr / 10
     check_number("lr", lr, lo=0, lo_open=True)
     check_number("min_lr", min_lr, lo=0)
+    check_number("init_spread", init_spread, lo=0, lo_open=True)
+    check_number("tolerance", tolerance, lo=0)
+    if steps is not None:
+        check_number("steps", steps, lo=1, integer=True)
+    if max_seconds is not None:
+        check_number("max_seconds", max_seconds, lo=0, lo_open=True)
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    for name, v in (("target_gmacs", target_gmacs), ("lr", lr), ("min_lr", min_lr),
+                    ("mac_weight", mac_weight)):
+        if not math.isfinite(v):
+            raise ValueError(f"{name} must be finite, got {v!r}")
     if num_images is not None:
         check_number("num_images", num_images, lo=1, integer=True)
     if objective not in OBJECTIVES:
@@ -189,19 +230,36 @@ def search(
         patch(model, "diffrate-search", granularity=granularity, first_block=first_block,
               mac_model=coeffs)
         reducer: DiffRateSearchReducer = model.leanvit
+        start = None
+        if init != "zero":
+            kind = "merge-uniform" if init == "warm" else init
+            start = handset_schedule(model, kind, target_gmacs, first_block=first_block,
+                                     coeffs=coeffs, measure=False)
+            reducer.warm_start(start.prune_kept, start.merge_kept, spread=init_spread)
         opt = torch.optim.AdamW(reducer.parameters(), lr=lr, weight_decay=0.0)
         steps_per_epoch = math.ceil(len(cache_t) / batch_size)
-        total = epochs * steps_per_epoch
+        total = steps if steps is not None else epochs * steps_per_epoch
         gen = torch.Generator().manual_seed(seed)
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total, desc="diffrate search", unit="step")
-        step = 0
-        for epoch in range(epochs):
+        step, epoch, t_loop = 0, -1, time.perf_counter()
+        while step < total:
+            epoch += 1
             perm = torch.randperm(len(cache_t), generator=gen)
             for s in range(0, len(cache_t), batch_size):
+                if step >= total:
+                    break
+                if max_seconds is not None and step == 2:
+                    # what fits in the time left, at the speed of the steps so far
+                    per_step = (time.perf_counter() - t_loop) / step
+                    left = max_seconds - (time.perf_counter() - t0)
+                    total = max(step + 1, min(total, step + int(left / per_step)))
+                    if bar is not None:
+                        bar.total = total
+                        bar.refresh()
                 idx = perm[s:s + batch_size].to(device)
                 cur_lr = min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * step / total))
                 for group in opt.param_groups:
@@ -243,6 +301,8 @@ def search(
             "how": "search", "method": "diffrate", "target_gmacs": float(target_gmacs),
             "objective": objective, "images": int(len(cache_t)), "epochs": epochs,
             "steps": step, "batch_size": batch_size, "lr": lr, "min_lr": min_lr,
+            "init": init, "init_spread": init_spread,
+            "init_gmacs": None if start is None else start.obtained["estimated_gmacs"],
             "mac_weight": mac_weight, "granularity": int(reducer.candidates[0] -
                                                          reducer.candidates[1])
             if len(reducer.candidates) > 1 else 1,
@@ -255,7 +315,16 @@ def search(
         patch(model, "diffrate", schedule=schedule)
         deployed = count_macs(model, images[:1].to(device)).gmacs
         unpatch(model)
-        schedule = Schedule(**{**_fields(schedule), "gmacs": round(deployed, 6)})
+        off = (deployed - target_gmacs) / target_gmacs
+        obtained = {**schedule.obtained, "off_target": round(off, 6)}
+        if abs(off) > tolerance:
+            msg = (f"the searched schedule gives {deployed:.4f} GMACs, {100 * off:+.1f}% off the "
+                   f"target {target_gmacs:g} (more than {100 * tolerance:g}%): search longer "
+                   "(--epochs/steps), raise mac_weight, or use a schedule that meets it")
+            obtained["warning"] = msg
+            warnings.warn(msg, stacklevel=2)
+        schedule = Schedule(**{**_fields(schedule), "gmacs": round(deployed, 6),
+                               "obtained": obtained})
         return SearchResult(schedule=schedule, history=history, seconds=seconds, steps=step)
     finally:
         if is_patched(model):
@@ -263,6 +332,42 @@ def search(
         for p, flag in zip(model.parameters(), grad_flags):
             p.requires_grad_(flag)
         model.train(was_training)
+
+
+#: Starts of the search's logits: ``"warm"`` (= ``"merge-uniform"``), a hand-set kind, or
+#: the authors' ``"zero"``.
+INITS = ("warm", "zero") + HANDSET_KINDS
+
+
+def handset_schedule(model: nn.Module, kind: str, target_gmacs: float, *, first_block: int = 1,
+                     coeffs: Optional[dict] = None, measure: bool = True) -> Schedule:
+    """The hand-set schedule of DiffRate's space of ``kind`` (:data:`leanvit.schedule.
+    HANDSET_KINDS`: the same number of tokens merged or pruned in every block from
+    ``first_block`` on, or three EViT-like stages) whose MACs come closest to ``target_gmacs``
+    (:func:`leanvit.schedule.fit_handset` with ``model``'s coefficients, :func:`mac_model`).
+
+    ``schedule.gmacs`` is measured by :func:`leanvit.count_macs` with the schedule deployed
+    (``measure=False``: left ``None``; the estimate is in ``obtained["estimated_gmacs"]``).
+    ``model`` must be unpatched unless ``coeffs`` is given and ``measure`` is False.
+    """
+    info = find_adapter(model).describe(model)
+    coeffs = coeffs if coeffs is not None else mac_model(model)
+    n = info.num_patches + info.num_prefix_tokens
+    p, m, strength, est = fit_handset(kind, target_gmacs, n, info.num_prefix_tokens,
+                                      info.depth, coeffs, first_block)
+    s = Schedule(model=info.name, img_size=info.img_size, num_tokens=n,
+                 prefix_tokens=info.num_prefix_tokens, prune_kept=p, merge_kept=m,
+                 obtained={"how": "handset", "kind": kind, "strength": strength,
+                           "target_gmacs": float(target_gmacs), "estimated_gmacs": est})
+    if not measure:
+        return s
+    import copy
+
+    h, w = info.img_size
+    prm = next(model.parameters())
+    deployed = patch(copy.deepcopy(model), "diffrate", schedule=s)
+    g = count_macs(deployed, torch.zeros(1, 3, h, w, device=prm.device, dtype=prm.dtype)).gmacs
+    return Schedule(**{**_fields(s), "gmacs": round(g, 6)})
 
 
 def _version() -> str:

@@ -1,0 +1,201 @@
+"""DiffRate at a MAC budget on the real DINOv2 ViT-S/14 + linear probe, Fashion-MNIST (the
+results page's protocol, ``benchmarks/results_page.py``): hand-set schedules of DiffRate's own
+space against searched ones, top-1 on the page's 500 seeded val images.
+
+Hand-set schedules (:func:`leanvit.search.diffrate.handset_schedule`), each fitted to the target
+by bisection on its one strength parameter:
+- ``merge-uniform``: every block from 1 on merges the same number of tokens (no pruning);
+- ``prune-uniform``: every block from 1 on prunes the same number of tokens;
+- ``prune-3stage`` / ``merge-3stage``: EViT-like, blocks 3, 6, 9 each keep the same fraction.
+
+Searches (:func:`leanvit.search.diffrate.search`) with the options given as ``NAME:key=value,...``
+(e.g. ``warm:init=warm,lr=0.05`` or ``zero:init=zero``), each on the same 1000 training images
+(seed 0), distilling the unpatched features (no labels), timed.
+
+Heavy: run under the shared CPU lock, from the repository root::
+
+    flock /tmp/leanvit-cpu.lock python benchmarks/diffrate_budget.py --target-gmacs 3.7 \\
+        --handset --search 'warm:init=warm' --out benchmarks/results/diffrate_budget_3.7.json
+
+Needs ``results/tmp/fmnist`` and the probe head of ``benchmarks/results_page.py`` (its first two
+steps; ``leanvit data fashion-mnist`` + ``leanvit probe``).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODEL = "vit_small_patch14_dinov2"
+WEIGHTS = ROOT.parent / "shared" / "weights" / "dinov2_vits14_224.safetensors"
+
+
+def _tensors(model, data: Path, split: str, limit: int, cache: Path, seed: int = 0):
+    """``limit`` images of ``data/split`` (the fixed seeded subset of leanvit.data), decoded once
+    and kept as tensors in ``cache``."""
+    from leanvit.data import loader
+    from leanvit.evaluate import load_split
+
+    if cache.is_file():
+        d = torch.load(cache)
+        return d["x"], d["y"]
+    ds = load_split(model, data, split, limit, seed=seed)
+    xs, ys = zip(*loader(ds, 100))
+    x, y = torch.cat(xs), torch.cat(ys)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"x": x, "y": y}, cache)
+    return x, y
+
+
+def _accuracy(model, x, y, batch: int = 50) -> dict:
+    from leanvit.evaluate import evaluate
+
+    batches = [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)]
+    r = evaluate(model, batches, progress=False, throughput=False)
+    return {"top1": r["top1"], "top5": r["top5"], "gmacs": r["gmacs"]}
+
+
+def _evaluate_schedule(model, schedule, x, y) -> dict:
+    import copy
+
+    import leanvit
+
+    m = leanvit.patch(copy.deepcopy(model), "diffrate", schedule=schedule).eval()
+    return _accuracy(m, x, y)
+
+
+def _sort_check(model, x) -> dict:
+    """In the search mode (warm start at the target), per block: the share of sorted positions
+    at which ``attn + 2.0 * alive`` in float32 (the old key) puts another token than the exact
+    order, and how many images have any such position."""
+    import copy
+
+    import leanvit
+    from leanvit.methods import diffrate_search as ds
+    from leanvit.ops.diffrate import sort_order
+    from leanvit.search.diffrate import handset_schedule, mac_model
+
+    m = copy.deepcopy(model)
+    s = handset_schedule(m, "merge-uniform", 3.7)
+    leanvit.patch(m, "diffrate-search", mac_model=mac_model(model))
+    m.leanvit.warm_start(s.prune_kept, s.merge_kept)
+    stats: dict = {}
+    orig = ds.sort_order
+
+    def spy(attn, prefix, k, alive=None):
+        exact = orig(attn, prefix, k, alive=alive)
+        old = orig(attn + 2.0 * alive.to(attn.dtype), prefix, k)
+        diff = exact != old
+        i = len(stats)
+        stats[i] = {"positions": float(diff.float().mean()), "images": int(diff.any(1).sum())}
+        return exact
+
+    ds.sort_order = spy
+    try:
+        with torch.no_grad():
+            m(x)
+    finally:
+        ds.sort_order = orig
+    return {"images": len(x), "per_block": [stats[i] for i in sorted(stats)]}
+
+
+def _parse_search(spec: str) -> tuple[str, dict]:
+    name, _, rest = spec.partition(":")
+    opts = {}
+    for item in filter(None, rest.split(",")):
+        k, _, v = item.partition("=")
+        try:
+            opts[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            opts[k] = v
+    return name, opts
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target-gmacs", type=float, default=3.7)
+    ap.add_argument("--data", default="results/tmp/fmnist")
+    ap.add_argument("--head", default="results/tmp/dinov2_vits14_fmnist_head.safetensors")
+    ap.add_argument("--limit", type=int, default=500, help="val images (the page's 500)")
+    ap.add_argument("--images", type=int, default=1000, help="search images (train split)")
+    ap.add_argument("--handset", action="store_true", help="evaluate the hand-set schedules")
+    ap.add_argument("--search", action="append", default=[], metavar="NAME:k=v,...",
+                    help="a search variant to run and evaluate (repeatable)")
+    ap.add_argument("--sort-check", type=int, default=0, metavar="B",
+                    help="on B val images, count the positions where the old float key "
+                         "attn + 2*alive orders tokens differently from the exact order, per block")
+    ap.add_argument("--out", required=True, help="JSON results (rows appended per run)")
+    args = ap.parse_args()
+
+    import leanvit
+    from leanvit.models import create_model
+    from leanvit.schedule import save_schedule
+    from leanvit.search import diffrate as dr
+
+    torch.manual_seed(0)
+    model = create_model(MODEL, img_size=224, checkpoint=WEIGHTS, head=args.head).eval()
+    data = Path(args.data)
+    x, y = _tensors(model, data, "val", args.limit, Path(f"results/tmp/val{args.limit}.pt"))
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.is_file() else {"rows": []}
+    results["meta"] = {"model": MODEL, "target_gmacs": args.target_gmacs,
+                       "val_images": len(x), "search_images": args.images,
+                       "threads": torch.get_num_threads()}
+
+    def record(row):
+        row["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
+        print(json.dumps(row), flush=True)
+        results["rows"] = [r for r in results["rows"] if r["name"] != row["name"]] + [row]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1) + "\n")
+
+    if args.sort_check:
+        record({"name": "sort check", **_sort_check(model, x[:args.sort_check])})
+
+    if args.handset:
+        from leanvit.schedule import HANDSET_KINDS
+
+        for kind in HANDSET_KINDS:
+            t0 = time.perf_counter()
+            s = dr.handset_schedule(model, kind, args.target_gmacs)
+            acc = _evaluate_schedule(model, s, x, y)
+            record({"name": f"handset {kind}", "prune_kept": list(s.prune_kept),
+                    "merge_kept": list(s.merge_kept), "strength": s.obtained.get("strength"),
+                    "deployed_gmacs": s.gmacs,
+                    **acc, "seconds": time.perf_counter() - t0})
+
+    if args.search:
+        tx, _ = _tensors(model, data, "train", args.images,
+                         Path(f"results/tmp/train{args.images}.pt"))
+        backbone = create_model(MODEL, img_size=224, checkpoint=WEIGHTS).eval()  # headless
+        for spec in args.search:
+            name, opts = _parse_search(spec)
+            load0 = Path("/proc/loadavg").read_text().split()[:3]
+            t0 = time.perf_counter()
+            r = dr.search(backbone, args.target_gmacs, tx, progress=False,
+                          objective="distill-features", **opts)
+            wall = time.perf_counter() - t0
+            s = r.schedule
+            path = out.with_name(f"{out.stem}_{name}_schedule.json")
+            save_schedule(s, path)
+            acc = _evaluate_schedule(model, s, x, y)
+            record({"name": f"search {name}", "options": opts, "prune_kept": list(s.prune_kept),
+                    "merge_kept": list(s.merge_kept), "deployed_gmacs": s.gmacs,
+                    "off_target": (s.gmacs - args.target_gmacs) / args.target_gmacs,
+                    "warning": s.obtained.get("warning"), "steps": r.steps,
+                    "search_seconds": r.seconds, "wall_seconds": wall, "loadavg_before": load0,
+                    "final_task": r.history[-1]["task"] if r.history else None,
+                    "schedule_file": str(path), **acc})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
