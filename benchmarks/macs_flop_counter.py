@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import timm
@@ -28,18 +29,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import leanvit
 
-#: (model, setting, method, options, compacted)
-CASES = (
-    ("beit_base_patch16_224", "dense", "none", {}, False),
-    ("beit_base_patch16_224", "tome r=13", "tome", {"r": 13}, False),
-    ("beit_base_patch16_224", "evit 0.7", "evit", {"keep_rate": 0.7}, False),
-    ("vit_base_patch16_siglip_224", "dense", "none", {}, False),
-    ("vit_base_patch16_siglip_224", "tome r=13", "tome", {"r": 13}, False),
-    ("pvt_v2_b1", "dense", None, {}, False),
-    ("pvt_v2_b1", "compacted", None, {}, True),
-    ("nextvit_small", "dense", None, {}, False),
-    ("nextvit_small", "compacted", None, {}, True),
-)
+#: model -> [(setting, method, options)]; "compact" = leanvit.compact + reparameterize, after
+#: the dense row (one model each, patched / compacted in turn: weights are created once)
+CASES = {
+    "beit_base_patch16_224": [("dense", "none", {}), ("tome r=13", "tome", {"r": 13}),
+                              ("evit 0.7", "evit", {"keep_rate": 0.7})],
+    "vit_base_patch16_siglip_224": [("dense", "none", {}), ("tome r=13", "tome", {"r": 13})],
+    "pvt_v2_b1": [("dense", None, {}), ("compacted", "compact", {})],
+    "nextvit_small": [("dense", None, {}), ("compacted", "compact", {})],
+}
 
 
 def flop_counter_macs(model: torch.nn.Module, x: torch.Tensor) -> float:
@@ -49,23 +47,36 @@ def flop_counter_macs(model: torch.nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / 2 / x.shape[0]
 
 
-def measure(name: str, method, options: dict, compacted: bool, x: torch.Tensor) -> dict:
-    torch.manual_seed(0)
-    model = timm.create_model(name).eval()
-    if compacted:
-        leanvit.compact(model)
-        leanvit.reparameterize(model)
+def materialise(model: torch.nn.Module) -> None:
+    """Explicit attention everywhere (the counter does not see CPU fused SDPA) and no
+    gradients (AttentionPoolLatent trips the counter's module tracker under no_grad)."""
     for m in model.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = False
-    model.requires_grad_(False)  # (AttentionPoolLatent trips the counter's tracker under no_grad)
-    if method is not None:
-        leanvit.patch(model, method, **options)
-    t = time.perf_counter()
-    ours = leanvit.count_macs(model, x).total
-    ref = flop_counter_macs(model, x)
-    return {"count_macs": ours, "flop_counter": ref, "rel_diff": ours / ref - 1,
-            "seconds": time.perf_counter() - t}
+    model.requires_grad_(False)
+
+
+def measure(name: str, x: torch.Tensor) -> list[dict]:
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    materialise(model)
+    rows = []
+    for setting, method, options in CASES[name]:
+        t = time.perf_counter()
+        if method == "compact":
+            leanvit.compact(model)
+            leanvit.reparameterize(model)
+            materialise(model)
+        elif method is not None:
+            leanvit.patch(model, method, **options)
+        ours = leanvit.count_macs(model, x).total
+        ref = flop_counter_macs(model, x)
+        if method not in (None, "compact"):
+            leanvit.unpatch(model)
+        rows.append({"model": name, "setting": setting, "count_macs": ours,
+                     "flop_counter": ref, "rel_diff": ours / ref - 1,
+                     "seconds": time.perf_counter() - t})
+    return rows
 
 
 def main() -> None:
@@ -74,19 +85,24 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     x = torch.randn(1, 3, 224, 224)
+    load_before, start = os.getloadavg(), time.perf_counter()
     rows = []
     print(f"{'model':28} {'setting':11} {'count_macs G':>12} {'counter/2 G':>12} {'diff':>8}")
-    for name, setting, method, options, compacted in CASES:
-        r = measure(name, method, options, compacted, x)
-        rows.append({"model": name, "setting": setting, **r})
-        print(f"{name:28} {setting:11} {r['count_macs'] / 1e9:12.4f} "
-              f"{r['flop_counter'] / 1e9:12.4f} {100 * r['rel_diff']:7.3f}%", flush=True)
+    for name in CASES:
+        for r in measure(name, x):
+            rows.append(r)
+            print(f"{name:28} {r['setting']:11} {r['count_macs'] / 1e9:12.4f} "
+                  f"{r['flop_counter'] / 1e9:12.4f} {100 * r['rel_diff']:7.3f}%", flush=True)
+    load_after, seconds = os.getloadavg(), time.perf_counter() - start
+    print(f"load average {load_before} -> {load_after}; {seconds:.0f} s")
     if args.out:
         lines = ["# count_macs vs torch.utils.flop_counter (issue 12)", "",
                  "Per image, 224x224, batch 1, random weights, attention materialised for the "
                  "counter. Reproduce:", "",
                  "    flock /tmp/leanvit-cpu.lock python benchmarks/macs_flop_counter.py "
                  f"--out {args.out}", "",
+                 f"Load average (1, 5, 15 min) before {load_before}, after {load_after} "
+                 f"(counts do not depend on load); {seconds:.0f} s.", "",
                  "| model | setting | count_macs GMACs | FlopCounterMode / 2 GMACs | difference |",
                  "| --- | --- | ---: | ---: | ---: |"]
         for r in rows:

@@ -208,14 +208,14 @@ def _attention(attn: nn.Module, i: int, y: Tensor, state: TokenState, reducer: R
     gate = attn.gate(y).sigmoid() if attn.gate is not None else None
     q, k, v = _qkv(attn, y)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    rope = _module_rope(state, attn.num_prefix_tokens)
+    rope = token_rope(state)
     if rope is not None:
-        npt = attn.num_prefix_tokens
+        # every token at once: the prefix tokens' identity rows leave them exactly as they are
+        # (q * 1 + rot(q) * 0), so timm's slice-rotate-concatenate copy is not needed
+        rope = rope if rope.dim() == 2 else rope[:, None]
         half = getattr(attn, "rotate_half", False)
-        q = torch.cat([q[:, :, :npt, :], apply_rot_embed_cat(q[:, :, npt:, :], rope, half=half)],
-                      dim=2).type_as(v)
-        k = torch.cat([k[:, :, :npt, :], apply_rot_embed_cat(k[:, :, npt:, :], rope, half=half)],
-                      dim=2).type_as(v)
+        q = apply_rot_embed_cat(q, rope, half=half).type_as(v)
+        k = apply_rot_embed_cat(k, rope, half=half).type_as(v)
     groups = getattr(attn, "num_kv_groups", 1)
     if groups > 1:  # grouped-query attention: K/V heads expanded after norm and rotation
         k = k.repeat_interleave(groups, dim=1)
@@ -228,7 +228,8 @@ def _attention(attn: nn.Module, i: int, y: Tensor, state: TokenState, reducer: R
         rows, state = reducer.select_queries(i, signals, state)
         if rows is not None:
             gate = None if gate is None else gather_tokens(gate, rows)
-    # fused SDPA, timm's explicit order, or the fp32 masked form (training keep-mask)
+    # fused SDPA unless a training keep-mask needs the explicit fp32 form (or the module is
+    # set to timm's explicit path): the one attention function, in timm's op order
     out = attention(q, k, v, attn.scale, bias=bias, keep=state.mask, rows=rows,
                     fused=attn.fused_attn, dropout=attn.attn_drop)
     out = out.transpose(1, 2).reshape(B, out.shape[2], attn.num_heads * attn.head_dim)
