@@ -181,7 +181,7 @@ def knob_setting(model: nn.Module, method: str, target_gmacs: float, images: Ten
                 if cheapest is None or gv < cheapest[1]:
                     cheapest = (v, gv)
             break
-        if not knob.integer and b - a < 1e-3:
+        if not knob.integer and b - a < 5e-3:  # keep rates to ~0.005: 8 steps
             break
     if best is None and cheapest is None:
         raise ValueError(f"{method}: no value of {knob.option} in [{lo:g}, {hi:g}] is accepted "
@@ -404,7 +404,9 @@ def tune(
             raise ValueError(f"fractions must be positive numbers, got {f!r}")
     t_start = time.perf_counter()
     batches = _batches(loader)
-    sample = batches[0][0][:4]
+    # a few images to place the grid by MACs (each bisection step is a forward pass of them;
+    # data-dependent methods, ATS, average over them)
+    sample = batches[0][0][:2]
     model = model.eval()
     dense = count_macs(model, sample).gmacs
     center = b.gmacs if b.gmacs is not None else dense / b.speedup
@@ -424,6 +426,8 @@ def tune(
     say(f"tune: budget {b.describe()}; unmodified model {dense:.3f} GMACs; grid targets "
         + ", ".join(f"{t:.2f}" for t in targets) + " GMACs")
     settings, est, skipped = grid(model, targets, sample, names)
+    # a setting that removes nothing (e.g. tome r=0) is the unmodified model again
+    settings = [s for s in settings if est[s.label] < dense * (1 - 1e-9)]
     want_search = [m for m in SEARCHED if (names is None and m in _registered()) or
                    (names is not None and m in names)]
     for s in explicit:
