@@ -42,6 +42,13 @@ def test_eval_accuracy_equals_hand_computation(tmp_path):
     assert r["top1"] == pytest.approx(100 * correct / 12)
     assert r["top5"] == 100.0  # 3 classes: top-min(5, 3)
     assert r["gmacs"] > 0 and r["images_per_s"] > 0
+    # the trainer's form: the model's own forward, no MACs or timing, eval mode restored
+    model.train()
+    plain = evaluate(model, loader(ds, batch_size=5), progress=False, throughput=False,
+                     macs=False)
+    assert model.training
+    assert plain["correct1"] == correct and plain["images"] == 12
+    assert "gmacs" not in plain and "images_per_s" not in plain
 
 
 def test_topk_correct_counts_by_hand():
