@@ -255,3 +255,44 @@ def _members(protocol: type) -> list[str]:
         names += [n for n in list(getattr(klass, "__annotations__", {})) + list(vars(klass))
                   if not n.startswith("_") and n not in names]
     return names
+
+
+# --------------------------------------------------------------------------------------------
+# The patched class's methods
+
+
+def patched_mixin(name: str, forward_features: Callable[..., tuple[Tensor, TokenState]],
+                  forward_head: Callable[..., Tensor], *, takes_attn_mask: bool = False) -> type:
+    """The mixin a family's adapter exports as ``PATCHED``: its ``forward_features`` and
+    ``forward`` run the adapter's :func:`Backbone.forward_features` /
+    :func:`Backbone.forward_head` on the patched model (one definition for every family).
+
+    ``takes_attn_mask``: keep timm's ``attn_mask`` / ``is_causal`` arguments (ViT, Eva) and
+    refuse them when given (token reduction changes the sequence a mask would refer to).
+    """
+    if takes_attn_mask:
+        def features(self, x: Tensor, attn_mask: Optional[Tensor] = None,
+                     is_causal: bool = False) -> Tensor:
+            _no_mask(attn_mask, is_causal)
+            return forward_features(self, x)[0]
+
+        def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
+                    is_causal: bool = False) -> Tensor:
+            _no_mask(attn_mask, is_causal)
+            x, state = forward_features(self, x)
+            return forward_head(self, x, state)
+    else:
+        def features(self, x: Tensor) -> Tensor:  # type: ignore[misc]
+            return forward_features(self, x)[0]
+
+        def forward(self, x: Tensor) -> Tensor:  # type: ignore[misc]
+            x, state = forward_features(self, x)
+            return forward_head(self, x, state)
+    doc = "Mixed in front of the model's own class by :func:`leanvit.patch`."
+    return type(name, (), {"forward_features": features, "forward": forward, "__doc__": doc,
+                           "__module__": __name__})
+
+
+def _no_mask(attn_mask: Optional[Tensor], is_causal: bool) -> None:
+    if attn_mask is not None or is_causal:
+        raise ValueError("leanvit-patched models do not take attn_mask / is_causal")

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from leanvit.adapters.base import patched_mixin
 from leanvit.adapters.vit import check_input, loss_tokens, token_weights
 from leanvit.ops.attention import attention
 from leanvit.registry import ModelInfo, Reducer
@@ -337,15 +338,4 @@ def forward_head(model: nn.Module, x: Tensor, state: TokenState, pre_logits: boo
     return x if pre_logits else model.head(x)
 
 
-class _PatchedBeit:
-    """Mixed in front of the model's own class by :func:`leanvit.patch`."""
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        return forward_features(self, x)[0]
-
-    def forward(self, x: Tensor) -> Tensor:
-        x, state = forward_features(self, x)
-        return forward_head(self, x, state)
-
-
-PATCHED = _PatchedBeit
+PATCHED = patched_mixin('_PatchedBeit', forward_features, forward_head)

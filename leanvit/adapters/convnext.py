@@ -13,7 +13,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from leanvit.adapters.base import input_size
+from leanvit.adapters.base import input_size, patched_mixin
 from leanvit.adapters.stages import BlockParts, linear_macs, run_stage
 from leanvit.ops.precision import check_input_dtype
 from leanvit.registry import ModelInfo, Reducer
@@ -187,18 +187,7 @@ def loss_tokens(model: nn.Module, x: Tensor, state: Optional[TokenState]
     return tokens, tokens.new_ones(B, H * W)
 
 
-class _PatchedConvNeXt:
-    """Mixed in front of the model's own class by :func:`leanvit.patch`."""
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        return forward_features(self, x)[0]
-
-    def forward(self, x: Tensor) -> Tensor:
-        x, state = forward_features(self, x)
-        return forward_head(self, x, state)
-
-
-PATCHED = _PatchedConvNeXt
+PATCHED = patched_mixin('_PatchedConvNeXt', forward_features, forward_head)
 
 __all__ = ["FAMILY", "KIND", "DESCRIPTION", "PATCHED", "matches", "check_supported", "describe",
            "check_input",

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from leanvit.adapters.base import patched_mixin
 from leanvit.adapters.attention_pool import attention_pool_forward, attention_pool_macs
 from leanvit.adapters.vit import check_input, token_weights  # noqa: F401 (the contract's)
 from leanvit.ops.attention import attention
@@ -442,24 +443,4 @@ def _eva_forward_head():
     return Eva.forward_head
 
 
-class _PatchedEva:
-    """Mixed in front of the model's own class by :func:`leanvit.patch`."""
-
-    def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None,
-                         is_causal: bool = False) -> Tensor:
-        _no_mask(attn_mask, is_causal)
-        return forward_features(self, x)[0]
-
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
-                is_causal: bool = False) -> Tensor:
-        _no_mask(attn_mask, is_causal)
-        x, state = forward_features(self, x)
-        return forward_head(self, x, state)
-
-
-def _no_mask(attn_mask, is_causal) -> None:
-    if attn_mask is not None or is_causal:
-        raise ValueError("leanvit-patched models do not take attn_mask / is_causal")
-
-
-PATCHED = _PatchedEva
+PATCHED = patched_mixin('_PatchedEva', forward_features, forward_head, takes_attn_mask=True)

@@ -14,6 +14,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from leanvit.adapters.base import patched_mixin
 from leanvit.adapters.stages import BlockParts, linear_macs, run_stage
 from leanvit.ops.precision import check_input_dtype
 from leanvit.registry import ModelInfo, Reducer
@@ -173,15 +174,4 @@ def loss_tokens(model: nn.Module, x: Tensor, state: Optional[TokenState]
     return tokens, tokens.new_ones(B, H * W)
 
 
-class _PatchedSwin:
-    """Mixed in front of the model's own class by :func:`leanvit.patch`."""
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        return forward_features(self, x)[0]
-
-    def forward(self, x: Tensor) -> Tensor:
-        x, state = forward_features(self, x)
-        return forward_head(self, x, state)
-
-
-PATCHED = _PatchedSwin
+PATCHED = patched_mixin('_PatchedSwin', forward_features, forward_head)

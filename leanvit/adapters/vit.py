@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from leanvit.adapters.attention_pool import (attention_pool_forward, attention_pool_macs,
                                              is_attention_pool, pool_token_count)
-from leanvit.adapters.base import CompactionSites, Site
+from leanvit.adapters.base import CompactionSites, Site, patched_mixin
 from leanvit.ops.attention import attention, attention_logits
 from leanvit.ops.precision import check_input_dtype
 from leanvit.registry import ModelInfo, Reducer
@@ -392,27 +392,7 @@ def _vit_forward_head():
     return VisionTransformer.forward_head
 
 
-class _PatchedViT:
-    """Mixed in front of the model's own class by :func:`patch`."""
-
-    def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None,
-                         is_causal: bool = False) -> Tensor:
-        _no_mask(attn_mask, is_causal)
-        return forward_features(self, x)[0]
-
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
-                is_causal: bool = False) -> Tensor:
-        _no_mask(attn_mask, is_causal)
-        x, state = forward_features(self, x)
-        return forward_head(self, x, state)
-
-
-def _no_mask(attn_mask, is_causal) -> None:
-    if attn_mask is not None or is_causal:
-        raise ValueError("leanvit-patched models do not take attn_mask / is_causal")
-
-
-PATCHED = _PatchedViT
+PATCHED = patched_mixin('_PatchedViT', forward_features, forward_head, takes_attn_mask=True)
 
 
 # --------------------------------------------------------------------------------------------
