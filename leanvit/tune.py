@@ -57,6 +57,13 @@ KNOBS: dict[str, Knob] = {
     "topk": Knob("keep_rate", 0.05, 1.0, False, False),
     "tome": Knob("r", 0, None, True, True),
     "ats": Knob("max_tokens", 2, None, True, False),
+    "random": Knob("keep_rate", 0.05, 1.0, False, False),
+}
+#: Registered methods that need training before they are useful, and how to pass the trained
+#: state to tune instead.
+TRAINED: dict[str, str] = {
+    "dynamicvit": "needs trained predictors (leanvit train); pass them as a setting, e.g. "
+                  "'dynamicvit load=FILE'",
 }
 #: Methods tune searches itself (one search per MAC target).
 SEARCHED = ("diffrate",)
@@ -215,8 +222,8 @@ def grid(model: nn.Module, gmacs_targets: Sequence[float], images: Tensor,
             raise ValueError(f"unknown method {name!r}; available methods: "
                              f"{', '.join(sorted(registered))}")
         if name not in KNOBS:
-            skipped.append((name, "needs training or has no strength option tune knows; pass "
-                                  "a setting explicitly (e.g. 'dynamicvit load=FILE')"))
+            skipped.append((name, TRAINED.get(name, "has no strength option tune knows; pass "
+                                                     "a setting explicitly")))
             continue
         try:
             for t in gmacs_targets:

@@ -217,3 +217,20 @@ def test_cli_tune_bad_input_is_one_line(folder, capsys):
     assert "unknown method" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # both budgets: argparse refuses
         main(base + ["--budget-gmacs", "1", "--budget-speedup", "2"])
+
+
+def test_grid_covers_every_training_free_method_and_names_what_it_leaves_out():
+    """``random`` (a keep_rate knob) is in the grid; ``dynamicvit`` is left out with the reason
+    (trained predictors) and how to pass them."""
+    from leanvit.tune import grid
+
+    model, x = _model(), _images()[:4]
+    target = 0.8 * leanvit.count_macs(model, x).gmacs
+    settings, est, skipped = grid(model, [target], x)
+    methods = {s.method for s in settings}
+    assert {"tome", "evit", "topk", "ats", "random"} <= methods
+    s = next(s for s in settings if s.method == "random")
+    assert 0 < s.options["keep_rate"] < 1 and est[s.label] <= target
+    reasons = dict(skipped)
+    assert "random" not in reasons
+    assert "trained predictors" in reasons["dynamicvit"] and "load=" in reasons["dynamicvit"]
