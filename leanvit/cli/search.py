@@ -41,6 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "number of tokens in every block that meets the target), zero (the "
                         "authors'), or a hand-set kind: merge-uniform, prune-uniform, "
                         "merge-3stage, prune-3stage")
+    p.add_argument("--ops", default="both", choices=["both", "merge", "prune"],
+                   help="operations searched: both (default, the authors' space), merge "
+                        "(merging only, nothing pruned) or prune")
     p.add_argument("--init-spread", type=float, default=2.0,
                    help="width of the warm start's count distributions, in candidates "
                         "(default 2)")
@@ -75,12 +78,15 @@ def run(args: argparse.Namespace) -> int:
     if (data / "train").is_dir():
         data = data / "train"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the off-target one is printed below
+        # the off-target warning is printed below; others (e.g. fewer images cached to fit
+        # --max-seconds) go to stderr as usual
+        warnings.filterwarnings("ignore", message=".*off the target", category=UserWarning)
         result = search(model, args.target_gmacs, data, objective=args.objective,
                         epochs=args.epochs, batch_size=args.batch_size,
                         num_images=args.images, lr=args.lr, min_lr=args.min_lr,
                         mac_weight=args.mac_weight, granularity=args.granularity,
-                        init=args.init, init_spread=args.init_spread, steps=args.steps,
+                        ops=args.ops, init=args.init, init_spread=args.init_spread,
+                        steps=args.steps,
                         max_seconds=args.max_seconds, seed=args.seed)
     s = result.schedule
     save_schedule(s, args.out)

@@ -42,13 +42,21 @@ class DiffRateSearchOptions:
         mac_model: per-image MAC coefficients ``{"constant", "attn_token", "attn_pair",
             "mlp_token"}`` for the differentiable MAC estimate (:func:`mac_model`); ``None``
             gives the plain ViT formula ``4NC^2 + 2N^2C + 8NC^2`` (no stem/head).
+        ops: which operations are searched: ``"both"`` (the authors': pruning then merging in
+            every block), ``"merge"`` (merging only; nothing is pruned) or ``"prune"``. A
+            restriction to one operation searches the subspace where the other keeps every
+            token (e.g. where pruning is known to cost accuracy, as on DINOv2 with a linear
+            probe: ``docs/diffrate.md``).
     """
 
     granularity: Optional[int] = None
     first_block: int = 1
     mac_model: Optional[dict] = None
+    ops: str = "both"
 
     def __post_init__(self) -> None:
+        if self.ops not in OPS:
+            raise ValueError(f"ops must be one of {', '.join(OPS)}, got {self.ops!r}")
         if self.granularity is not None:
             check_number("granularity", self.granularity, lo=1, integer=True)
         check_number("first_block", self.first_block, lo=0, integer=True)
@@ -58,6 +66,8 @@ class DiffRateSearchOptions:
 
 
 _MAC_KEYS = ("constant", "attn_token", "attn_pair", "mlp_token")
+#: values of :attr:`DiffRateSearchOptions.ops`
+OPS = ("both", "merge", "prune")
 
 
 class DiffRateSearchReducer(Reducer):
@@ -87,6 +97,9 @@ class DiffRateSearchReducer(Reducer):
                              .float(), persistent=False)
         self.prune_logits = nn.Parameter(torch.zeros(info.depth, len(cand)))
         self.merge_logits = nn.Parameter(torch.zeros(info.depth, len(cand)))
+        self.prune_on, self.merge_on = options.ops != "merge", options.ops != "prune"
+        self.prune_logits.requires_grad_(self.prune_on)  # a frozen op keeps every token
+        self.merge_logits.requires_grad_(self.merge_on)
         C = info.embed_dim
         self.macs = dict(options.mac_model or {"constant": 0.0, "attn_token": 4.0 * C * C,
                                                "attn_pair": 2.0 * C, "mlp_token": 8.0 * C * C})
@@ -108,8 +121,10 @@ class DiffRateSearchReducer(Reducer):
         prune, merge = [], []
         for i in range(self.info.depth):
             if self.compressible(i):
-                prune.append(self.expected_count(self.prune_logits[i]))
-                merge.append(self.expected_count(self.merge_logits[i]))
+                prune.append(self.expected_count(self.prune_logits[i]) if self.prune_on
+                             else full)
+                merge.append(self.expected_count(self.merge_logits[i]) if self.merge_on
+                             else full)
             else:
                 prune.append(full)
                 merge.append(full)
@@ -188,9 +203,10 @@ class DiffRateSearchReducer(Reducer):
         state = state.gather(order)
         mask = state.mask
         present = int(alive[0].sum())
-        kp_t, km_t = self.expected_count(self.prune_logits[i]), \
-            self.expected_count(self.merge_logits[i])
-        kp, km = int(kp_t.detach()), int(km_t.detach())
+        kp = int(self.expected_count(self.prune_logits[i]).detach()) if self.prune_on \
+            else present
+        km = int(self.expected_count(self.merge_logits[i]).detach()) if self.merge_on \
+            else present
         if kp < present:
             mask = mask * self._op_mask(self.prune_logits[i], kp, present)[None]
         mid = min(present, kp)

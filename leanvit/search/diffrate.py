@@ -57,6 +57,10 @@ class SearchResult:
 
 OBJECTIVES = ("auto", "ce", "distill-logits", "distill-features")
 
+#: With ``max_seconds``, the share of it that caching the frozen prefix and the teacher's
+#: outputs may take; beyond it the search uses fewer images (with a warning).
+CACHE_SHARE = 0.25
+
 
 def _features(x: Tensor, state: Optional[TokenState], prefix: int) -> Tensor:
     """Class token concatenated with the size- (and mask-) weighted mean of the patch tokens,
@@ -87,6 +91,7 @@ def search(
     mac_weight: float = 5.0,
     granularity: Optional[int] = None,
     first_block: int = 1,
+    ops: str = "both",
     init: str = "warm",
     init_spread: float = 2.0,
     steps: Optional[int] = None,
@@ -119,7 +124,8 @@ def search(
         epochs: passes over the images (the paper: ~1000 images suffice).
         batch_size: images per step.
         num_images: use this many images of the folder (a fixed random subset, ``seed``).
-        granularity / first_block: see :class:`DiffRateSearchOptions`.
+        granularity / first_block / ops: see :class:`DiffRateSearchOptions` (``ops``:
+            ``"both"``, the authors' space; ``"merge"`` or ``"prune"`` for one operation).
         init: the logits' start. ``"warm"`` (default): the hand-set schedule that merges the
             same number of tokens in every block and meets the target (``"merge-uniform"``
             of :func:`handset_schedule`; any of :data:`leanvit.schedule.HANDSET_KINDS` may
@@ -129,9 +135,10 @@ def search(
         init_spread: width of the warm start's distributions, in candidates
             (:meth:`DiffRateSearchReducer.warm_start`).
         steps: optimiser steps in all (overrides ``epochs``; the images are cycled).
-        max_seconds: stop after about this many seconds of search (caching included): the
-            step count is cut to what fits, measured after the first steps, and the lr
-            schedule follows the cut so it still ends at ``min_lr``.
+        max_seconds: stop after about this many seconds of search (caching included): caching
+            may take :data:`CACHE_SHARE` of it (fewer images otherwise, with a warning); the
+            step count is cut to what fits, measured after the first steps and re-planned
+            every 10, and the lr schedule follows the cut so it still ends near ``min_lr``.
         tolerance: relative distance of the deployed MACs from the target above which the
             result carries a warning (``schedule.obtained["warning"]``, and a Python
             ``UserWarning``); default 2%.
@@ -160,6 +167,10 @@ def search(
         check_number("max_seconds", max_seconds, lo=0, lo_open=True)
     if init not in INITS:
         raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    if ops != "both" and init.startswith(("merge-", "prune-")) and not init.startswith(ops):
+        raise ValueError(f"init {init!r} starts from an operation that ops={ops!r} does not "
+                         "search; start from a schedule of that operation (e.g. "
+                         f"'{ops}-uniform')")
     for name, v in (("target_gmacs", target_gmacs), ("lr", lr), ("min_lr", min_lr),
                     ("mac_weight", mac_weight)):
         if not math.isfinite(v):
@@ -214,6 +225,19 @@ def search(
         cache, teacher = [], []
         with torch.no_grad():
             for s in range(0, len(images), batch_size):
+                if max_seconds is not None and s == batch_size:
+                    # caching may take at most CACHE_SHARE of the time: fewer images if not
+                    per_image = (time.perf_counter() - t0) / s
+                    fit = max(batch_size, int(CACHE_SHARE * max_seconds / per_image))
+                    if fit < len(images):
+                        warnings.warn(f"diffrate search: caching {len(images)} images would take "
+                                      f"~{per_image * len(images):.0f} s of max_seconds="
+                                      f"{max_seconds:g}; searching on the first {fit}",
+                                      stacklevel=2)
+                        images = images[:fit]
+                        labels = None if labels is None else labels[:fit]
+                if s >= len(images):
+                    break
                 xb = images[s:s + batch_size].to(device)
                 x, state = adapter.embed(model, xb)
                 x, state = adapter.run_blocks(model, x, state, 0, first_block)
@@ -228,11 +252,12 @@ def search(
         unpatch(model)
 
         patch(model, "diffrate-search", granularity=granularity, first_block=first_block,
-              mac_model=coeffs)
+              mac_model=coeffs, ops=ops)
         reducer: DiffRateSearchReducer = model.leanvit
         start = None
         if init != "zero":
-            kind = "merge-uniform" if init == "warm" else init
+            kind = ("prune-uniform" if ops == "prune" else "merge-uniform") if init == "warm" \
+                else init
             start = handset_schedule(model, kind, target_gmacs, first_block=first_block,
                                      coeffs=coeffs, measure=False)
             reducer.warm_start(start.prune_kept, start.merge_kept, spread=init_spread)
@@ -252,8 +277,9 @@ def search(
             for s in range(0, len(cache_t), batch_size):
                 if step >= total:
                     break
-                if max_seconds is not None and step == 2:
-                    # what fits in the time left, at the speed of the steps so far
+                if max_seconds is not None and (step == 2 or (step > 2 and step % 10 == 0)):
+                    # what fits in the time left, at the speed of the steps so far (re-planned
+                    # every 10 steps, so a machine that slows down cannot overrun the limit)
                     per_step = (time.perf_counter() - t_loop) / step
                     left = max_seconds - (time.perf_counter() - t0)
                     total = max(step + 1, min(total, step + int(left / per_step)))
@@ -306,7 +332,7 @@ def search(
             "mac_weight": mac_weight, "granularity": int(reducer.candidates[0] -
                                                          reducer.candidates[1])
             if len(reducer.candidates) > 1 else 1,
-            "first_block": first_block, "expected_gmacs": expected,
+            "first_block": first_block, "ops": ops, "expected_gmacs": expected,
             "seconds": round(seconds, 1), "seed": seed,
             "leanvit": _version(),
         }

@@ -49,3 +49,17 @@ def test_search_cli_bad_inputs(tmp_path, capsys):
     rc = main(["search", "deit_tiny_patch16_224", "--img-size", "32", "--target-gmacs", "5",
                "--data", str(data), "--out", str(tmp_path / "s.json")])
     assert rc == 2 and "not below the dense model" in capsys.readouterr().err
+
+
+def test_search_cli_merge_only(tmp_path, capsys):
+    """``--ops merge`` searches merging only: no block prunes beyond what is left."""
+    _folder(tmp_path / "data" / "train")
+    out = tmp_path / "s.json"
+    rc = main(["search", "deit_tiny_patch16_224", "--img-size", "32", "--target-gmacs", "0.01",
+               "--data", str(tmp_path / "data"), "--images", "6", "--steps", "1",
+               "--batch-size", "3", "--granularity", "1", "--ops", "merge", "--out", str(out)])
+    assert rc == 0
+    s = load_schedule(out)
+    assert s.obtained["ops"] == "merge"
+    assert list(s.prune_kept[1:]) == list(s.merge_kept[:-1])  # pruning removes nothing
+    assert min(s.merge_kept) < 5

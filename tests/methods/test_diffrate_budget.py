@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 
+import leanvit
 from leanvit.ops.diffrate import sort_order
 from leanvit.schedule import HANDSET_KINDS, effective_counts, handset_counts, schedule_macs
 from leanvit.search.diffrate import handset_schedule, mac_model, search
@@ -161,3 +162,49 @@ def test_off_target_warning_and_search_cli_exit_0(tmp_path, capsys):
 def test_bad_search_options(bad):
     with pytest.raises((ValueError, TypeError)):
         search(_tiny(), 0.01, torch.randn(2, 3, 64, 64), progress=False, **bad)
+
+
+def test_max_seconds_caps_the_caching_of_the_search_images():
+    """With ``max_seconds``, caching the frozen prefix and teacher outputs of more images than
+    :data:`CACHE_SHARE` of it allows searches on fewer images, with a warning (the limit holds
+    even when caching alone would overrun it)."""
+    from leanvit.search import diffrate as dr
+
+    m = _tiny()
+    x = torch.randn(12, 3, 64, 64)
+    dense = leanvit.count_macs(m, x[:1]).gmacs
+    with pytest.warns(UserWarning, match="searching on the first 2"):
+        r = search(m, 0.8 * dense, x, steps=3, batch_size=2, max_seconds=1e-6, progress=False)
+    assert r.schedule.obtained["images"] == 2
+    assert dr.CACHE_SHARE == 0.25
+    # a generous limit caches everything
+    r = search(m, 0.8 * dense, x, steps=1, batch_size=2, max_seconds=1e4, progress=False)
+    assert r.schedule.obtained["images"] == 12
+
+
+@pytest.mark.parametrize("ops", ["merge", "prune"])
+def test_search_of_one_operation_leaves_the_other_alone(ops):
+    """``ops='merge'``: nothing is ever pruned (every prune count is the full count), and the
+    warm start is the merge-only hand-set schedule; likewise for ``'prune'``."""
+    torch.manual_seed(0)
+    m = timm.create_model("deit_tiny_patch16_224", depth=4, img_size=128, num_classes=10).eval()
+    x = torch.randn(4, 3, 128, 128)
+    dense = leanvit.count_macs(m, x[:1]).gmacs
+    recs = []
+    r = search(m, 0.8 * dense, x, steps=2, batch_size=4, ops=ops, progress=False,
+               log=recs.append)
+    s = r.schedule
+    mine = s.merge_kept if ops == "merge" else s.prune_kept
+    # effective counts: the frozen operation removes nothing beyond what the other left
+    if ops == "merge":
+        assert list(s.prune_kept[1:]) == [65] + list(s.merge_kept[1:-1])
+    else:
+        assert list(s.merge_kept) == list(s.prune_kept)
+    assert min(mine) < 65 and s.obtained["ops"] == ops
+    start = handset_schedule(m, f"{ops}-uniform", 0.8 * dense)
+    assert recs[0]["gmacs"] == pytest.approx(start.obtained["estimated_gmacs"], rel=1e-6)
+    with pytest.raises(ValueError, match="does not search"):
+        search(m, 0.8 * dense, x, steps=1, ops=ops, progress=False,
+               init="prune-3stage" if ops == "merge" else "merge-3stage")
+    with pytest.raises(ValueError, match="ops must be"):
+        search(m, 0.8 * dense, x, steps=1, ops="neither", progress=False)
