@@ -314,7 +314,7 @@ def tune_section(args) -> list[str]:
         (out / "tune.json").write_text(json.dumps(info, indent=2) + "\n")
     info = json.loads((out / "tune.json").read_text())
     rows = info["rows"]
-    front = [r for r in rows if r["label"] in info["front"]]
+    front = sorted((r for r in rows if r["label"] in info["front"]), key=lambda r: r["gmacs"])
     choice = next((r for r in rows if r["label"] == info["choice"]), None)
     within = [r for r in rows if r["gmacs"] <= TUNE_BUDGET]
     Path(TUNE_IMG).parent.mkdir(parents=True, exist_ok=True)
@@ -336,8 +336,15 @@ def tune_section(args) -> list[str]:
                   f"model's images/s in the same run); the best top-1 of the settings within "
                   f"the budget is {best:.2f}%. Written as `choice.safetensors` "
                   "(`leanvit.load`, `--set load=FILE`).", ""]
-    lines += ["All settings it evaluated:", "", markdown_table(rows).rstrip(), "",
-              f"![leanvit tune: top-1 against GMACs and throughput]"
+    lines += ["All settings it evaluated:", "", markdown_table(rows).rstrip(), ""]
+    for r in rows:  # a searched schedule that missed its target says so in its file
+        sched = r.get("options", {}).get("schedule") if r.get("method") == "diffrate" else None
+        if sched and (ROOT / sched).is_file():
+            warning = json.loads((ROOT / sched).read_text()).get("obtained", {}).get("warning")
+            if warning:
+                lines += [f"DiffRate's search (inside tune, its default settings): {warning}. "
+                          "Over the budget, it cannot be chosen.", ""]
+    lines += [f"![leanvit tune: top-1 against GMACs and throughput]"
               f"({Path(TUNE_IMG).relative_to('docs')})", ""]
     return lines
 
