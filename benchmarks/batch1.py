@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=10,
                    help="forwards per timed round at batch 1 (1 at larger batches)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="a torch._inductor.config setting for the compiled mode, applied to "
+                        "the dense model and the methods alike, e.g. cpp_wrapper=True or "
+                        "freezing=True (repeatable)")
     p.add_argument("--model", default=MODEL)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" /
                                         "batch1_cpu"),
@@ -71,6 +75,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    for item in args.inductor:
+        key, sep, value = item.partition("=")
+        if not sep or not hasattr(inductor_config, key):
+            p.error(f"--inductor takes KEY=VALUE with a torch._inductor.config key, got {item!r}")
+        setattr(inductor_config, key, ast.literal_eval(value))
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not set(modes) <= {"eager", "compiled"}:
         p.error(f"--modes takes eager and/or compiled, got {args.modes!r}")
