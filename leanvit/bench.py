@@ -329,7 +329,7 @@ def resolved_options(model: nn.Module) -> dict:
         return {}
     out = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
     if out.get("locations", 0) is None and getattr(reducer, "locations", None) is not None:
-        out["locations"] = tuple(reducer.locations)
+        out["locations"] = tuple(sorted(reducer.locations))  # frozensets have no order
     return out
 
 

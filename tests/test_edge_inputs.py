@@ -190,3 +190,15 @@ def test_bench_warns_when_the_rounds_spread_more_than_20_percent(monkeypatch):
                                 repeats=3, warmup=0, memory=False, progress=False)
     assert r["baseline"]["spread"] == pytest.approx(0.5)
     assert bench.round_spread([1.0, 1.1, 1.05]) == pytest.approx(0.1 / 1.05)
+
+
+def test_resolved_default_locations_are_in_block_order():
+    """EViT keeps its blocks as a frozenset; what bench prints is sorted: (3, 6, 9), not a
+    hash order such as (9, 3, 6)."""
+    import timm
+
+    import leanvit
+    from leanvit.bench import resolved_options
+
+    m = leanvit.patch(timm.create_model("deit_tiny_patch16_224", img_size=32), "evit")
+    assert resolved_options(m)["locations"] == (3, 6, 9)
