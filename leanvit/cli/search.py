@@ -51,6 +51,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="optimiser steps in all (overrides --epochs)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="stop after about this many seconds (the lr schedule is fitted to it)")
+    p.add_argument("--select-every", type=int, default=None, metavar="K",
+                   help="deploy the counts at step 0, every K steps and at the end, score each "
+                        "on held-out search images, and keep the best within the MAC "
+                        "tolerance (default: the last step's counts, as the authors)")
+    p.add_argument("--holdout", type=int, default=200, metavar="M",
+                   help="search images held out for --select-every (default 200)")
     p.add_argument("--img-size", type=int, default=None, metavar="S",
                    help="input size in pixels, passed to timm.create_model(img_size=S)")
     p.add_argument("--checkpoint", default=None, metavar="FILE",
@@ -87,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
                         mac_weight=args.mac_weight, granularity=args.granularity,
                         ops=args.ops, init=args.init, init_spread=args.init_spread,
                         steps=args.steps,
-                        max_seconds=args.max_seconds, seed=args.seed)
+                        max_seconds=args.max_seconds, select_every=args.select_every,
+                        holdout=args.holdout, seed=args.seed)
     s = result.schedule
     save_schedule(s, args.out)
     print(f"prune_kept {list(s.prune_kept)}")

@@ -57,9 +57,11 @@ def test_search_cli_merge_only(tmp_path, capsys):
     out = tmp_path / "s.json"
     rc = main(["search", "deit_tiny_patch16_224", "--img-size", "32", "--target-gmacs", "0.01",
                "--data", str(tmp_path / "data"), "--images", "6", "--steps", "1",
-               "--batch-size", "3", "--granularity", "1", "--ops", "merge", "--out", str(out)])
+               "--batch-size", "3", "--granularity", "1", "--ops", "merge", "--select-every",
+               "1", "--holdout", "2", "--out", str(out)])
     assert rc == 0
     s = load_schedule(out)
-    assert s.obtained["ops"] == "merge"
+    assert s.obtained["ops"] == "merge" and s.obtained["holdout"] == 2
+    assert [r["step"] for r in s.obtained["snapshots"]][0] == 0
     assert list(s.prune_kept[1:]) == list(s.merge_kept[:-1])  # pruning removes nothing
     assert min(s.merge_kept) < 5

@@ -208,3 +208,37 @@ def test_search_of_one_operation_leaves_the_other_alone(ops):
                init="prune-3stage" if ops == "merge" else "merge-3stage")
     with pytest.raises(ValueError, match="ops must be"):
         search(m, 0.8 * dense, x, steps=1, ops="neither", progress=False)
+
+
+def test_select_every_returns_the_best_deployed_snapshot():
+    """With ``select_every``, snapshots (step 0, every k steps, the end) are deployed and scored
+    on held-out images; the returned schedule is the snapshot with the lowest held-out loss
+    among those within the MAC tolerance, and its loss is what a plain deployed evaluation
+    gives."""
+    import copy
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    m = timm.create_model("deit_tiny_patch16_224", depth=4, img_size=128, num_classes=10).eval()
+    x = torch.randn(12, 3, 128, 128)
+    dense = leanvit.count_macs(m, x[:1]).gmacs
+    target = 0.8 * dense
+    r = search(m, target, x, steps=4, batch_size=4, lr=0.5, select_every=2, holdout=4,
+               tolerance=0.05, progress=False)
+    o = r.schedule.obtained
+    snaps = o["snapshots"]
+    assert o["holdout"] == 4 and o["images"] == 12 and snaps[0]["step"] == 0
+    ok = [s for s in snaps if abs(s["estimated_gmacs"] - target) <= 0.05 * target]
+    best = min(ok, key=lambda s: s["holdout_loss"])
+    assert o["selected_step"] == best["step"]
+    # the held-out loss of the returned schedule, recomputed plainly: KL of the deployed model's
+    # logits to the unpatched model's on the last 4 images
+    with torch.no_grad():
+        teacher = m(x[-4:])
+        student = leanvit.patch(copy.deepcopy(m), "diffrate", schedule=r.schedule)(x[-4:])
+    kl = F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), reduction="batchmean",
+                  log_target=True)
+    assert float(kl) == pytest.approx(best["holdout_loss"], rel=1e-4, abs=1e-7)
+    with pytest.raises(ValueError):
+        search(m, target, x, steps=1, select_every=0, progress=False)
