@@ -329,9 +329,10 @@ def search(
             snapshots.append({"key": key, "step": at, "holdout_loss": total_loss / n,
                               "estimated_gmacs": est, "schedule": s})
 
-        step, epoch, t_loop = 0, -1, time.perf_counter()
+        step, epoch = 0, -1
         if held is not None:
             snapshot(0)
+        requested, t_loop = total, time.perf_counter()  # the step time excludes snapshot 0
         while step < total:
             epoch += 1
             perm = torch.randperm(len(cache_t), generator=gen)
@@ -340,10 +341,11 @@ def search(
                     break
                 if max_seconds is not None and (step == 2 or (step > 2 and step % 10 == 0)):
                     # what fits in the time left, at the speed of the steps so far (re-planned
-                    # every 10 steps, so a machine that slows down cannot overrun the limit)
+                    # every 10 steps, so a machine that slows down cannot overrun the limit,
+                    # and one that speeds up gets back up to the steps asked for)
                     per_step = (time.perf_counter() - t_loop) / step
                     left = max_seconds - (time.perf_counter() - t0)
-                    total = max(step + 1, min(total, step + int(left / per_step)))
+                    total = max(step + 1, min(requested, step + int(left / per_step)))
                     if bar is not None:
                         bar.total = total
                         bar.refresh()
