@@ -10,7 +10,8 @@ by bisection on its one strength parameter:
 
 Searches (:func:`leanvit.search.diffrate.search`) with the options given as ``NAME:key=value,...``
 (e.g. ``warm:init=warm,lr=0.05`` or ``zero:init=zero``), each on the same 1000 training images
-(seed 0), distilling the unpatched features (no labels), timed.
+(seed 0), timed; the objective (``--objective``) distils the unpatched backbone's features (no
+labels, the default), or the probe's logits, or trains on the probe's cross-entropy.
 
 Heavy: run under the shared CPU lock, from the repository root::
 
@@ -132,6 +133,11 @@ def main() -> int:
     ap.add_argument("--sort-check", type=int, default=0, metavar="B",
                     help="on B val images, count the positions where the old float key "
                          "attn + 2*alive orders tokens differently from the exact order, per block")
+    ap.add_argument("--objective", default="distill-features",
+                    choices=["distill-features", "distill-logits", "ce"],
+                    help="search objective (default distill-features: the headless backbone's "
+                         "class token + mean patch token; distill-logits: KL to the probe's "
+                         "logits; ce: the probe's cross-entropy with the train labels)")
     ap.add_argument("--out", required=True, help="JSON results (rows appended per run)")
     args = ap.parse_args()
 
@@ -173,15 +179,19 @@ def main() -> int:
                     **acc, "seconds": time.perf_counter() - t0})
 
     if args.search:
-        tx, _ = _tensors(model, data, "train", args.images,
+        tx, ty = _tensors(model, data, "train", args.images,
                          Path(f"results/tmp/train{args.images}.pt"))
-        backbone = create_model(MODEL, img_size=224, checkpoint=WEIGHTS).eval()  # headless
+        if args.objective == "distill-features":  # the headless backbone's features
+            searched = create_model(MODEL, img_size=224, checkpoint=WEIGHTS).eval()
+        else:  # the probe's logits (or its cross-entropy with the train labels)
+            searched = create_model(MODEL, img_size=224, checkpoint=WEIGHTS,
+                                    head=args.head).eval()
         for spec in args.search:
             name, opts = _parse_search(spec)
+            opts.setdefault("objective", args.objective)
             load0 = Path("/proc/loadavg").read_text().split()[:3]
             t0 = time.perf_counter()
-            r = dr.search(backbone, args.target_gmacs, tx, progress=False,
-                          objective="distill-features", **opts)
+            r = dr.search(searched, args.target_gmacs, tx, labels=ty, progress=False, **opts)
             wall = time.perf_counter() - t0
             s = r.schedule
             path = out.with_name(f"{out.stem}_{name}_schedule.json")
