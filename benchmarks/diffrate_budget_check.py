@@ -56,6 +56,8 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=1000, help="train images (the searches')")
     ap.add_argument("--schedules", nargs="*", default=[], help="searched schedule files")
     ap.add_argument("--tome-r", type=int, default=16, help="ToMe r at the same MACs, for scale")
+    ap.add_argument("--only-schedules", action="store_true",
+                    help="evaluate only --schedules (no hand-set, ToMe or unpatched rows)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -73,12 +75,14 @@ def main() -> int:
     with torch.inference_mode():
         teacher = torch.cat([model(tx[i:i + 50]).log_softmax(-1) for i in range(0, len(tx), 50)])
 
-    settings = [(f"hand-set {k}", "diffrate", {"schedule": handset_schedule(model, k,
-                                                                           args.target_gmacs)})
-                for k in HANDSET_KINDS if k.startswith("merge")]
+    settings = [] if args.only_schedules else [
+        (f"hand-set {k}", "diffrate", {"schedule": handset_schedule(model, k, args.target_gmacs)})
+        for k in HANDSET_KINDS if k.startswith("merge")]
     settings += [(f"searched {Path(f).stem}", "diffrate", {"schedule": load_schedule(f)})
                  for f in args.schedules]
-    settings += [(f"tome r={args.tome_r}", "tome", {"r": args.tome_r}), ("unpatched", "none", {})]
+    if not args.only_schedules:
+        settings += [(f"tome r={args.tome_r}", "tome", {"r": args.tome_r}),
+                     ("unpatched", "none", {})]
     rows = []
     for label, method, options in settings:
         m = leanvit.patch(copy.deepcopy(model), method, **options).eval()
