@@ -22,13 +22,37 @@ def tiny_vit(name: str = "deit_tiny_patch16_224", **kw) -> torch.nn.Module:
     return timm.create_model(name, **kw).eval()
 
 
+def write_brightness_folder(data: Path, counts: dict, levels, size: int, noise: float,
+                            rng) -> Path:
+    """An ImageFolder ``data/<split>/<class>/<i>.png`` whose classes differ in brightness:
+    ``counts`` images per class for each split (e.g. ``{"train": 8, "val": 6}``), ``levels``
+    ``(class, mean grey level)`` pairs, ``size`` x ``size`` RGB with Gaussian noise of std
+    ``noise`` from the numpy generator ``rng`` (drawn split by split, class by class). Existing
+    folders are written into (the same names are replaced). Returns ``data``."""
+    import numpy as np
+    from PIL import Image
+
+    for split, n in counts.items():
+        for c, level in levels:
+            d = data / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = np.clip(level + rng.normal(0, noise, (size, size, 3)), 0, 255)
+                Image.fromarray(img.astype(np.uint8)).save(d / f"{i}.png")
+    return data
+
+
 @pytest.fixture
 def dinov2():
     if not DINOV2_WEIGHTS.is_file():
         pytest.skip(f"real DINOv2 weights not found at {DINOV2_WEIGHTS} (shared/ not beside repo)")
-    return timm.create_model(
-        "vit_small_patch14_dinov2", pretrained=True, img_size=224, num_classes=0,
-        pretrained_cfg_overlay=dict(file=str(DINOV2_WEIGHTS))).eval()
+    from safetensors.torch import load_file
+
+    # built without weights and loaded from the local file: no hub, no network
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=224,
+                              num_classes=0)
+    model.load_state_dict(load_file(str(DINOV2_WEIGHTS)), strict=True)
+    return model.eval()
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 
 import leanvit
 from leanvit.compare import Setting, apply_setting
 from leanvit.tune import Budget, knob_setting, tune
+from tests.conftest import write_brightness_folder
 
 # explicit settings of the constructed cases (depth-4 DeiT-T at 64 px: 16 patches + class)
 GRID = [Setting("tome", {"r": 1}), Setting("tome", {"r": 2}), Setting("tome", {"r": 3}),
@@ -164,14 +164,8 @@ def test_tune_searches_diffrate(case, tmp_path):
 def folder(tmp_path_factory):
     """An ImageFolder (train/, val/) of two classes told apart by brightness."""
     root = tmp_path_factory.mktemp("tune")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 6)):
-        for c, level in (("dark", 40), ("light", 210)):
-            d = root / "data" / split / c
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = np.clip(level + rng.normal(0, 25, (64, 64, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(d / f"{i}.png")
+    write_brightness_folder(root / "data", {"train": 8, "val": 6},
+                            (("dark", 40), ("light", 210)), 64, 25, np.random.default_rng(0))
     return root
 
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from leanvit.cli import main
 from leanvit.probe import head_metadata, load_head
+from tests.conftest import write_brightness_folder
 
 MODEL = "deit_tiny_patch16_224"
 
@@ -24,14 +24,8 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     m = timm.create_model(MODEL, img_size=32, num_classes=0)
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, root / "backbone.safetensors")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 12), ("val", 6)):
-        for c, level in (("dark", 30), ("light", 220)):
-            d = root / "data" / split / c
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = np.clip(level + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(d / f"{i}.png")
+    write_brightness_folder(root / "data", {"train": 12, "val": 6},
+                            (("dark", 30), ("light", 220)), 32, 20, np.random.default_rng(0))
     return root
 
 
@@ -118,12 +112,8 @@ def test_probe_cache_sees_images_replaced_under_the_same_names(tmp_path, capsys)
     rng = np.random.default_rng(0)
 
     def write(split, n, levels):
-        for c, level in zip(("dark", "light"), levels):
-            d = tmp_path / "data" / split / c
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = np.clip(level + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(d / f"{i}.png")
+        write_brightness_folder(tmp_path / "data", {split: n},
+                                tuple(zip(("dark", "light"), levels)), 32, 20, rng)
 
     write("train", 12, (30, 220))
     write("val", 6, (30, 220))

@@ -71,27 +71,20 @@ def _vit(method: str, options: dict) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.parametrize("mode", ["cast", "autocast"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("method, options", VIT_CASES, ids=[c[0] for c in VIT_CASES])
-def test_vit_method_on_a_cast_model_matches_fp32(method, options, dtype):
+def test_vit_method_in_half_precision_matches_fp32(method, options, dtype, mode):
+    """On a model cast with ``.to(dtype)`` (images cast too), and under ``torch.autocast``."""
     model = _vit(method, options)
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(x)
-        model.to(dtype)
-        out = model(x.to(dtype))
-    _check_close(out, ref, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("method, options", VIT_CASES, ids=[c[0] for c in VIT_CASES])
-def test_vit_method_under_autocast_matches_fp32(method, options, dtype):
-    model = _vit(method, options)
-    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = model(x)
-        with torch.autocast("cpu", dtype=dtype):
-            out = model(x)
+        if mode == "cast":
+            out = model.to(dtype)(x.to(dtype))
+        else:
+            with torch.autocast("cpu", dtype=dtype):
+                out = model(x)
     _check_close(out, ref, dtype)
 
 
