@@ -37,6 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 MODEL = "vit_small_patch14_dinov2"
 WEIGHTS = ROOT.parent / "shared" / "weights" / "dinov2_vits14_224.safetensors"
+#: the results page's data and probe head (benchmarks/results_page.py makes them)
+DATA = "results/tmp/fmnist"
+HEAD = "results/tmp/dinov2_vits14_fmnist_head.safetensors"
 
 
 def _tensors(model, data: Path, split: str, limit: int, cache: Path, seed: int = 0):
@@ -123,8 +126,8 @@ def _parse_search(spec: str) -> tuple[str, dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target-gmacs", type=float, default=3.7)
-    ap.add_argument("--data", default="results/tmp/fmnist")
-    ap.add_argument("--head", default="results/tmp/dinov2_vits14_fmnist_head.safetensors")
+    ap.add_argument("--data", default=DATA)
+    ap.add_argument("--head", default=HEAD)
     ap.add_argument("--limit", type=int, default=500, help="val images (the page's 500)")
     ap.add_argument("--images", type=int, default=1000, help="search images (train split)")
     ap.add_argument("--handset", action="store_true", help="evaluate the hand-set schedules")

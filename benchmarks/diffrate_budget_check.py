@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from diffrate_budget import MODEL, WEIGHTS, _accuracy, _tensors  # noqa: E402
+from diffrate_budget import DATA, HEAD, MODEL, WEIGHTS, _accuracy, _tensors  # noqa: E402
 
 
 def _kl(model, x, teacher_logp, batch: int = 50) -> float:
@@ -50,8 +50,8 @@ def _kl(model, x, teacher_logp, batch: int = 50) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target-gmacs", type=float, default=3.7)
-    ap.add_argument("--data", default="results/tmp/fmnist")
-    ap.add_argument("--head", default="results/tmp/dinov2_vits14_fmnist_head.safetensors")
+    ap.add_argument("--data", default=DATA)
+    ap.add_argument("--head", default=HEAD)
     ap.add_argument("--limit", type=int, default=1000, help="val images of the larger check")
     ap.add_argument("--images", type=int, default=1000, help="train images (the searches')")
     ap.add_argument("--schedules", nargs="*", default=[], help="searched schedule files")
