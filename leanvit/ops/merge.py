@@ -65,6 +65,13 @@ def bipartite_soft_matching(metric: Tensor, r: int, prefix: int = 0) -> Matching
 
     Returns:
         a :class:`Matching`; its shapes depend only on ``N``, ``r`` and ``prefix``.
+
+    A tokens are ranked by their best similarity, highest first; equal scores go by position
+    (a stable sort, as the tests' plain reference; the authors' unstable ``argsort`` leaves
+    that order to the sort implementation) and NaN ranks highest (as ``torch.sort``). Eager
+    code sorts; under ``torch.compile`` the same ranks come from comparisons that inductor
+    fuses with the merge (:func:`_select_by_rank`), since a sort is an opaque library call
+    at batch 1. Both give the same :class:`Matching`.
     """
     B, N, _ = metric.shape
     if not 0 < r <= max_merges(N, prefix):
@@ -73,25 +80,48 @@ def bipartite_soft_matching(metric: Tensor, r: int, prefix: int = 0) -> Matching
     with torch.no_grad():  # indices only: no gradient flows through the decision
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[:, ::2], metric[:, 1::2]
-        scores = a @ b.transpose(-1, -2)  # [B, nA, nB] cosine similarities
         pa, pb = (prefix + 1) // 2, prefix // 2  # prefix tokens on each side
-        if pa:
-            scores[:, :pa, :] = -math.inf  # a protected A token never leaves
+        scores = a[:, pa:] @ b.transpose(-1, -2)  # [B, nA - pa, nB]: unprotected A rows
         if pb:
             scores[:, :, :pb] = -math.inf  # nothing merges into a protected B token
         node_max, node_idx = scores.max(dim=-1)  # each A token's best B partner
-        edge_idx = node_max.argsort(dim=-1, descending=True)
-        src_idx = edge_idx[:, :r]  # positions within A
+        if torch.compiler.is_compiling():
+            order = _select_by_rank(node_max, r)
+        else:
+            edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
+            order = torch.cat([edge_idx[:, :r], edge_idx[:, r:].sort(dim=-1).values], dim=1)
+        # order: [B, nA - pa] = the r merging A rows (best first), then the rest by position
+        src_idx = order[:, :r]  # among the unprotected A rows
         dst_idx = node_idx.gather(1, src_idx)  # positions within B
-        # Unmerged A by position; the protected ones (rows of -inf, A's first pa) come first.
-        unm_idx = edge_idx[:, r:].sort(dim=-1).values
         n_a = a.shape[1]
         b_rest = torch.arange(2 * pb + 1, N, 2, device=metric.device).expand(B, -1)
         keep = torch.cat([torch.arange(prefix, device=metric.device).expand(B, -1),
-                          2 * unm_idx[:, pa:], b_rest], dim=1)
+                          2 * (order[:, r:] + pa), b_rest], dim=1)
         # Output row of B token j >= pb: prefix + (n_a - r - pa) unmerged A + (j - pb).
         dst = dst_idx + (n_a - r)
-    return Matching(keep, 2 * src_idx, dst)
+    return Matching(keep, 2 * (src_idx + pa), dst)
+
+
+def _select_by_rank(score: Tensor, r: int) -> Tensor:
+    """The permutation ``[B, n]`` that puts the ``r`` highest of ``score`` ``[B, n]`` first
+    (highest first) and the others after them by position: ``cat(argsort(score, descending,
+    stable)[:, :r], sorted(rest))``, without a sort.
+
+    Each entry's rank is counted by comparisons (``[B, n, n]``: entries above it, or equal
+    and before it; NaN counts as highest, as in ``torch.sort``), and one scatter writes every
+    index to its slot. Pure pointwise work and sums, which inductor fuses into neighbouring
+    kernels; for eager code a sort is faster (fewer, larger operations).
+    """
+    B, n = score.shape
+    v = torch.where(score.isnan(), math.inf, score)
+    pos = torch.arange(n, device=score.device)
+    before = pos[None, :] < pos[:, None]  # [i, j]: j comes before i
+    vi, vj = v[:, :, None], v[:, None, :]
+    rank = ((vj > vi) | ((vj == vi) & before)).sum(-1)  # [B, n], a permutation of 0..n-1
+    merged = rank < r
+    merged_before = (merged[:, None, :] & before).sum(-1)  # merged entries ahead of i
+    slot = torch.where(merged, rank, r + pos - merged_before)
+    return torch.empty_like(slot).scatter_(1, slot, pos.expand(B, n))
 
 
 def merge_tokens(m: Matching, x: Tensor, mode: str = "sum") -> Tensor:
@@ -134,10 +164,24 @@ def merge_wavg(m: Matching, x: Tensor, size: Optional[Tensor] = None
     else:
         keep_size = size.gather(1, m.keep)
         src_size = size.gather(1, m.src)
-    new_size = keep_size.scatter_add(1, m.dst, src_size)
+    new_size = _sum_into(keep_size, m.dst, src_size)
     coef = src_size / new_size.gather(1, m.dst)  # [B, r]
     delta = (x_src - gather_tokens(out, m.dst)) * coef.unsqueeze(-1).to(x.dtype)
     return add_tokens_(out, m.dst, delta), new_size
+
+
+def _sum_into(base: Tensor, index: Tensor, values: Tensor) -> Tensor:
+    """``base`` ``[B, K]`` with ``values[b, k]`` added at ``index[b, k]`` (``[B, r]``).
+
+    Eager code adds in place (one ``index_add_``); under ``torch.compile`` a sum over a
+    ``[B, K, r]`` one-hot is used instead, which inductor fuses with what reads the sizes
+    (the ``log(size)`` attention bias) where an in-place scatter would stand alone.
+    """
+    if torch.compiler.is_compiling():
+        rows = torch.arange(base.shape[1], device=base.device)
+        hit = rows[None, :, None] == index[:, None, :]  # [B, K, r]
+        return base + (hit * values[:, None, :]).sum(-1)
+    return add_tokens_(base, index, values)
 
 
 def merge_source(m: Matching, source: Tensor) -> Tensor:

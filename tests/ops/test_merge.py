@@ -1,6 +1,8 @@
 """``leanvit.ops.merge`` against per-image loops."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -18,7 +20,7 @@ def _reference(metric, x, size, r, prefix):
         best = {}
         for ia in range(prefix + (prefix % 2), n, 2):  # unprotected A (even) positions
             cands = [(float(m[ia] @ m[jb]), jb) for jb in range(1, n, 2) if jb >= prefix]
-            best[ia] = max(cands)
+            best[ia] = max(cands, key=lambda c: (c[0], -c[1]))  # ties: first B token
         ranked = sorted(best, key=lambda ia: -best[ia][0])[:r]
         into = {ia: best[ia][1] for ia in ranked}
         order = list(range(prefix)) + [ia for ia in range(0, n, 2) if ia >= prefix and ia not in into] \
@@ -77,3 +79,59 @@ def test_r_bounds():
         bipartite_soft_matching(torch.randn(1, 9, 4), 5, 1)
     with pytest.raises(ValueError, match="r must be in"):
         bipartite_soft_matching(torch.randn(1, 9, 4), 0, 1)
+
+
+def _stable_order(score, r):
+    """Plain reference of the selection order: per image, the r highest scores (ties by
+    position, NaN highest) best first, then the other positions in order."""
+    out = []
+    for row in score.tolist():
+        key = [(0 if v != v else 1, -v if v == v else 0.0, i) for i, v in enumerate(row)]
+        ranked = [i for *_, i in sorted(key)]
+        out.append(ranked[:r] + sorted(ranked[r:]))
+    return torch.tensor(out)
+
+
+def _tied_scores(g):
+    v = torch.randint(0, 4, (3, 23), generator=g).float()  # many ties
+    v[0, 5] = v[1, ::4] = float("nan")
+    v[2, :7] = -math.inf
+    return v
+
+
+@pytest.mark.parametrize("r", [1, 5, 11, 23])
+def test_select_by_rank_is_a_stable_descending_sort(r):
+    """The sort-free selection used under torch.compile against a plain stable sort, on
+    scores with ties, NaN and -inf."""
+    from leanvit.ops.merge import _select_by_rank
+    v = _tied_scores(torch.Generator().manual_seed(r))
+    assert torch.equal(_select_by_rank(v, r), _stable_order(v, r))
+
+
+@pytest.mark.parametrize("n, prefix, r", [(17, 1, 5), (21, 5, 8), (16, 0, 8), (33, 2, 15)])
+def test_compiled_matching_equals_eager_with_repeated_tokens(n, prefix, r):
+    """Under torch.compile the matching takes the comparison path, in eager code the sort
+    path; both must pick the same tokens, also when tokens repeat (equal best scores, as
+    from identical patches) or are all zero (NaN after normalisation)."""
+    g = torch.Generator().manual_seed(n)
+    metric = torch.randn(2, n, 4, generator=g)
+    metric[0, 1::3] = metric[0, 1]  # repeated tokens: tied similarities
+    metric[1, 4:9] = 0.0  # zero keys -> NaN scores
+    x = torch.randn(2, n, 3, generator=g)
+    size = torch.randint(1, 4, (2, n), generator=g).float()
+
+    def run(metric, x, size):
+        m = bipartite_soft_matching(metric, r, prefix)
+        return (*m, *merge_wavg(m, x, size))
+
+    eager = run(metric, x, size)
+    torch._dynamo.reset()
+    compiled = torch.compile(run, backend="eager", fullgraph=True)(metric, x, size)
+    for e, c in zip(eager[:3], compiled[:3]):
+        assert torch.equal(e, c)
+    torch.testing.assert_close(compiled[3], eager[3], equal_nan=True)
+    assert torch.equal(compiled[4], eager[4])
+    # and on the repeated tokens, the plain per-image reference (ties by position)
+    args = metric[:1].double(), x[:1].double(), size[:1].double()
+    ref = _reference(*args, r, prefix)
+    torch.testing.assert_close(run(*args)[3], ref[0], atol=1e-12, rtol=0)
