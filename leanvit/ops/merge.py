@@ -87,19 +87,20 @@ def bipartite_soft_matching(metric: Tensor, r: int, prefix: int = 0) -> Matching
         node_max, node_idx = scores.max(dim=-1)  # each A token's best B partner
         if torch.compiler.is_compiling():
             order = _select_by_rank(node_max, r)
+            src_idx, unm_idx = order[:, :r], order[:, r:]
         else:
             edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
-            order = torch.cat([edge_idx[:, :r], edge_idx[:, r:].sort(dim=-1).values], dim=1)
-        # order: [B, nA - pa] = the r merging A rows (best first), then the rest by position
-        src_idx = order[:, :r]  # among the unprotected A rows
+            src_idx, unm_idx = edge_idx[:, :r], edge_idx[:, r:].sort(dim=-1).values
+        # src_idx: the r merging A rows, best first; unm_idx: the others by position (both
+        # counted among the unprotected A rows)
         dst_idx = node_idx.gather(1, src_idx)  # positions within B
         n_a = a.shape[1]
         b_rest = torch.arange(2 * pb + 1, N, 2, device=metric.device).expand(B, -1)
         keep = torch.cat([torch.arange(prefix, device=metric.device).expand(B, -1),
-                          2 * (order[:, r:] + pa), b_rest], dim=1)
+                          torch.add(2 * pa, unm_idx, alpha=2), b_rest], dim=1)
         # Output row of B token j >= pb: prefix + (n_a - r - pa) unmerged A + (j - pb).
         dst = dst_idx + (n_a - r)
-    return Matching(keep, 2 * (src_idx + pa), dst)
+    return Matching(keep, torch.add(2 * pa, src_idx, alpha=2), dst)
 
 
 def _select_by_rank(score: Tensor, r: int) -> Tensor:
@@ -173,7 +174,7 @@ def merge_wavg(m: Matching, x: Tensor, size: Optional[Tensor] = None
 def _sum_into(base: Tensor, index: Tensor, values: Tensor) -> Tensor:
     """``base`` ``[B, K]`` with ``values[b, k]`` added at ``index[b, k]`` (``[B, r]``).
 
-    Eager code adds in place (one ``index_add_``); under ``torch.compile`` a sum over a
+    Eager code uses one ``scatter_add``; under ``torch.compile`` a sum over a
     ``[B, K, r]`` one-hot is used instead, which inductor fuses with what reads the sizes
     (the ``log(size)`` attention bias) where an in-place scatter would stand alone.
     """
@@ -181,7 +182,7 @@ def _sum_into(base: Tensor, index: Tensor, values: Tensor) -> Tensor:
         rows = torch.arange(base.shape[1], device=base.device)
         hit = rows[None, :, None] == index[:, None, :]  # [B, K, r]
         return base + (hit * values[:, None, :]).sum(-1)
-    return add_tokens_(base, index, values)
+    return base.scatter_add(1, index, values)
 
 
 def merge_source(m: Matching, source: Tensor) -> Tensor:
