@@ -153,9 +153,10 @@ class ToMe(Reducer):
             return x, state
         metric = signals.keys  # [B, N, D]: keys averaged over heads
         m = bipartite_soft_matching(metric, r, state.prefix)
-        if state.recorder is not None:  # the cosine-similarity matrix A x B
+        if state.recorder is not None:  # the cosine similarities, unprotected A rows x B
             n = x.shape[1]
-            state.recorder.add_extra("matching", ((n + 1) // 2) * (n // 2) * metric.shape[-1])
+            rows = (n + 1) // 2 - (state.prefix + 1) // 2
+            state.recorder.add_extra("matching", rows * (n // 2) * metric.shape[-1])
         n = x.shape[1]
         x, size = merge_wavg(m, x, state.size)
         source = None if state.source is None else merge_source(m, state.source)
