@@ -15,7 +15,6 @@ Budgets: ``{"gmacs": G}`` (mean GMACs per image over the evaluated images at mos
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import time
 import warnings
@@ -515,7 +514,7 @@ def _search_diffrate(model, target, search_images, batches, options, out, progre
 
     from leanvit.schedule import save_schedule
 
-    from leanvit.search.diffrate import search
+    from leanvit.search.diffrate import TOLERANCE, search
     imgs = search_images if search_images is not None else torch.cat([x for x, _ in batches])
     backbone = copy.deepcopy(model)
     opts = {**SEARCH_DEFAULTS, **dict(options or {})}
@@ -525,7 +524,7 @@ def _search_diffrate(model, target, search_images, batches, options, out, progre
              else f"{opts.get('num_images') or 'all'} images of {imgs}")
     # Aim below the budget so that a result within the search's MAC tolerance (either side
     # of its target) stays within the budget: 4.0 G -> 3.922 G at the default 2%.
-    tol = opts.get("tolerance", inspect.signature(search).parameters["tolerance"].default)
+    tol = opts.get("tolerance", TOLERANCE)
     try:
         aim = target / (1.0 + float(tol))
     except (TypeError, ValueError):

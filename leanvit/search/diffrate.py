@@ -58,6 +58,11 @@ class SearchResult:
 
 OBJECTIVES = ("auto", "ce", "distill-logits", "distill-features")
 
+#: Default relative distance of the deployed MACs from the target beyond which a search
+#: result carries a warning (and :func:`search` with ``select_every`` prefers snapshots
+#: within it).
+TOLERANCE = 0.02
+
 #: With ``max_seconds``, the share of it that caching the frozen prefix and the teacher's
 #: outputs may take; beyond it the search uses fewer images (with a warning).
 CACHE_SHARE = 0.25
@@ -97,7 +102,7 @@ def search(
     init_spread: float = 2.0,
     steps: Optional[int] = None,
     max_seconds: Optional[float] = None,
-    tolerance: float = 0.02,
+    tolerance: float = TOLERANCE,
     select_every: Optional[int] = None,
     holdout: int = 200,
     seed: int = 0,
