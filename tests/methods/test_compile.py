@@ -71,14 +71,25 @@ BF16 = [CASES[3], CASES[7]]  # tome, dynamicvit on ViT
 
 @pytest.mark.parametrize("method, options, make", BF16, ids=[IDS[3], IDS[7]])
 def test_bf16_model_compiles_in_one_graph(method, options, make):
+    """Same outputs as eager bf16: bit for bit for DynamicViT; for ToMe within bf16's own
+    error, since its compiled merge sums the merges into one row in another order
+    (``leanvit.ops.merge._merge_wavg_by_rows``): the compiled and eager bf16 outputs differ
+    by at most what eager bf16 differs from the float32 model (measured 0-0.016 against
+    0.019-0.033 on logits of about 2.5)."""
     torch._dynamo.reset()
     model = leanvit.patch(make().bfloat16(), method, **options).eval()
     x = _inputs(model, torch.bfloat16)
     with torch.no_grad():
         expected = model(x)
         out = torch.compile(model, backend="eager", fullgraph=True)(x)
+        fp32 = leanvit.patch(make(), method, **options).eval()(x.float())
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    if method == "tome":
+        bf16_error = (expected.float() - fp32).abs().max()
+        assert 0 < bf16_error < 0.1 * fp32.abs().max()
+        assert (out.float() - expected.float()).abs().max() <= bf16_error
+    else:
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)
 
 
 def test_ats_is_not_fixed_rate():

@@ -131,7 +131,27 @@ def test_compiled_matching_equals_eager_with_repeated_tokens(n, prefix, r):
         assert torch.equal(e, c)
     torch.testing.assert_close(compiled[3], eager[3], equal_nan=True)
     assert torch.equal(compiled[4], eager[4])
-    # and on the repeated tokens, the plain per-image reference (ties by position)
+    # and on the repeated tokens, the plain per-image reference (ties by position), eager and
+    # compiled: there several A tokens merge into one B token, which the compiled merge sums
+    # before writing the row (no scatter-add)
     args = metric[:1].double(), x[:1].double(), size[:1].double()
     ref = _reference(*args, r, prefix)
-    torch.testing.assert_close(run(*args)[3], ref[0], atol=1e-12, rtol=0)
+    dst = run(*args)[2]
+    assert dst.unique().numel() < dst.numel()  # the case is exercised
+    torch._dynamo.reset()
+    compiled = torch.compile(run, backend="eager", fullgraph=True)(*args)
+    for out in (run(*args), compiled):
+        torch.testing.assert_close(out[3], ref[0], atol=1e-12, rtol=0)
+        torch.testing.assert_close(out[4], ref[1], atol=0, rtol=0)
+
+
+def test_max_first_is_torch_max():
+    """The compiled path's max and first index against ``torch.max``: ties, NaN, -inf."""
+    from leanvit.ops.merge import _max_first
+    v = _tied_scores(torch.Generator().manual_seed(0)).reshape(3, 1, 23).expand(3, 4, 23).clone()
+    v[:, 1:] = torch.randint(0, 3, (3, 3, 23), generator=torch.Generator().manual_seed(1)).float()
+    v[1, 2, [3, 9]] = float("nan")
+    best, idx = _max_first(v)
+    ref_best, ref_idx = v.max(dim=-1)
+    torch.testing.assert_close(best, ref_best, equal_nan=True, atol=0, rtol=0)
+    assert torch.equal(idx, ref_idx)
