@@ -4,7 +4,9 @@ DiffRate), and the fp32 masked softmax used while training token methods.
 Three forms, one entry point (:func:`attention`):
 
 - fused: ``torch.nn.functional.scaled_dot_product_attention`` when nothing needs the map and
-  no training keep-mask is set (timm's own fused path, so unchanged models stay bit-identical);
+  no training keep-mask is set (timm's own fused path, so unchanged models stay bit-identical),
+  except in compiled CPU code with a small map (:data:`EXPLICIT_MAX_BYTES`), where the explicit
+  form below is faster;
 - explicit: ``softmax((q * scale) @ k^T + bias)`` then ``@ v`` in timm's op order (timm's
   ``fused_attn=False`` path, and whenever the caller asks for the map);
 - masked: the same logits through :func:`masked_softmax` in float32 (training keep-masks of
@@ -88,6 +90,27 @@ def masked_softmax(logits: Tensor, keep: Tensor, eps: float = 1e-6,
     return (a + eps / N) / (a.sum(dim=-1, keepdim=True) + eps)
 
 
+#: Largest attention map, in bytes (``B * H * Nq * N`` elements), that compiled CPU code
+#: computes explicitly instead of with the fused SDPA kernel (issue 16). At this size the map
+#: stays in a core's L2 cache, so writing it costs little, and inductor fuses the scale, bias and
+#: softmax into one pass between two batched matrix products; the CPU flash kernel instead pays
+#: a fixed cost per block of 32 queries that dominates at short sequences. Measured on DeiT-S,
+#: 2 cores (``docs/gpu.md``): ToMe r=13 at batch 1 (maps of 6 x 184^2 down to 6 x 54^2 floats,
+#: 0.8 MB to 0.07 MB) 2.1% faster end to end with the explicit form; batch 8 the same; batch 64
+#: 5% slower (those maps are 8x and 64x larger and use the kernel).
+EXPLICIT_MAX_BYTES = 1 << 20
+
+
+def _small_compiled_cpu(q: Tensor, k: Tensor) -> bool:
+    """True when compiled float32 code on the CPU should use the explicit form (see
+    :data:`EXPLICIT_MAX_BYTES`); shapes are static there, so this is a trace-time choice.
+    Half precision keeps the kernel, which computes the softmax in float32."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or not torch.compiler.is_compiling():
+        return False
+    B, H, Nq, _ = q.shape
+    return B * H * Nq * k.shape[-2] * q.element_size() <= EXPLICIT_MAX_BYTES
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -132,10 +155,11 @@ def attention(
             p = dropout or 0.0
         else:  # an nn.Dropout: active only while training, as timm
             p = dropout.p if getattr(dropout, "training", False) else 0.0
-        mask = None
-        for b in _biases(bias):  # several biases: summed in order, one mask for the kernel
-            mask = b if mask is None else mask + b
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        if p > 0 or not _small_compiled_cpu(q, k):
+            mask = None
+            for b in _biases(bias):  # several biases: summed in order, one mask for the kernel
+                mask = b if mask is None else mask + b
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
     a = attention_logits(q, k, scale, bias)
     a = masked_softmax(a, keep).to(q.dtype) if keep is not None else a.softmax(dim=-1)
     weights = a

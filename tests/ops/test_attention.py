@@ -133,3 +133,38 @@ def test_several_biases_are_added_in_order():
     for fused in (True, False):
         got = attention(q, k, v, 0.5, bias=(b1, b2), fused=fused)
         torch.testing.assert_close(got.double(), expect, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape, dtype, explicit", [
+    ((1, 50), torch.float32, True),  # 60 kB map: explicit form in compiled CPU code
+    ((8, 200), torch.float32, False),  # 7.7 MB map: the fused kernel
+    ((1, 50), torch.bfloat16, False),  # half precision keeps the kernel (float32 softmax)
+])
+def test_compiled_cpu_form_depends_on_the_map_size(shape, dtype, explicit):
+    """Which form compiled CPU code traces (``EXPLICIT_MAX_BYTES``), read from the captured
+    graph, and that both forms give the eager (fused) result."""
+    import torch.nn.functional as F
+
+    from leanvit.ops.attention import EXPLICIT_MAX_BYTES, attention
+
+    B, N = shape
+    if dtype == torch.float32:  # the float32 cases lie on either side of the limit
+        assert (B * 6 * N * N * 4 <= EXPLICIT_MAX_BYTES) == explicit
+    g = torch.Generator().manual_seed(N)
+    q, k, v = (t.to(dtype) for t in torch.randn(3, B, 6, N, 64, generator=g).unbind(0))
+    bias = torch.randn(B, 1, 1, N, generator=g).to(dtype)
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    run = torch.compile(lambda q, k, v, b: attention(q, k, v, 64 ** -0.5, bias=b),
+                        backend=backend, fullgraph=True)
+    out = run(q, k, v, bias)
+    fused = any(n.target is F.scaled_dot_product_attention for gm in graphs
+                for n in gm.graph.nodes)
+    assert fused != explicit
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(out, attention(q, k, v, 64 ** -0.5, bias=bias), **tol)
