@@ -40,6 +40,21 @@ def _loadavg() -> str:
         return "n/a"
 
 
+def apply_inductor_settings(parser: argparse.ArgumentParser, items: list[str]) -> None:
+    """Set ``--inductor KEY=VALUE`` items on ``torch._inductor.config`` (values as Python
+    literals), or exit through ``parser`` naming the bad item."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not hasattr(inductor_config, key):
+            parser.error(f"--inductor takes KEY=VALUE with a torch._inductor.config key, got "
+                         f"{item!r}")
+        setattr(inductor_config, key, ast.literal_eval(value))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-sizes", default="1,64", help="comma-separated (default 1,64)")
@@ -75,15 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    import ast
-
-    import torch._inductor.config as inductor_config
-
-    for item in args.inductor:
-        key, sep, value = item.partition("=")
-        if not sep or not hasattr(inductor_config, key):
-            p.error(f"--inductor takes KEY=VALUE with a torch._inductor.config key, got {item!r}")
-        setattr(inductor_config, key, ast.literal_eval(value))
+    apply_inductor_settings(p, args.inductor)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not set(modes) <= {"eager", "compiled"}:
         p.error(f"--modes takes eager and/or compiled, got {args.modes!r}")

@@ -24,7 +24,6 @@ Writes ``benchmarks/results/tome_compiled_versions.{json,md}`` (``--out``).
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import importlib.util
 import json
@@ -33,6 +32,9 @@ import sys
 import time
 import types
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from batch1 import apply_inductor_settings  # noqa: E402
 
 MODEL = "deit_small_patch16_224"
 
@@ -86,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give at least two versions with distinct labels")
 
     import torch
-    import torch._inductor.config as inductor_config
 
     import leanvit
     from leanvit._files import atomic_write_text
@@ -95,11 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     from leanvit.models import create_model, input_size
     from leanvit.patching import ATTR
 
-    for item in args.inductor:
-        key, sep, value = item.partition("=")
-        if not sep or not hasattr(inductor_config, key):
-            p.error(f"--inductor takes KEY=VALUE with a torch._inductor.config key, got {item!r}")
-        setattr(inductor_config, key, ast.literal_eval(value))
+    apply_inductor_settings(p, args.inductor)
 
     t_start = time.time()
     torch.manual_seed(0)

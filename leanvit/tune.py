@@ -70,11 +70,10 @@ SEARCHED = ("diffrate",)
 #: Options of tune's DiffRate search (:func:`leanvit.search.diffrate.search`); ``search_options``
 #: override them. ``num_images`` (1000, the paper's ~1000) applies to a folder of search
 #: images; ``max_seconds`` (9 min) keeps the search to a part of a run of minutes; batch 16
-#: gives twice the steps of 32 in that time.
-#: The DiffRate search inside tune. ``select_every=50``: snapshots scored on held-out images,
-#: the best one within the MAC tolerance returned (``docs/diffrate.md``): without it the
-#: search's last step ended 3.3% over a 4.0 G budget in the measured tune run, a setting
-#: tune then cannot choose.
+#: gives twice the steps of 32 in that time. ``select_every=50``: snapshots scored on
+#: held-out images, the best one within the MAC tolerance returned (``docs/diffrate.md``):
+#: without it the search's last step ended 3.3% over a 4.0 G budget in the measured tune run,
+#: a setting tune then cannot choose.
 SEARCH_DEFAULTS: dict[str, Any] = {"num_images": 1000, "batch_size": 16, "max_seconds": 540.0,
                                    "select_every": 50}
 #: Registered names that are internal modes, not methods a user deploys.

@@ -39,8 +39,9 @@ def test_version_copy_is_private_and_leaves_the_registry_alone():
     (["a=.", "a=."], "at least two versions"),
     (["a=.", "b"], "LABEL=CHECKOUT"),
     (["a=.", "b=/nonexistent"], "LABEL=CHECKOUT"),
+    (["a=.", "b=.", "--inductor", "no_such_setting=1"], "--inductor takes KEY=VALUE"),
 ])
-def test_bad_versions_are_refused(argv, message, capsys):
+def test_bad_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         _script().main(argv)
     assert e.value.code == 2
