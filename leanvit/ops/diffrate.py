@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from leanvit.ops.attention import attention_logits, masked_softmax
+from leanvit.ops.merge import first_best
 from leanvit.signals import Signals
 from leanvit.state import remap_where
 
@@ -63,8 +64,9 @@ def merge_tail(x: Tensor, size: Tensor, prefix: int, k: int, end: Optional[int] 
         # Prefix tokens are left out of the candidates (never a destination).
         norms = torch.linalg.vector_norm(x[:, :end], dim=-1).clamp_min(1e-12)  # [B, end]
         sim = (src @ dst[:, prefix:].transpose(1, 2)).div_(norms[:, None, prefix:k])
-        best, idx = sim.max(dim=-1)  # [B, S]
-        best = best / norms[:, k:]
+        # ties (within rounding, as between copies of a token) go to the first destination
+        idx = first_best(sim, scale=norms[:, k:end])  # [B, S]
+        best = sim.gather(-1, idx.unsqueeze(-1)).squeeze(-1) / norms[:, k:end]
         idx = idx + prefix
         # one-hot assignment [B, S, k]: the sums become one small batched matmul
         # (index_add / scatter_add are an order of magnitude slower on CPU here)

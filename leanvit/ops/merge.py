@@ -66,12 +66,16 @@ def bipartite_soft_matching(metric: Tensor, r: int, prefix: int = 0) -> Matching
     Returns:
         a :class:`Matching`; its shapes depend only on ``N``, ``r`` and ``prefix``.
 
-    A tokens are ranked by their best similarity, highest first; equal scores go by position
-    (a stable sort, as the tests' plain reference; the authors' unstable ``argsort`` leaves
-    that order to the sort implementation) and NaN ranks highest (as ``torch.sort``). Eager
-    code sorts; under ``torch.compile`` the same ranks come from comparisons that inductor
-    fuses with the merge (:func:`_select_by_rank`, :func:`_max_first`), since a sort is an
-    opaque library call at batch 1. Both give the same :class:`Matching`.
+    Each A token's partner is its most similar B token, ties going to the first B token
+    (:func:`first_best`: scores within a few units of rounding count as tied, so copies of a
+    token, as from identical patches, tie whatever the BLAS kernel's rounding). A tokens are
+    ranked by that similarity, recomputed per pair (:func:`pair_scores`: copies score
+    bit-identically), highest first; equal scores go by position (a stable sort, as the
+    tests' plain reference; the authors' unstable ``argsort`` leaves that order to the sort
+    implementation) and NaN ranks highest (as ``torch.sort``). Eager code sorts; under
+    ``torch.compile`` the same ranks come from comparisons that inductor fuses with the merge
+    (:func:`_select_by_rank`), since a sort is an opaque library call at batch 1. Both give
+    the same :class:`Matching`.
     """
     B, N, _ = metric.shape
     if not 0 < r <= max_merges(N, prefix):
@@ -81,15 +85,18 @@ def bipartite_soft_matching(metric: Tensor, r: int, prefix: int = 0) -> Matching
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[:, ::2], metric[:, 1::2]
         pa, pb = (prefix + 1) // 2, prefix // 2  # prefix tokens on each side
-        scores = a[:, pa:] @ b.transpose(-1, -2)  # [B, nA - pa, nB]: unprotected A rows
+        a_free = a[:, pa:]  # the unprotected A rows
+        scores = _similarity(a_free, b)  # [B, nA - pa, nB]
         if pb:
             scores[:, :, :pb] = -math.inf  # nothing merges into a protected B token
+        # each A token's best B partner, ties (within rounding) to the first; its score
+        # recomputed by one dot product so that copies of a token rank equal
+        node_idx = first_best(scores)
+        node_max = pair_scores(a_free, b, node_idx)
         if torch.compiler.is_compiling():
-            node_max, node_idx = _max_first(scores)
             order = _select_by_rank(node_max, r)
             src_idx, unm_idx = order[:, :r], order[:, r:]
         else:
-            node_max, node_idx = scores.max(dim=-1)  # each A token's best B partner
             edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
             src_idx, unm_idx = edge_idx[:, :r], edge_idx[:, r:].sort(dim=-1).values
         # src_idx: the r merging A rows, best first; unm_idx: the others by position (both
@@ -102,6 +109,12 @@ def bipartite_soft_matching(metric: Tensor, r: int, prefix: int = 0) -> Matching
         # Output row of B token j >= pb: prefix + (n_a - r - pa) unmerged A + (j - pb).
         dst = dst_idx + (n_a - r)
     return Matching(keep, torch.add(2 * pa, src_idx, alpha=2), dst)
+
+
+def _similarity(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b^T`` ``[B, n, D] x [B, m, D] -> [B, n, m]``: the one product whose last bits
+    depend on the BLAS kernel (the tests perturb it to check that no decision does)."""
+    return a @ b.transpose(-1, -2)
 
 
 def _select_by_rank(score: Tensor, r: int) -> Tensor:
@@ -126,14 +139,47 @@ def _select_by_rank(score: Tensor, r: int) -> Tensor:
     return torch.empty_like(slot).scatter_(1, slot, pos.expand(B, n))
 
 
-def _max_first(scores: Tensor) -> tuple[Tensor, Tensor]:
-    """``scores.max(dim=-1)`` for ``[B, n, m]``: the maximum and the index of its first
-    occurrence (of the first NaN in a row holding one), as two reductions inductor vectorises
-    (its fused max-with-index reduction runs at about half their speed on CPU)."""
-    best = scores.amax(dim=-1)  # NaN propagates
-    pos = torch.arange(scores.shape[-1], device=scores.device)
-    first = (scores == best.unsqueeze(-1)) | (scores != scores)
-    return best, torch.where(first, pos, scores.shape[-1]).amin(dim=-1)
+#: Scores within this many units of rounding (``eps`` of float32, or of float64 for float64
+#: scores) of a row's best are tied with it. A matrix product may give two identical copies
+#: of a token scores that differ in the last bits, depending on how the BLAS kernel blocks
+#: the columns (so on the CPU, the library and its version); ties must not depend on that.
+#: Sixteen units cover the reordered sums of a length-64 to length-1024 dot product of unit
+#: vectors many times over and are far below any similarity gap that means something.
+TIE_ULPS = 16
+
+
+def first_best(scores: Tensor, scale: Optional[Tensor] = None) -> Tensor:
+    """The index of each row's best score, ties going to the first position: ``[..., m]`` ->
+    ``[...]`` long.
+
+    A score counts as tied with the row's maximum when it is within ``TIE_ULPS * eps *
+    scale`` of it (``eps`` of float32 for half and float32 scores, of float64 for float64;
+    ``scale`` ``[...]`` is a bound on the dot products' terms, e.g. the norm of the row's
+    query vector; ``None``: 1, for cosine similarities), so which of several identical tokens
+    wins depends on the position, not on last-bit rounding. A row holding NaN picks its
+    first NaN (as ``torch.max``); ``-inf`` entries never win unless all are ``-inf``.
+
+    Written as a maximum and a minimum over masked positions (no fused max-with-index), so
+    that inductor fuses it into neighbouring kernels under ``torch.compile``.
+    """
+    m = scores.shape[-1]
+    best = scores.amax(dim=-1, keepdim=True)  # NaN propagates
+    eps = torch.finfo(torch.promote_types(scores.dtype, torch.float32)).eps
+    tol = TIE_ULPS * eps
+    if scale is not None:
+        tol = scale.unsqueeze(-1) * tol
+    near = (scores >= best - tol) | (scores != scores)  # `!=` vectorises, isnan does not
+    pos = torch.arange(m, device=scores.device)
+    return torch.where(near, pos, m).amin(dim=-1)
+
+
+def pair_scores(a: Tensor, b: Tensor, idx: Tensor) -> Tensor:
+    """``sum(a[..., i, :] * b[..., idx[..., i], :])``: the score of each row of ``a`` ``[B, n,
+    D]`` with its chosen row of ``b`` ``[B, m, D]`` (``idx`` ``[B, n]``), each computed by the
+    same elementwise product and sum, so that identical pairs give bit-identical scores
+    (unlike the entries of a matrix product)."""
+    chosen = b.gather(1, idx.unsqueeze(-1).expand(-1, -1, b.shape[-1]))
+    return (a * chosen).sum(dim=-1)
 
 
 def merge_tokens(m: Matching, x: Tensor, mode: str = "sum") -> Tensor:

@@ -120,6 +120,26 @@ def test_merge_arithmetic_mean_and_size_times_cosine():
     assert torch.isfinite(new_size.log()).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_merge_into_copies_goes_to_the_first_copy(dtype):
+    """Destinations that are copies of one token tie exactly; rounding in the product must
+    not decide which copy receives: every source goes to the first copy, whatever its own
+    norm (so the product's blocking differs from row to row)."""
+    g = torch.Generator().manual_seed(0)
+    C, k = 48, 12
+    base = torch.randn(C, generator=g, dtype=torch.float64)
+    x = torch.randn(1, 40, C, generator=g, dtype=torch.float64)
+    x[0, 3:k:2] = base  # destinations 3, 5, 7, 9, 11 are copies
+    x[0, k:] = base * torch.linspace(0.3, 7.0, 40 - k, dtype=torch.float64)[:, None] \
+        + 1e-3 * torch.randn(40 - k, C, generator=g, dtype=torch.float64)
+    x = x.to(dtype)
+    size = torch.ones(1, 40, dtype=dtype)
+    out, new_size, _ = merge_tail(x, size, prefix=1, k=k)
+    assert new_size[0, 3] > 1 + 0.9 * (40 - k)  # every source joined the first copy
+    assert torch.equal(new_size[0, 5:k:2], torch.ones(4, dtype=dtype))  # the others: none
+    assert torch.equal(out[0, 5:k:2], x[0, 5:k:2])
+
+
 def test_counts_larger_than_present_change_nothing():
     from leanvit.signals import Signals
     from leanvit.state import TokenState
