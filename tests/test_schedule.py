@@ -8,8 +8,8 @@ import pytest
 
 from leanvit.schedule import (FORMAT, FORMAT_VERSION, Schedule, ScheduleError, effective_counts,
                               load_schedule, read_authors_schedule, save_schedule)
+from tests.conftest import SHARED
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 AUTHORS = SHARED / "reference" / "diffrate_compression_rate.json"
 
 
