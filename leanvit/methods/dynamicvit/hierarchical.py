@@ -97,7 +97,7 @@ class HierarchicalOptions:
         if self.locations is not None:
             if isinstance(self.locations, list):
                 object.__setattr__(self, "locations", tuple(self.locations))
-            check_locations("locations", self.locations, 10**9)  # the stage depth in build
+            check_locations("locations", self.locations, None)  # the stage depth in build
 
 
 @dataclass(frozen=True)
