@@ -187,7 +187,11 @@ class DiffRateSearchReducer(Reducer):
     def init_state(self, state: TokenState, x: Tensor) -> TokenState:
         B, N, _ = x.shape
         if N != self.num_tokens:
-            raise ValueError(f"search built for {self.num_tokens} tokens, got {N}")
+            size = self.info.img_size
+            made = f" ({size[0]}x{size[1]} images)" if size else ""
+            raise ValueError(f"diffrate-search: the rate search was built for {self.num_tokens} "
+                             f"tokens{made} but this input gives {N} tokens; search on images "
+                             "of the size the model was built for")
         return state.replace(prop_attn=True, mask=x.new_ones(B, N), size=x.new_ones(B, N))
 
     def after_attention(self, i: int, x: Tensor, signals: Optional[Signals], state: TokenState
