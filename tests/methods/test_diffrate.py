@@ -370,3 +370,17 @@ def test_schedule_refuses_another_token_count_on_a_dynamic_size_model(size, toke
     search = leanvit.patch(tiny(depth=2, dynamic_img_size=True), "diffrate-search")
     with pytest.raises(ValueError, match=f"built for 17 tokens .*gives {tokens} tokens"):
         search(torch.randn(1, 3, size, size))
+
+
+def test_search_mode_refuses_a_nan_mac_model_and_a_granularity_leaving_one_candidate():
+    """A NaN coefficient made every MAC loss NaN; a granularity beyond the patch count was an
+    OverflowError (2**70) or a search with nothing to choose."""
+    coeffs = {"constant": 0.0, "attn_token": 1.0, "attn_pair": 1.0, "mlp_token": float("nan")}
+    with pytest.raises(ValueError, match=r"mac_model\['mlp_token'\] must be a finite number"):
+        leanvit.patch(tiny(depth=2), "diffrate-search", mac_model=coeffs)
+    for g in (16, 2**70):  # 64 px, patch 16: 16 patches
+        with pytest.raises(ValueError, match=rf"granularity {g} leaves one candidate count for "
+                                             r"the model's 16 patches; use 1\.\.15"):
+            leanvit.patch(tiny(depth=2), "diffrate-search", granularity=g)
+    red = leanvit.patch(tiny(depth=2), "diffrate-search", granularity=15).leanvit
+    assert red.candidates.tolist() == [16.0, 1.0]
