@@ -7,6 +7,7 @@ of each backbone family calls the reducer's hooks; nothing here knows about timm
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import numbers
 from dataclasses import dataclass
@@ -220,8 +221,11 @@ def get_method(name: str) -> Method:
         return _METHODS[name]
     except KeyError:
         # internal modes (Method.internal) are accepted by name but never offered
+        offered = list(available_methods())
+        close = difflib.get_close_matches(name, offered, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(
-            f"unknown method {name!r}; available methods: {', '.join(available_methods())}"
+            f"unknown method {name!r}; available methods: {', '.join(offered)}{hint}"
         ) from None
 
 

@@ -165,9 +165,14 @@ def test_unknown_method_error_leaves_internal_modes_out():
     """diffrate-search is a mode of 'leanvit search', not a method to offer a user."""
     with pytest.raises(ValueError, match="unknown method 'nope'") as e:
         leanvit.patch(tiny_vit(), "nope")
-    offered = str(e.value).split("available methods: ")[1].split(", ")
+    offered = str(e.value).split("available methods: ")[1].split(";")[0].split(", ")
     assert offered == list(leanvit.available_methods())
     assert "diffrate-search" not in offered and "tome" in offered
+    with pytest.raises(ValueError, match=r"unknown method 'tomee'; .*; did you mean 'tome'\?$"):
+        leanvit.patch(tiny_vit(), "tomee")
+    with pytest.raises(ValueError, match=r"unknown method 'diffrate-serch'; .*; did you mean "
+                                         r"'diffrate'\?$"):  # never the internal mode
+        leanvit.patch(tiny_vit(), "diffrate-serch")
 
 
 @pytest.mark.parametrize("family", ["convnext_atto", "convnext", "swin"])
