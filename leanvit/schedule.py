@@ -264,8 +264,9 @@ def handset_counts(kind: str, strength: float, num_tokens: int, prefix_tokens: i
         strength: ``*-uniform``: tokens removed per block from ``first_block`` on (a float:
             block ``i`` keeps ``round(P - strength * (i - first_block + 1))`` of the ``P``
             patches); ``*-3stage``: the fraction of the present patches each of the blocks
-            ``depth // 4, depth // 2, 3 * depth // 4`` keeps (``ceil``), in ``(0, 1]``.
-        first_block: first block that may compress (DiffRate leaves block 0 alone: 1).
+            ``depth // 4, depth // 2, 3 * depth // 4`` keeps (``ceil``), in ``[0, 1]``.
+        first_block: first block that may compress, in ``0..depth - 1`` (DiffRate leaves
+            block 0 alone: 1).
     """
     if kind not in HANDSET_KINDS:
         raise ValueError(f"kind must be one of {', '.join(HANDSET_KINDS)}, got {kind!r}")

@@ -49,6 +49,8 @@ class DiffRateOptions:
     Attributes:
         schedule: a schedule file's path, a :class:`leanvit.schedule.Schedule`, or a pair of
             per-block lists ``(prune_kept, merge_kept)`` (prefix tokens included). Required.
+            Its counts are for the model's input size: on a ``dynamic_img_size`` model, an
+            input giving another token count is refused (:func:`check_token_count`).
         trace_source: keep ``state.source`` (which patches each token holds) for
             visualisation; off by default (costs ``O(N N0)`` per token).
     """
