@@ -103,8 +103,25 @@ def count_macs(model: nn.Module, images: Tensor) -> MacReport:
     :func:`leanvit.compact`, :mod:`leanvit.adapters.layer_macs`). The model runs once in
     eval mode without gradients; its train/eval mode is restored. Data-dependent methods are
     averaged over the images; padding does not count.
+
+    Raises:
+        ValueError: an empty batch (no image to average over) or images without pixels.
     """
     return forward_with_macs(model, images)[1]
+
+
+def check_images(images: object, what: str = "count_macs") -> None:
+    """``TypeError`` unless ``images`` is a tensor; ``ValueError`` for an empty batch or images
+    without pixels: MACs are reported per image, averaged over the batch, and a mean over no
+    image is undefined (it would come out as NaN)."""
+    if not isinstance(images, Tensor):
+        raise TypeError(f"{what}: images must be a torch.Tensor [B, 3, H, W], got "
+                        f"{type(images).__name__}")
+    if images.dim() >= 1 and images.shape[0] == 0:
+        raise ValueError(f"{what} needs at least one image: got an empty batch "
+                         f"{list(images.shape)} (MACs are per image, averaged over the batch)")
+    if images.numel() == 0:
+        raise ValueError(f"{what}: images {list(images.shape)} hold no pixels")
 
 
 def forward_with_macs(model: nn.Module, images: Tensor) -> tuple[Tensor, MacReport]:
@@ -115,6 +132,8 @@ def forward_with_macs(model: nn.Module, images: Tensor) -> tuple[Tensor, MacRepo
     """
     from leanvit import adapters
     from leanvit.patching import patch, unpatch
+
+    check_images(images)
 
     layers = adapters.layer_map(model)
     if layers is not None:  # PVTv2, NextViT (plain or compacted): counted layer by layer
@@ -172,6 +191,7 @@ def traced_macs(model: nn.Module, images: Tensor) -> float:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
+    check_images(images, "traced_macs")
     was_training = model.training
     try:
         model.eval()

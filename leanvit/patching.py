@@ -7,7 +7,7 @@ from torch import nn
 
 from leanvit import adapters
 from leanvit.ops.precision import floating_dtype
-from leanvit.registry import Reducer, get_method
+from leanvit.registry import Reducer, available_methods, get_method
 
 #: attribute under which the method's reducer (an ``nn.Module``) hangs on a patched model
 ATTR = "leanvit"
@@ -39,14 +39,14 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
             f"model is already patched with method {name!r}; call leanvit.unpatch(model) first"
         )
     m = get_method(method)
-    adapter = adapters.find_adapter(model)
-    if not m.serves(adapter.FAMILY, adapter.KIND):
-        served = [f"{f} ({', '.join(adapters.family_names(f))})" if f in adapters.KINDS else f
-                  for f in m.families]
-        raise ValueError(
-            f"method {method!r} supports the families {', '.join(served)}, "
-            f"not {adapter.FAMILY!r}"
-        )
+    # Whether the method serves the model's family comes before the family's own checks of
+    # its variants: a token method on ConvNeXt is refused for being a token method, not for
+    # a detail of the ConvNeXt variant (conv_mlp=True) that no method needs to hear about.
+    family = adapters.find_family(model)
+    if not m.serves(family.name, family.kind):
+        raise ValueError(unserved_message(m.name, m.families, family.name, family.kind))
+    adapter = family.adapter
+    adapter.check_supported(model)
     opts = m.make_options(adapter.FAMILY, **options)
     info = adapter.describe(model)
     reducer = m.build(opts, info)
@@ -66,6 +66,22 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
     model.add_module(ATTR, reducer)
     model.__class__ = adapters.patched_class(adapter, type(model))
     return model
+
+
+#: what a method serving a kind needs, and what a model of that kind is (error messages)
+_NEEDS = {"tokens": "a flat-token model (the ViT families: {})",
+          "hierarchical": "a hierarchical model ({})"}
+_IS = {"tokens": "flat tokens", "hierarchical": "hierarchical: stages of 2-D maps"}
+
+
+def unserved_message(method: str, families: tuple[str, ...], family: str, kind: str) -> str:
+    """One line: what ``method`` (serving ``families``: family names and/or kinds) needs, what
+    the model of ``family`` (of ``kind``) is, and which methods do serve it."""
+    needs = [_NEEDS[f].format(", ".join(adapters.family_names(f))) if f in _NEEDS
+             else f"a {f} model" for f in families]
+    serving = [name for name in available_methods() if get_method(name).serves(family, kind)]
+    return (f"method {method!r} needs {' or '.join(needs)}; this is a {family} model "
+            f"({_IS.get(kind, kind)}), on which leanvit runs {', '.join(serving) or 'no method'}")
 
 
 def unpatch(model: nn.Module) -> nn.Module:

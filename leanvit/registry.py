@@ -7,6 +7,7 @@ of each backbone family calls the reducer's hooks; nothing here knows about timm
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import numbers
 from dataclasses import dataclass
@@ -219,8 +220,12 @@ def get_method(name: str) -> Method:
     try:
         return _METHODS[name]
     except KeyError:
+        # internal modes (Method.internal) are accepted by name but never offered
+        offered = list(available_methods())
+        close = difflib.get_close_matches(name, offered, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(
-            f"unknown method {name!r}; available methods: {', '.join(sorted(_METHODS))}"
+            f"unknown method {name!r}; available methods: {', '.join(offered)}{hint}"
         ) from None
 
 
@@ -259,17 +264,26 @@ def check_bool(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
-def check_locations(name: str, locations: Any, depth: int) -> tuple[int, ...]:
-    """Validate block indices against the model depth; returns them as a sorted tuple."""
+def check_locations(name: str, locations: Any, depth: Optional[int]) -> tuple[int, ...]:
+    """Validate block indices (0-based) against the model depth; returns them as a sorted
+    tuple. ``depth=None``: the model is not known yet (an options dataclass), so only the
+    types, ``>= 0`` and repeats are checked; the caller checks the depth when it builds."""
     if isinstance(locations, int) and not isinstance(locations, bool):
         locations = (locations,)
     if not isinstance(locations, (tuple, list)) or not all(
         isinstance(v, int) and not isinstance(v, bool) for v in locations
     ):
         raise TypeError(f"{name} must be a tuple of block indices, got {locations!r}")
-    bad = [v for v in locations if not 0 <= v < depth]
-    if bad:
-        raise ValueError(f"{name} {bad} outside the model's blocks 0..{depth - 1}")
+    if depth is None:
+        negative = [v for v in locations if v < 0]
+        if negative:
+            raise ValueError(f"{name} {negative}: block indices must be >= 0 (block 0 is the "
+                             "first block)")
+    else:
+        bad = [v for v in locations if not 0 <= v < depth]
+        if bad:
+            raise ValueError(f"{name} {bad} outside the model's blocks 0..{depth - 1} "
+                             f"(it has {depth} blocks)")
     if len(set(locations)) != len(locations):
         raise ValueError(f"{name} has repeated blocks: {locations!r}")
     return tuple(sorted(locations))

@@ -264,13 +264,23 @@ def handset_counts(kind: str, strength: float, num_tokens: int, prefix_tokens: i
         strength: ``*-uniform``: tokens removed per block from ``first_block`` on (a float:
             block ``i`` keeps ``round(P - strength * (i - first_block + 1))`` of the ``P``
             patches); ``*-3stage``: the fraction of the present patches each of the blocks
-            ``depth // 4, depth // 2, 3 * depth // 4`` keeps (``ceil``), in ``(0, 1]``.
-        first_block: first block that may compress (DiffRate leaves block 0 alone: 1).
+            ``depth // 4, depth // 2, 3 * depth // 4`` keeps (``ceil``), in ``[0, 1]``.
+        first_block: first block that may compress, in ``0..depth - 1`` (DiffRate leaves
+            block 0 alone: 1).
     """
     if kind not in HANDSET_KINDS:
         raise ValueError(f"kind must be one of {', '.join(HANDSET_KINDS)}, got {kind!r}")
     if not math.isfinite(strength) or strength < 0:
         raise ValueError(f"strength must be a finite number >= 0, got {strength!r}")
+    if kind.endswith("3stage") and strength > 1:
+        raise ValueError(f"strength of {kind} is the fraction of tokens each stage keeps, in "
+                         f"[0, 1]; got {strength!r}")
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be a positive int, got {depth!r}")
+    if isinstance(first_block, bool) or not isinstance(first_block, int) or \
+            not 0 <= first_block < depth:
+        raise ValueError(f"first_block must be a block index in 0..{depth - 1}, got "
+                         f"{first_block!r}")
     patches = num_tokens - prefix_tokens
     stages = (depth // 4, depth // 2, 3 * depth // 4)
     present, prune, merge = patches, [], []
@@ -279,7 +289,7 @@ def handset_counts(kind: str, strength: float, num_tokens: int, prefix_tokens: i
         if kind.endswith("uniform") and i >= first_block:
             kept = round(patches - strength * (i - first_block + 1))
         elif kind.endswith("3stage") and i in stages:
-            kept = math.ceil(min(strength, 1.0) * present)
+            kept = math.ceil(strength * present)
         kept = max(1, min(present, kept))
         prune.append(prefix_tokens + (kept if kind.startswith("prune") else present))
         merge.append(prefix_tokens + kept)
@@ -293,6 +303,11 @@ def fit_handset(kind: str, target_gmacs: float, num_tokens: int, prefix_tokens: 
     """The hand-set schedule of ``kind`` whose :func:`schedule_macs` is closest to
     ``target_gmacs``: bisection on its strength. Returns ``(prune_kept, merge_kept, strength,
     gmacs)``."""
+    if isinstance(target_gmacs, bool) or not isinstance(target_gmacs, (int, float)) or \
+            not math.isfinite(target_gmacs) or target_gmacs <= 0:
+        # a NaN target compares false with every estimate: the bisection would return a
+        # schedule fitted to nothing
+        raise ValueError(f"target_gmacs must be a positive finite number, got {target_gmacs!r}")
     uniform = kind.endswith("uniform")
     lo, hi = (0.0, float(num_tokens)) if uniform else (0.0, 1.0)
     best = None

@@ -68,3 +68,22 @@ def test_report_table_shows_extra_names_whole():
     table = leanvit.count_macs(model, torch.randn(1, 3, 64, 64)).table()
     row = next(line for line in table.splitlines() if "predictor" in line)
     assert row.split()[0] == "predictor"  # not cut to 5 characters
+
+
+@pytest.mark.parametrize("images,match", [
+    (torch.randn(0, 3, 64, 64), r"needs at least one image: got an empty batch \[0, 3, 64, 64\]"),
+    (torch.randn(1, 3, 0, 0), r"images \[1, 3, 0, 0\] hold no pixels"),
+])
+def test_count_macs_refuses_an_empty_batch_instead_of_returning_nan(images, match):
+    """MACs are per image, averaged over the batch: over no image the mean was NaN."""
+    from leanvit.macs import forward_with_macs, traced_macs
+
+    model = tiny_vit()
+    for count in (leanvit.count_macs, forward_with_macs, traced_macs):
+        with pytest.raises(ValueError, match=match) as e:
+            count(model, images)
+        assert "\n" not in str(e.value)
+    assert not leanvit.is_patched(model)
+    with pytest.raises(TypeError, match="images must be a torch.Tensor"):
+        leanvit.count_macs(model, [[0.0]])
+    assert leanvit.count_macs(model, torch.randn(1, 3, 64, 64)).total > 0

@@ -157,5 +157,39 @@ def test_wrong_image_size_gets_a_clear_error():
 def test_method_rejecting_a_family_is_an_error(temp_method):
     temp_method(Method("_swin_only", _RateOptions, lambda o, i: Reducer(o, i),
                        families=("swin",)))
-    with pytest.raises(ValueError, match="supports the families swin, not 'vit'"):
+    with pytest.raises(ValueError, match="needs a swin model; this is a vit model"):
         leanvit.patch(tiny_vit(), "_swin_only")
+
+
+def test_unknown_method_error_leaves_internal_modes_out():
+    """diffrate-search is a mode of 'leanvit search', not a method to offer a user."""
+    with pytest.raises(ValueError, match="unknown method 'nope'") as e:
+        leanvit.patch(tiny_vit(), "nope")
+    offered = str(e.value).split("available methods: ")[1].split(";")[0].split(", ")
+    assert offered == list(leanvit.available_methods())
+    assert "diffrate-search" not in offered and "tome" in offered
+    with pytest.raises(ValueError, match=r"unknown method 'tomee'; .*; did you mean 'tome'\?$"):
+        leanvit.patch(tiny_vit(), "tomee")
+    with pytest.raises(ValueError, match=r"unknown method 'diffrate-serch'; .*; did you mean "
+                                         r"'diffrate'\?$"):  # never the internal mode
+        leanvit.patch(tiny_vit(), "diffrate-serch")
+
+
+@pytest.mark.parametrize("family", ["convnext_atto", "convnext", "swin"])
+@pytest.mark.parametrize("method", ["tome", "evit", "diffrate"])
+def test_token_method_on_a_hierarchical_model_says_it_needs_a_flat_token_model(family, method):
+    """convnext_atto builds conv_mlp=True, which the convnext adapter cannot run; a token method
+    on it was refused for that detail instead of for being a token method."""
+    from tests._hier_models import tiny_convnext, tiny_swin
+
+    model = {"convnext_atto": lambda: timm.create_model("convnext_atto", depths=(1, 1, 1, 1)),
+             "convnext": tiny_convnext, "swin": tiny_swin}[family]()
+    name = "swin" if family == "swin" else "convnext"
+    with pytest.raises(ValueError) as e:
+        leanvit.patch(model, method)
+    msg = str(e.value)
+    assert msg == (f"method {method!r} needs a flat-token model (the ViT families: vit, eva, "
+                   f"beit); this is a {name} model (hierarchical: stages of 2-D maps), on which "
+                   "leanvit runs dynamicvit, none")
+    assert "conv_mlp" not in msg
+    assert not leanvit.is_patched(model)

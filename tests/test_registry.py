@@ -47,7 +47,8 @@ def test_builders_per_family_dispatch_on_the_model(temp_method):
         leanvit.patch(tiny_vit(), "_perfam", b=0.1)
     from tests._hier_models import tiny_swin
 
-    with pytest.raises(ValueError, match="supports the families vit, convnext, not 'swin'"):
+    with pytest.raises(ValueError, match="needs a vit model or a convnext model; this is a "
+                                         "swin model"):
         leanvit.patch(tiny_swin(), "_perfam")
 
 

@@ -137,3 +137,33 @@ def test_reads_every_published_vit_schedule():
     assert n == 28
     with pytest.raises(ScheduleError, match="not a ViT schedule"):
         read_authors_schedule(AUTHORS, "CAFormer-S36", "5.2")
+
+
+_COEFFS = {"constant": 0.0, "attn_token": 1.0, "attn_pair": 1.0, "mlp_token": 1.0}
+
+
+@pytest.mark.parametrize("target", [float("nan"), -1.0, 0.0, float("inf")])
+def test_fit_handset_refuses_a_target_it_cannot_fit(target):
+    """A NaN target compares false with every estimate: the bisection returned a schedule
+    fitted to nothing, without a word."""
+    from leanvit.schedule import fit_handset
+
+    with pytest.raises(ValueError, match="target_gmacs must be a positive finite number"):
+        fit_handset("merge-uniform", target, 17, 1, 2, _COEFFS)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(kind="merge-3stage", strength=5.0), r"fraction of tokens each stage keeps, in \[0, 1\]"),
+    (dict(first_block=-3), r"first_block must be a block index in 0\.\.3, got -3"),
+    (dict(first_block=4), r"first_block must be a block index in 0\.\.3, got 4"),
+    (dict(depth=0), "depth must be a positive int"),
+])
+def test_handset_counts_refuse_options_out_of_range(kw, msg):
+    """A 3-stage fraction of 5 was clamped to 1, a negative first block compressed block 0."""
+    from leanvit.schedule import handset_counts
+
+    args = dict(kind="merge-uniform", strength=1.0, num_tokens=17, prefix_tokens=1, depth=4)
+    args.update(kw)
+    with pytest.raises(ValueError, match=msg):
+        handset_counts(**args)
+    assert handset_counts("merge-3stage", 1.0, 17, 1, 4) == ([17] * 4, [17] * 4)

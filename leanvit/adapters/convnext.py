@@ -41,9 +41,11 @@ def check_supported(model: nn.Module) -> None:
                 raise ValueError(f"stage {s} block {j} is a {type(blk).__name__}; the convnext "
                                  "adapter supports timm's ConvNeXtBlock")
             if blk.use_conv_mlp:
-                raise ValueError(f"stage {s} block {j} uses conv_mlp=True (NCHW 1x1-conv MLP); "
-                                 "the convnext adapter supports channels-last MLPs (conv_mlp="
-                                 "False, timm's default)")
+                raise ValueError(f"stage {s} block {j} uses conv_mlp=True (NCHW 1x1-conv MLP, "
+                                 "as timm's convnext_atto, femto, pico, nano build it); the "
+                                 "convnext adapter supports channels-last MLPs (conv_mlp=False: "
+                                 "convnext_tiny and larger, or create the model with "
+                                 "conv_mlp=False)")
             if isinstance(blk.mlp, GlobalResponseNormMlp):
                 raise ValueError(f"stage {s} block {j} uses a GRN MLP (ConvNeXt-V2); its global "
                                  "response norm pools over all positions, so the convnext "

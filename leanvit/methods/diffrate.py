@@ -49,6 +49,8 @@ class DiffRateOptions:
     Attributes:
         schedule: a schedule file's path, a :class:`leanvit.schedule.Schedule`, or a pair of
             per-block lists ``(prune_kept, merge_kept)`` (prefix tokens included). Required.
+            Its counts are for the model's input size: on a ``dynamic_img_size`` model, an
+            input giving another token count is refused (:func:`check_token_count`).
         trace_source: keep ``state.source`` (which patches each token holds) for
             visualisation; off by default (costs ``O(N N0)`` per token).
     """
@@ -78,6 +80,19 @@ def resolve_schedule(value: Any, info: ModelInfo) -> Schedule:
     return schedule
 
 
+def check_token_count(method: str, planned: int, img_size: tuple[int, int], got: int) -> None:
+    """``ValueError`` when the tokens entering block 0 (``got``, prefix included) are not the
+    ``planned`` count the per-block kept counts were made for (``img_size``: the images that
+    give it). A model built with ``dynamic_img_size=True`` takes other image sizes; absolute
+    counts made for one token count would then cut far more in one block, or nothing at all,
+    so another count is refused rather than rescaled."""
+    if got != planned:
+        raise ValueError(
+            f"{method}: the schedule was made for {planned} tokens ({img_size[0]}x{img_size[1]} "
+            f"images) but this input gives {got} tokens; resize the images to "
+            f"{img_size[0]}x{img_size[1]} or search a schedule for this size")
+
+
 def _needs_class_token(info: ModelInfo) -> None:
     if not info.has_class_token:
         raise ValueError("diffrate sorts tokens by class-token attention; this model has no "
@@ -105,6 +120,8 @@ class DiffRateReducer(Reducer):
         return m < n
 
     def init_state(self, state: TokenState, x: Tensor) -> TokenState:
+        check_token_count("diffrate", self.schedule.num_tokens, self.schedule.img_size,
+                          x.shape[1])
         state = state.replace(prop_attn=True)
         if self.options.trace_source and state.source is None:
             B, N, _ = x.shape

@@ -63,6 +63,8 @@ class DiffRateSearchOptions:
         if self.mac_model is not None:
             if not isinstance(self.mac_model, dict) or set(self.mac_model) != set(_MAC_KEYS):
                 raise ValueError(f"mac_model must be a dict with keys {', '.join(_MAC_KEYS)}")
+            for k in _MAC_KEYS:  # a NaN coefficient would make every MAC loss NaN
+                check_number(f"mac_model[{k!r}]", self.mac_model[k], lo=0.0)
 
 
 _MAC_KEYS = ("constant", "attn_token", "attn_pair", "mlp_token")
@@ -89,6 +91,10 @@ class DiffRateSearchReducer(Reducer):
         self.prefix = info.num_prefix_tokens
         self.num_tokens = info.num_patches + self.prefix
         g = options.granularity or default_granularity(info.num_patches)
+        if g >= info.num_patches:  # one candidate (every patch): nothing could be searched
+            raise ValueError(f"granularity {g} leaves one candidate count for the model's "
+                             f"{info.num_patches} patches; use 1..{info.num_patches - 1} (None: "
+                             f"{default_granularity(info.num_patches)})")
         cand = torch.arange(info.num_patches, 0, -g, dtype=torch.float32)
         self.register_buffer("candidates", cand, persistent=False)
         positions = torch.arange(self.num_tokens, dtype=torch.float32)
@@ -187,7 +193,11 @@ class DiffRateSearchReducer(Reducer):
     def init_state(self, state: TokenState, x: Tensor) -> TokenState:
         B, N, _ = x.shape
         if N != self.num_tokens:
-            raise ValueError(f"search built for {self.num_tokens} tokens, got {N}")
+            size = self.info.img_size
+            made = f" ({size[0]}x{size[1]} images)" if size else ""
+            raise ValueError(f"diffrate-search: the rate search was built for {self.num_tokens} "
+                             f"tokens{made} but this input gives {N} tokens; search on images "
+                             "of the size the model was built for")
         return state.replace(prop_attn=True, mask=x.new_ones(B, N), size=x.new_ones(B, N))
 
     def after_attention(self, i: int, x: Tensor, signals: Optional[Signals], state: TokenState

@@ -27,6 +27,10 @@ from leanvit.registry import Method, ModelInfo, Reducer, check_number, register
 from leanvit.state import TokenState
 
 
+#: the largest seed ``torch.Generator.manual_seed`` takes (an unsigned 64-bit integer)
+MAX_SEED = 2**64 - 1
+
+
 @dataclass(frozen=True)
 class RandomOptions:
     """Options of ``random``.
@@ -37,7 +41,8 @@ class RandomOptions:
             its DeiT-S setting). 1 = no reduction.
         locations: 0-based blocks before which tokens are dropped. ``None`` = DynamicViT's and
             EViT's ``(3, 6, 9)`` at depth 12, ``(d//4, d//2, 3d//4)`` otherwise.
-        seed: seed of the generator the selections are drawn from (default 0).
+        seed: seed of the generator the selections are drawn from, in ``[0, 2**64 - 1]``
+            (default 0).
     """
 
     keep_rate: float = 0.7
@@ -47,7 +52,7 @@ class RandomOptions:
     def __post_init__(self) -> None:
         check_number("keep_rate", self.keep_rate, lo=0.0, hi=1.0, lo_open=True)
         check_locations_type("locations", self.locations)
-        check_number("seed", self.seed, lo=0, integer=True)
+        check_number("seed", self.seed, lo=0, hi=MAX_SEED, integer=True)
 
 
 def random_keep_index(batch: int, tokens: int, prefix: int, keep: int,

@@ -122,7 +122,9 @@ class ToMe(Reducer):
         self.prefix = info.num_prefix_tokens
         per_block = schedule(options.r, info.depth)
         n0 = info.num_patches + info.num_prefix_tokens
+        self.n0 = n0
         self.r_per_block, clamped = plan(per_block, n0, self.prefix)
+        self._warned_counts: set[int] = set()  # other token counts already warned about
         if clamped:
             warnings.warn(
                 f"tome: r={options.r!r} asks for more merges than the tokens allow in blocks "
@@ -133,6 +135,7 @@ class ToMe(Reducer):
         return self.r_per_block[i] > 0
 
     def init_state(self, state: TokenState, x: Tensor) -> TokenState:
+        self._warn_if_clamped(x.shape[1])
         # The bias only exists once sizes do (after the first merge), so r=0 stays exact.
         state = state.replace(prop_attn=self.options.prop_attn)
         if self.options.trace_source and state.source is None:
@@ -140,6 +143,21 @@ class ToMe(Reducer):
             eye = torch.eye(N, dtype=x.dtype, device=x.device)
             state = state.replace(source=eye.expand(B, N, N))
         return state
+
+    def _warn_if_clamped(self, n: int) -> None:
+        """Warn (once per token count) when an input of another size than the model was built
+        for (``dynamic_img_size`` models) gives ``n`` tokens, too few for the planned merges:
+        :meth:`after_attention` then merges fewer (the authors' clamp), as the build-time
+        warning says for the built size."""
+        if n == self.n0 or n in self._warned_counts:
+            return
+        self._warned_counts.add(n)
+        clamped_to, clamped = plan(self.r_per_block, n, self.prefix)
+        if clamped:
+            warnings.warn(
+                f"tome: this input gives {n} tokens, not the {self.n0} r={self.options.r!r} was "
+                f"planned for; too few for the planned merges in blocks {clamped}, which merge "
+                f"{clamped_to} instead of {self.r_per_block}", stacklevel=2)
 
     def after_attention(self, i: int, x: Tensor, signals: Optional[Signals],
                         state: TokenState) -> tuple[Tensor, TokenState]:

@@ -78,3 +78,10 @@ def test_loss_tokens_are_the_head_norm_per_position():
                                                          model.head.norm.bias, 1e-6)
                     torch.testing.assert_close(tokens[b, i * W + j], ref)
     assert keep.shape == (B, H * W) and bool((keep == 1).all())
+
+
+def test_conv_mlp_error_names_the_timm_models_that_build_it_and_the_way_out():
+    model = timm.create_model("convnext_atto", depths=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match=r"conv_mlp=True .*convnext_atto.*conv_mlp=False"):
+        leanvit.patch(model, "dynamicvit")  # a method that serves ConvNeXt: the variant's fault
+    leanvit.patch(timm.create_model("convnext_atto", depths=(1, 1, 1, 1), conv_mlp=False), "none")

@@ -371,3 +371,36 @@ def test_search_bad_inputs():
     leanvit.patch(model, "none")
     with pytest.raises(ValueError, match="unpatched model"):
         search(model, 0.01, images)
+
+
+@pytest.mark.parametrize("size,tokens", [(96, 37), (48, 10)])
+def test_schedule_refuses_another_token_count_on_a_dynamic_size_model(size, tokens):
+    """With dynamic_img_size=True the model takes other image sizes; a schedule for 17 tokens
+    cut 21 tokens in one block at 37 tokens, and nothing at all at 10, without a word."""
+    model = tiny(depth=2, dynamic_img_size=True)  # 64 px: 16 patches + cls = 17 tokens
+    leanvit.patch(model, "diffrate", schedule=([17, 17], [17, 10]))
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+    msg = (f"diffrate: the schedule was made for 17 tokens (64x64 images) but this input gives "
+           f"{tokens} tokens")
+    with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")) as e:
+        model(torch.randn(1, 3, size, size))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=f"this input gives {tokens} tokens"):
+        leanvit.count_macs(model, torch.randn(1, 3, size, size))
+    search = leanvit.patch(tiny(depth=2, dynamic_img_size=True), "diffrate-search")
+    with pytest.raises(ValueError, match=f"built for 17 tokens .*gives {tokens} tokens"):
+        search(torch.randn(1, 3, size, size))
+
+
+def test_search_mode_refuses_a_nan_mac_model_and_a_granularity_leaving_one_candidate():
+    """A NaN coefficient made every MAC loss NaN; a granularity beyond the patch count was an
+    OverflowError (2**70) or a search with nothing to choose."""
+    coeffs = {"constant": 0.0, "attn_token": 1.0, "attn_pair": 1.0, "mlp_token": float("nan")}
+    with pytest.raises(ValueError, match=r"mac_model\['mlp_token'\] must be a finite number"):
+        leanvit.patch(tiny(depth=2), "diffrate-search", mac_model=coeffs)
+    for g in (16, 2**70):  # 64 px, patch 16: 16 patches
+        with pytest.raises(ValueError, match=rf"granularity {g} leaves one candidate count for "
+                                             r"the model's 16 patches; use 1\.\.15"):
+            leanvit.patch(tiny(depth=2), "diffrate-search", granularity=g)
+    red = leanvit.patch(tiny(depth=2), "diffrate-search", granularity=15).leanvit
+    assert red.candidates.tolist() == [16.0, 1.0]

@@ -252,3 +252,20 @@ def test_prefix_tokens_are_never_scored_or_pruned():
         model.train()
         _, st = adapter.forward_features(model, x)
     assert bool((st.mask[:, :3] == 1).all()) and st.aux_values(dv.DECISION)[0].shape == (3, 64)
+
+
+def test_negative_locations_say_block_indices_start_at_0_and_others_name_the_depth():
+    """Checked before the model is known, a negative block was 'outside blocks 0..999999999'."""
+    from tests._hier_models import tiny_convnext
+
+    for make in (lambda: dv.DynamicViTOptions(locations=(-1,)),
+                 lambda: leanvit.patch(_tiny(), "dynamicvit", locations=(-1,)),
+                 lambda: leanvit.patch(tiny_convnext(), "dynamicvit", locations=(-1,))):
+        with pytest.raises(ValueError, match=r"locations \[-1\]: block indices must be >= 0") \
+                as e:
+            make()
+        assert "999" not in str(e.value)
+    with pytest.raises(ValueError, match=r"locations \[3\] outside the model's blocks 0\.\.1 "
+                                         r"\(it has 2 blocks\)"):
+        leanvit.patch(timm.create_model("deit_tiny_patch16_224", depth=2, img_size=64),
+                      "dynamicvit", locations=(1, 3))

@@ -316,3 +316,10 @@ def test_save_and_load_round_trip(tmp_path):
         assert torch.equal(fresh(x), out)
     with pytest.raises(ValueError, match="shape|saved from"):
         leanvit.load(tiny_convnext(dims=(16, 32, 48, 128)), path)
+
+
+def test_empty_locations_are_refused_clearly():
+    """locations=() was an IndexError from inside the reducer."""
+    with pytest.raises(ValueError, match=r"locations is empty; on convnext models dynamicvit "
+                                         r"needs at least one block of stage 3 \(0\.\.4\)"):
+        leanvit.patch(tiny_convnext(), "dynamicvit", locations=())

@@ -83,3 +83,15 @@ def test_random_options_are_checked():
             leanvit.patch(model, "random", **bad)
         assert not leanvit.is_patched(model)
     assert "random" in leanvit.available_methods()
+
+
+def test_random_seed_out_of_range_names_seed_and_the_range():
+    """torch's generator takes an unsigned 64-bit seed; a larger one was an 'Overflow when
+    unpacking long long' that named neither the option nor the range."""
+    model = tiny_vit()
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 18446744073709551615\], got "
+                                         r"1180591620717411303424"):
+        leanvit.patch(model, "random", seed=2**70)
+    assert not leanvit.is_patched(model)
+    leanvit.patch(model, "random", seed=2**64 - 1, locations=(1,))  # the largest is taken
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)

@@ -218,6 +218,27 @@ def test_dynamic_image_size_model_clamps_at_run_time():
     with torch.no_grad():
         ref_x, ref_size, _ = forward(model, images, tome_reference([3] * 4), prop_attn=True)
         leanvit.patch(model, "tome", r=3)
-        x, state = vit_adapter.forward_features(model, images)
+        with pytest.warns(UserWarning, match="this input gives 10 tokens, not the 17"):
+            x, state = vit_adapter.forward_features(model, images)
     assert x.shape[1] == 10 - 3 - 3 - 1 - 1 == ref_x.shape[1]  # caps (N - 1) // 2: 4, 3, 1, 1
     torch.testing.assert_close(x, ref_x, atol=1e-5, rtol=1e-5)
+
+
+def test_fewer_tokens_than_planned_on_a_dynamic_size_model_is_warned_once():
+    """A dynamic_img_size model given smaller images has too few tokens for the planned r:
+    the merges are clamped (the authors' rule) as at build time, but now with a warning."""
+    from tests.conftest import tiny_vit as conftest_tiny_vit
+
+    model = leanvit.patch(conftest_tiny_vit(dynamic_img_size=True), "tome", r=4)  # 17 tokens
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.randn(1, 3, 64, 64))  # the planned size
+        model(torch.randn(1, 3, 96, 96))  # 37 tokens: r=4 fits, nothing to say
+    with pytest.warns(UserWarning, match=r"this input gives 5 tokens, not the 17 r=4 was "
+                                         r"planned for; .* blocks \[0, 1\], which merge \[2, 1\] "
+                                         r"instead of \[4, 4\]"):
+        report = leanvit.count_macs(model, torch.randn(1, 3, 32, 32))
+    assert [(b.tokens_in, b.tokens_out) for b in report.per_block] == [(5, 3), (3, 2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.randn(1, 3, 32, 32))  # once per token count

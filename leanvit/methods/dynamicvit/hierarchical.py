@@ -97,7 +97,7 @@ class HierarchicalOptions:
         if self.locations is not None:
             if isinstance(self.locations, list):
                 object.__setattr__(self, "locations", tuple(self.locations))
-            check_locations("locations", self.locations, 10**9)  # the stage depth in build
+            check_locations("locations", self.locations, None)  # the stage depth in build
 
 
 @dataclass(frozen=True)
@@ -265,6 +265,9 @@ def build(options: HierarchicalOptions, info: ModelInfo) -> DynamicHierarchical:
         except ValueError as e:
             raise ValueError(f"{e} (on {info.family} models, locations are block indices "
                              f"within stage 3, which has {depth} blocks)") from None
+        if not locations:  # the fast paths start at the first location: there must be one
+            raise ValueError(f"locations is empty; on {info.family} models dynamicvit needs at "
+                             f"least one block of stage 3 (0..{depth - 1}) to route from")
     step = effective_ratio_step(options)
     last = options.keep_rate - (len(locations) - 1) * step
     if last <= 0:

@@ -62,7 +62,7 @@ class DynamicViTOptions:
         check_number("tau", self.tau, lo=0.0, lo_open=True)
         if isinstance(self.locations, list):
             object.__setattr__(self, "locations", tuple(self.locations))
-        check_locations("locations", self.locations, 10**9)  # types here; the depth in build
+        check_locations("locations", self.locations, None)  # the depth in build
 
 
 def keep_counts(num_patches: int, keep_rate: float, stages: int) -> list[int]:
