@@ -452,14 +452,18 @@ def _check_output(cfg: TrainConfig, out: Path) -> None:
     """``ValueError`` when ``out`` cannot take this run: a file; a folder with files in it for
     a new run (neither ``resume`` nor ``overwrite``); ``overwrite`` with ``resume``, or
     ``overwrite`` that would remove the ``checkpoint`` or ``probe_head`` this run reads.
-    Reads only (every rank checks before rank 0 writes)."""
+    Every rank checks before rank 0 writes; the only write is :func:`_check_writable`'s
+    empty test file."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {out} is a file; a folder is needed (the run writes "
                          f"{', '.join(RUN_FILES)} into it)")
     if cfg.overwrite and cfg.resume:
         raise ValueError("overwrite and resume exclude each other: resume continues the run in "
                          f"{out}, overwrite removes its files and starts a new one")
-    if cfg.resume or not out.is_dir():
+    if not out.is_dir():
+        return
+    _check_writable(out)  # the first thing to fix in a read-only folder
+    if cfg.resume:
         return
     present = sorted(p.name for p in out.iterdir() if not _is_stale_temp(p))
     if present and not cfg.overwrite:
@@ -477,10 +481,9 @@ def _check_output(cfg: TrainConfig, out: Path) -> None:
                                      f"as its {name}: copy it out of {out} first")
 
 
-def _prepare_output(out: Path, overwrite: bool = False) -> None:
-    """Create ``out``, check that files can be written there, remove temporary files of
-    checkpoint writes a killed run left behind, and with ``overwrite`` the previous run's
-    :data:`RUN_FILES` (nothing else)."""
+def _check_writable(out: Path) -> None:
+    """Create ``out`` if needed and write and remove an empty file there; ``ValueError`` if
+    that fails."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".leanvit-write-test-{os.getpid()}"
@@ -489,6 +492,13 @@ def _prepare_output(out: Path, overwrite: bool = False) -> None:
     except OSError as e:
         raise ValueError(f"output folder {out} is not writable: "
                          f"{e.strerror or type(e).__name__}") from None
+
+
+def _prepare_output(out: Path, overwrite: bool = False) -> None:
+    """Create ``out``, check that files can be written there, remove temporary files of
+    checkpoint writes a killed run left behind, and with ``overwrite`` the previous run's
+    :data:`RUN_FILES` (nothing else)."""
+    _check_writable(out)
     for pattern in _STALE_TEMP_GLOBS:
         for stale in out.glob(pattern):
             stale.unlink(missing_ok=True)
