@@ -14,14 +14,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "(median of the rounds); report images/s, ms per batch, GMACs, speedup, MAC "
                     "ratio and peak memory. Random weights unless --checkpoint is given.")
     add_model_args(p)
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="images per batch (default 64)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64,
+                   help="images per batch (default 64)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="weights and inputs dtype (default fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
-    p.add_argument("--warmup", type=NON_NEGATIVE_INT, default=2, help="warm-up rounds per model (default 2)")
-    p.add_argument("--repeats", type=POSITIVE_INT, default=5, help="timed rounds per model (default 5)")
-    p.add_argument("--iters", type=POSITIVE_INT, default=1, help="batches per timed round (default 1)")
+    p.add_argument("--warmup", type=NON_NEGATIVE_INT, default=2,
+                   help="warm-up rounds per model (default 2)")
+    p.add_argument("--repeats", type=POSITIVE_INT, default=5,
+                   help="timed rounds per model (default 5)")
+    p.add_argument("--iters", type=POSITIVE_INT, default=1,
+                   help="batches per timed round (default 1)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--json", default=None, metavar="PATH", help="write the full result as JSON")
     p.set_defaults(func=run)

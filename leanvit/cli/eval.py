@@ -17,10 +17,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder root (DIR/SPLIT)")
     p.add_argument("--split", default="val", help="sub-folder to evaluate (default val)")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="images per batch (default 64)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64,
+                   help="images per batch (default 64)")
     p.add_argument("--limit", type=POSITIVE_INT, default=None, metavar="N",
                    help="evaluate a fixed seeded subset of N images (default: all)")
-    p.add_argument("--workers", type=NON_NEGATIVE_INT, default=0, help="data-loading processes (default 0)")
+    p.add_argument("--workers", type=NON_NEGATIVE_INT, default=0,
+                   help="data-loading processes (default 0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--repeats", type=POSITIVE_INT, default=3,
                    help="timed passes for the throughput (default 3)")

@@ -13,8 +13,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "token counts each block sees (averaged over --batch-size random images "
                     "for data-dependent methods).")
     add_model_args(p)
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=1, help="random images to average over (default 1: data-dependent methods such as ats "
-                        "then count one image; give more for their average)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=1,
+                   help="random images to average over (default 1: data-dependent methods "
+                        "such as ats then count one image; give more for their average)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
     p.set_defaults(func=run)
 

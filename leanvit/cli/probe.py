@@ -19,14 +19,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="backbone weights (timm state dict); random weights otherwise")
     p.add_argument("--img-size", type=POSITIVE_INT, default=None, metavar="S",
                    help="input size in pixels, passed to timm.create_model(img_size=S)")
-    p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder root with train/, val/")
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="ImageFolder root with train/, val/")
     p.add_argument("--out", required=True, metavar="FILE",
                    help="head file to write (.safetensors); an existing file is only replaced "
                         "when it is a probe head")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="images per batch (default 64)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64,
+                   help="images per batch (default 64)")
     p.add_argument("--limit", type=POSITIVE_INT, default=None, metavar="N",
                    help="use a fixed seeded subset of N training images (default: all)")
-    p.add_argument("--workers", type=NON_NEGATIVE_INT, default=0, help="data-loading processes (default 0)")
+    p.add_argument("--workers", type=NON_NEGATIVE_INT, default=0,
+                   help="data-loading processes (default 0)")
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="keep extracted features here; re-runs on the same model and images "
                         "skip the extraction")
@@ -37,8 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "reports per-patch accuracy and mIoU")
     p.add_argument("--threshold", type=bounded(float, 0, 1, high_open=True), default=None,
                    metavar="T",
-                   help="with --dense only: pixel intensity in [0, 1) (mean of R, G, B) above which "
-                        "a pixel is foreground (default 0.1)")
+                   help="with --dense only: pixel intensity in [0, 1) (mean of R, G, B) above "
+                        "which a pixel is foreground (default 0.1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     p.set_defaults(func=run)

@@ -158,9 +158,8 @@ def check_cfg(values: dict[str, Any], fields: dict) -> None:
             low, high, low_open, high_open = CFG_RANGES[key]
             if not in_range(value, low, high, low_open=low_open, high_open=high_open):
                 kind = float if "float" in annotation else int
-                raise ValueError(f"--cfg {key} must be "
-                                 f"{describe_range(kind, low, high, low_open=low_open, high_open=high_open)}"
-                                 f", got {value!r}")
+                what = describe_range(kind, low, high, low_open=low_open, high_open=high_open)
+                raise ValueError(f"--cfg {key} must be {what}, got {value!r}")
 
 
 def run(args: argparse.Namespace) -> int:

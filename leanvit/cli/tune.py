@@ -49,10 +49,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    metavar="KEY=VALUE",
                    help="option of the DiffRate search (leanvit.search.diffrate.search), e.g. "
                         "--search epochs=2; repeatable")
-    p.add_argument("--img-size", type=POSITIVE_INT, default=None, metavar="S", help="input size (pixels)")
+    p.add_argument("--img-size", type=POSITIVE_INT, default=None, metavar="S",
+                   help="input size (pixels)")
     p.add_argument("--checkpoint", default=None, metavar="FILE", help="timm state dict to load")
-    p.add_argument("--num-classes", type=NON_NEGATIVE_INT, default=None, metavar="N", help="classifier size")
-    p.add_argument("--repeats", type=POSITIVE_INT, default=3, help="timed passes per setting (default 3)")
+    p.add_argument("--num-classes", type=NON_NEGATIVE_INT, default=None, metavar="N",
+                   help="classifier size")
+    p.add_argument("--repeats", type=POSITIVE_INT, default=3,
+                   help="timed passes per setting (default 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 

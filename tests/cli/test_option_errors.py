@@ -29,20 +29,25 @@ def _argparse_error(argv, capsys) -> str:
 
 @pytest.mark.parametrize("argv,message", [
     # printed "baseline nan GMACs" and wrote NaN into the JSON
-    (["macs", MODEL, "--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
+    (["macs", MODEL, "--batch-size", "0"],
+     "argument --batch-size: must be an integer >= 1, got 0"),
     # a traceback (negative tensor dimension)
-    (["macs", MODEL, "--batch-size", "-3"], "argument --batch-size: must be an integer >= 1, got -3"),
+    (["macs", MODEL, "--batch-size", "-3"],
+     "argument --batch-size: must be an integer >= 1, got -3"),
     # meant a headless model without a word
-    (["macs", MODEL, "--num-classes", "-1"], "argument --num-classes: must be an integer >= 0, got -1"),
+    (["macs", MODEL, "--num-classes", "-1"],
+     "argument --num-classes: must be an integer >= 0, got -1"),
     # skipped the warm-up
     (["bench", MODEL, "--warmup", "-1"], "argument --warmup: must be an integer >= 0, got -1"),
     # "no median for empty data"
     (["eval", MODEL, "--data", "d", "--repeats", "0"],
      "argument --repeats: must be an integer >= 1, got 0"),
-    (["bench", MODEL, "--batch-size", "abc"], "argument --batch-size: must be an integer >= 1, got 'abc'"),
+    (["bench", MODEL, "--batch-size", "abc"],
+     "argument --batch-size: must be an integer >= 1, got 'abc'"),
     (["probe", MODEL, "--data", "d", "--out", "h.safetensors", "--dense", "--threshold", "1.5"],
      "argument --threshold: must be a number in [0, 1), got 1.5"),
-    (["train", MODEL, "--data", "d", "--lr", "nan"], "argument --lr: must be a number > 0, got nan"),
+    (["train", MODEL, "--data", "d", "--lr", "nan"],
+     "argument --lr: must be a number > 0, got nan"),
 ])
 def test_numeric_options_name_their_range(argv, message, capsys):
     assert _argparse_error(argv, capsys).endswith(message)
