@@ -192,6 +192,9 @@ def image_folder(root: str | Path, model: Optional[nn.Module] = None, transform=
 def split_dir(data: str | Path, split: str) -> Path:
     """``data/split``, with a clear error when the split is missing."""
     data = Path(data)
+    if data.exists() and not data.is_dir():
+        raise ValueError(f"data directory {data} is a file; a folder is needed "
+                         f"({data}/{split}/<class name>/<images>)")
     if not data.is_dir():
         raise ValueError(f"data directory {data} does not exist")
     path = data / split
@@ -223,6 +226,19 @@ def loader(dataset: Dataset, batch_size: int = 64, workers: int = 0) -> DataLoad
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+
+
+def class_counts(dataset: Dataset) -> list[int]:
+    """Images per class (in class order) of an ImageFolder or a Subset of one."""
+    idx = None
+    while isinstance(dataset, Subset):
+        idx = list(dataset.indices) if idx is None else [dataset.indices[i] for i in idx]
+        dataset = dataset.dataset
+    targets = list(dataset.targets) if idx is None else [dataset.targets[i] for i in idx]
+    counts = [0] * len(dataset.classes)
+    for t in targets:
+        counts[t] += 1
+    return counts
 
 
 def classes_of(dataset: Dataset) -> list[str]:

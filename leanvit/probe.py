@@ -25,7 +25,6 @@ stay importable from here.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -42,6 +41,16 @@ from leanvit.heads import (POOL_TYPE, ClassMeanPool, attach_head, check_probe_mo
 #: cross-entropy on standardised features); a decade grid as in DINOv2's and CLIP's linear
 #: evaluations, which sweep their regularisation over powers of ten.
 WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def min_per_class(held_out: float) -> int:
+    """Fewest features of a class for choosing the weight decay: the stratified split must
+    hold out at least one of them (``round(held_out * n) >= 1``) and fit on at least one:
+    3 at the default 20 %."""
+    n = 2
+    while round(held_out * n) < 1 or n - round(held_out * n) < 1:
+        n += 1
+    return n
 
 
 @torch.no_grad()
@@ -177,6 +186,19 @@ def fit_probe(
         raise ValueError(f"weight_decays must be non-negative numbers, got {weight_decays!r}")
     if not 0 < held_out < 1:
         raise ValueError(f"held_out must be in (0, 1), got {held_out}")
+    if num_classes < 2:
+        raise ValueError(f"a probe needs at least 2 classes, got {num_classes}: with one class "
+                         "every prediction is right and the accuracy says nothing")
+    # every class in the fit, and (when a decay is chosen) in both parts of the split:
+    # otherwise the held-out accuracy is NaN or blind to a class
+    need = min_per_class(held_out) if len(weight_decays) > 1 else 1
+    counts = torch.bincount(labels, minlength=num_classes)
+    if int(counts.min()) < need:
+        few = [f"class {c}: {int(n)}" for c, n in enumerate(counts.tolist()) if n < need]
+        raise ValueError(f"fit_probe needs at least {need} feature(s) of every class"
+                         + (f" (the weight decay is chosen on a held-out {held_out:.0%} of "
+                            "each class)" if need > 1 else "")
+                         + f"; too few: {', '.join(few[:5])}")
 
     x = features.detach().double().cpu()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
@@ -240,8 +262,17 @@ def cached_features(model: nn.Module, dataset, cache: Optional[str | Path], key:
     return feats, labels
 
 
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (hex): what a cache key needs to see a replaced file, even one
+    of the same size and modification time (``cp -p``, ``rsync -t``)."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def dataset_key(dataset) -> list:
-    """Image files (relative names, sizes, modification times) and labels of an ImageFolder or
+    """Image files (relative names, SHA-256 of their bytes) and labels of an ImageFolder or
     Subset, for cache keys: ``[count, sha256]``."""
     from torch.utils.data import Subset
 
@@ -255,12 +286,52 @@ def dataset_key(dataset) -> list:
 
     h = hashlib.sha256()
     for path, label in samples:
-        # size and modification time (ns) too: images replaced under the same names must not
-        # give the old features (issue 13.2)
-        st = os.stat(path)
-        h.update(f"{Path(path).relative_to(root)}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n"
-                 .encode())
+        # the content, not size and modification time: an image replaced under the same name
+        # by one of the same size, its time kept (cp -p), must not give the old features
+        h.update(f"{Path(path).relative_to(root)}\t{label}\t{file_digest(path)}\n".encode())
     return [len(samples), h.hexdigest()]
+
+
+def check_head_destination(out: str | Path) -> None:
+    """``ValueError`` when writing a probe head to ``out`` would replace something that is not
+    a probe head (an image, model weights, any other file) or ``out`` is a folder; a new path
+    or an existing head (which a new fit replaces) is fine."""
+    p = Path(out)
+    if p.is_dir():
+        raise ValueError(f"head destination {p} is a folder; give a file name, e.g. "
+                         f"{p / 'head.safetensors'}")
+    if not p.exists():
+        return
+    why = None
+    if p.suffix != ".safetensors":
+        why = "not a .safetensors file"
+    else:
+        try:
+            meta = head_metadata(p)
+            if not {"in_features", "num_classes"} <= set(meta):
+                why = "a safetensors file without a head's metadata, e.g. model weights"
+        except ValueError:
+            why = "not a readable safetensors file"
+    if why:
+        raise ValueError(f"{p} exists and is not a probe head ({why}); refusing to replace it: "
+                         "choose another file name for the head")
+
+
+def _check_enough_images(dataset, classes: Sequence[str], where: str) -> None:
+    """``ValueError`` unless ``dataset`` (train images) has 2+ classes and enough images of
+    each for :func:`fit_probe` to choose its weight decay (:func:`min_per_class`)."""
+    from leanvit.data import class_counts
+
+    if len(classes) < 2:
+        raise ValueError(f"{where} has {len(classes)} class folder(s) ({', '.join(classes)}); a "
+                         "probe needs at least 2 classes (with one, every prediction is right)")
+    need = min_per_class(0.2)
+    counts = class_counts(dataset)
+    few = [f"{c}: {n}" for c, n in zip(classes, counts) if n < need]
+    if few:
+        raise ValueError(f"{where} has too few images for a probe ({', '.join(few[:5])}); it "
+                         f"needs at least {need} of every class (the weight decay is chosen on a "
+                         "held-out 20% of each class): use more images (a larger --limit)")
 
 
 def probe_folder(
@@ -290,8 +361,12 @@ def probe_folder(
     folders' class labels are not used). Adds ``val_miou``; ``val_accuracy`` is per patch.
 
     The unpatched backbone (no head) gives the features; with ``cache_dir`` they are kept
-    in ``cache_dir/<model>-<split>-<hash>.safetensors``, keyed by model, checkpoint (path,
-    size, mtime), image size and image files.
+    in ``cache_dir/<model>-<split>-<hash>.safetensors``, keyed by model, checkpoint (path and
+    content hash), image size and image files (names, labels, content hashes).
+
+    Refused before any work: ``threshold`` without ``dense``, an ``out`` that exists and is
+    not a probe head (:func:`check_head_destination`), fewer than 2 classes or too few train
+    images of a class to choose the weight decay (:func:`min_per_class`).
     """
     import hashlib
     import time
@@ -299,6 +374,10 @@ def probe_folder(
     from leanvit.data import classes_of, fixed_subset, image_folder, split_dir
     from leanvit.models import create_model
 
+    if threshold is not None and not dense:
+        raise ValueError("threshold is the foreground threshold of a dense probe: it needs "
+                         "dense=True (--dense)")
+    check_head_destination(out)
     model = create_model(model_name, img_size=img_size, checkpoint=checkpoint,
                          num_classes=0).eval()
     check_probe_model(model)
@@ -308,10 +387,12 @@ def probe_folder(
     if classes_of(val) != classes:
         raise ValueError(f"{data}/train and {data}/val have different classes: {classes} vs "
                          f"{classes_of(val)}")
+    if not dense:  # a dense probe's classes are background/foreground patches, counted later
+        _check_enough_images(train, classes, f"{data}/train"
+                             + (f" (limit={limit})" if limit is not None else ""))
     ck = None
-    if checkpoint is not None:
-        st = Path(checkpoint).stat()
-        ck = [str(Path(checkpoint).resolve()), st.st_size, int(st.st_mtime)]
+    if checkpoint is not None:  # by content, as the images
+        ck = [str(Path(checkpoint).resolve()), file_digest(checkpoint)]
     seconds: dict[str, float] = {}
     feats = {}
     fn, feature, extra = None, "cls+mean v1", {}

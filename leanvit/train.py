@@ -26,6 +26,10 @@ the command line. What it does:
   units), ``"fp16"`` (CUDA, with a gradient scaler), ``"none"``; ``"auto"`` = bf16 on CUDA,
   none on CPU. Optional EMA of the weights (``timm.utils.ModelEmaV3``).
 - Logs: tqdm progress (rank 0) and JSON lines in ``OUTPUT/log.jsonl``.
+- Output folder: a new run needs an empty (or new) ``OUTPUT``; a folder with files in it is
+  refused unless ``resume`` continues its run or ``overwrite`` removes the previous run's own
+  files (:data:`RUN_FILES`) first, so a second run never replaces the first one's weights nor
+  mixes both in one log.
 - Checkpoints: ``OUTPUT/last.pt`` written atomically at the end of every epoch and every
   ``checkpoint_interval_s`` seconds inside an epoch: model, optimizer, scaler, EMA, epoch, step
   inside the epoch, RNG states, config. ``resume`` continues exactly where it stopped.
@@ -78,7 +82,8 @@ def default_workers() -> int:
 
 #: TrainConfig fields never compared on resume (how this invocation runs, not what it trains;
 #: ``output``: a run folder may be moved)
-RESUME_IGNORES = ("resume", "progress", "log_every", "max_steps", "allow_changes", "output")
+RESUME_IGNORES = ("resume", "progress", "log_every", "max_steps", "allow_changes", "output",
+                  "overwrite")
 #: fields a resumed run may change when ``allow_changes`` names them: they change speed or
 #: bookkeeping, not the result (``workers``: images are seeded per index, not per worker)
 RESUME_MAY_CHANGE = ("workers", "device", "checkpoint_interval_s", "eval_every")
@@ -130,6 +135,8 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_interval_s: float = 1800.0
     resume: Optional[str] = None  #: a checkpoint path, or "auto" (OUTPUT/last.pt if present)
+    #: start over in a used ``output`` folder: remove the previous run's files (RUN_FILES) first
+    overwrite: bool = False
     #: fields a resumed run may change (only those in RESUME_MAY_CHANGE; the rest must equal
     #: the checkpoint's config, else resuming is refused listing the differences)
     allow_changes: tuple = ()
@@ -430,12 +437,53 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 #: what atomic_path leaves behind when a process is killed mid-write
-_STALE_TEMP_GLOBS = (".last.pt.*.tmp", ".final.safetensors.*.tmp")
+_STALE_TEMP_GLOBS = (".last.pt.*.tmp", ".final.safetensors.*.tmp", ".final_ema.safetensors.*.tmp")
+#: the files a run writes in its output folder (what ``overwrite`` removes)
+RUN_FILES = ("last.pt", "final.safetensors", "final_ema.safetensors", "log.jsonl")
 
 
-def _prepare_output(out: Path) -> None:
-    """Create ``out``, check that files can be written there, and remove temporary files of
-    checkpoint writes a killed run left behind."""
+def _is_stale_temp(path: Path) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatch(path.name, g) for g in _STALE_TEMP_GLOBS)
+
+
+def _check_output(cfg: TrainConfig, out: Path) -> None:
+    """``ValueError`` when ``out`` cannot take this run: a file; a folder with files in it for
+    a new run (neither ``resume`` nor ``overwrite``); ``overwrite`` with ``resume``, or
+    ``overwrite`` that would remove the ``checkpoint`` or ``probe_head`` this run reads.
+    Every rank checks before rank 0 writes; the only write is :func:`_check_writable`'s
+    empty test file."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} is a file; a folder is needed (the run writes "
+                         f"{', '.join(RUN_FILES)} into it)")
+    if cfg.overwrite and cfg.resume:
+        raise ValueError("overwrite and resume exclude each other: resume continues the run in "
+                         f"{out}, overwrite removes its files and starts a new one")
+    if not out.is_dir():
+        return
+    _check_writable(out)  # the first thing to fix in a read-only folder
+    if cfg.resume:
+        return
+    present = sorted(p.name for p in out.iterdir() if not _is_stale_temp(p))
+    if present and not cfg.overwrite:
+        shown = ", ".join(present[:4]) + (f" and {len(present) - 4} more" if len(present) > 4
+                                          else "")
+        raise ValueError(f"output folder {out} is not empty ({shown}): continue its run with "
+                         "--resume auto, start over with --overwrite (removes the previous "
+                         "run's files), or choose another --output")
+    if cfg.overwrite:
+        for name, value in (("checkpoint", cfg.checkpoint), ("probe_head", cfg.probe_head)):
+            for f in RUN_FILES:
+                if value and (out / f).exists() and Path(value).exists() and \
+                        os.path.samefile(out / f, value):
+                    raise ValueError(f"overwrite would remove {out / f}, which this run reads "
+                                     f"as its {name}: copy it out of {out} first")
+
+
+def _check_writable(out: Path) -> None:
+    """Create ``out`` if needed and write and remove an empty file there; ``ValueError`` if
+    that fails."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".leanvit-write-test-{os.getpid()}"
@@ -444,9 +492,19 @@ def _prepare_output(out: Path) -> None:
     except OSError as e:
         raise ValueError(f"output folder {out} is not writable: "
                          f"{e.strerror or type(e).__name__}") from None
+
+
+def _prepare_output(out: Path, overwrite: bool = False) -> None:
+    """Create ``out``, check that files can be written there, remove temporary files of
+    checkpoint writes a killed run left behind, and with ``overwrite`` the previous run's
+    :data:`RUN_FILES` (nothing else)."""
+    _check_writable(out)
     for pattern in _STALE_TEMP_GLOBS:
         for stale in out.glob(pattern):
             stale.unlink(missing_ok=True)
+    if overwrite:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
 
 
 def _read_training_checkpoint(path: Path) -> dict:
@@ -589,8 +647,11 @@ def train(config: TrainConfig | dict, model: Optional[nn.Module] = None,
     # the data first: a wrong --data must not leave an empty output folder behind
     num_classes = cfg.num_classes if cfg.num_classes is not None else _count_classes(cfg.data)
     out = Path(cfg.output)
+    _check_output(cfg, out)  # on every rank, before rank 0 writes there
+    if world > 1:
+        dist.barrier()
     if rank == 0:
-        _prepare_output(out)
+        _prepare_output(out, overwrite=cfg.overwrite)
     log = _Logger(out / "log.jsonl" if rank == 0 else None)
 
     # -- model, teacher, method (the same seed on every rank and on resume)

@@ -76,6 +76,62 @@ SEARCHED = ("diffrate",)
 #: a setting tune then cannot choose.
 SEARCH_DEFAULTS: dict[str, Any] = {"num_images": 1000, "batch_size": 16, "max_seconds": 540.0,
                                    "select_every": 50}
+#: Arguments of :func:`leanvit.search.diffrate.search` that tune sets itself (or that are not
+#: options: labels come from no folder in tune, progress and log follow tune's own).
+SEARCH_NOT_OPTIONS = ("labels", "progress", "log")
+
+
+def search_option_types() -> dict[str, str]:
+    """The DiffRate search options tune passes on (keyword arguments of
+    :func:`leanvit.search.diffrate.search` but :data:`SEARCH_NOT_OPTIONS`) -> their annotated
+    type (``"int"``, ``"Optional[float]"``, ...)."""
+    import inspect
+
+    from leanvit.search.diffrate import search
+
+    return {name: str(p.annotation) for name, p in inspect.signature(search).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in SEARCH_NOT_OPTIONS}
+
+
+def _has_type(value: Any, annotation: str) -> bool:
+    """Whether ``value`` fits an annotation of the search's signature (int, float, str,
+    Optional[...] of them; others are not checked here)."""
+    if annotation.startswith("Optional[") and annotation.endswith("]"):
+        if value is None:
+            return True
+        annotation = annotation[len("Optional["):-1]
+    if annotation == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation == "str":
+        return isinstance(value, str)
+    return True
+
+
+def check_search_options(options: Optional[Mapping[str, Any]], source: str = "search_options"
+                         ) -> dict[str, Any]:
+    """``options`` for the DiffRate search, checked: every key an option of
+    :func:`leanvit.search.diffrate.search` (:func:`search_option_types`), every value of its
+    type. ``ValueError`` naming ``source`` (``--search`` on the command line), the key and the
+    valid keys otherwise: a misspelled key must not drop the search without a word. Value
+    ranges are checked by the search itself (its errors name the option too)."""
+    import difflib
+
+    options = dict(options or {})
+    types = search_option_types()
+    for key, value in options.items():
+        if key not in types:
+            close = difflib.get_close_matches(key, types, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"{source}: unknown DiffRate search option {key!r}{hint}; valid: "
+                             f"{', '.join(sorted(types))}")
+        if not _has_type(value, types[key]):
+            raise ValueError(f"{source}: {key}={value!r} is not of the option's type "
+                             f"{types[key]}")
+    return options
+
+
 #: Registered names that are internal modes, not methods a user deploys.
 INTERNAL = ("diffrate-search",)
 
@@ -406,6 +462,7 @@ def tune(
 
     say = log or (lambda _: None)
     b = Budget.of(budget)
+    search_options = check_search_options(search_options)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if is_patched(model):
@@ -533,6 +590,9 @@ def _search_diffrate(model, target, search_images, batches, options, out, progre
     try:
         r = search(backbone, aim, imgs, progress=progress, **opts)
     except (ValueError, TypeError) as e:
+        named = [k for k in (options or {}) if str(e).startswith(f"{k} ")]
+        if named:  # the user's option is out of range: their error, not a failed search
+            raise ValueError(f"search_options {named[0]}={options[named[0]]!r}: {e}") from None
         return None, f"search failed: {e}"
     folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="leanvit-tune-"))
     path = folder / f"diffrate_{aim:.3f}_schedule.json"

@@ -2,12 +2,14 @@
 not training checkpoints, disk full, a read-only output folder, stale temporary files."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from leanvit.train import RESUME_MAY_CHANGE, TrainConfig, default_workers, train
 
@@ -99,10 +101,87 @@ def test_stale_temporary_checkpoint_files_are_removed_at_start(folder, tmp_path)
     stale = [out / ".last.pt.abc123.tmp", out / ".final.safetensors.x.tmp"]
     for f in stale:
         f.write_bytes(b"half a checkpoint")
+    train(_cfg(folder, out, epochs=1, max_steps=1))  # stale files alone: still an empty folder
+    assert not any(f.exists() for f in stale)
+    for f in stale:
+        f.write_bytes(b"half a checkpoint")
     keep = out / "notes.tmp"
     keep.write_text("mine")
-    train(_cfg(folder, out, epochs=1, max_steps=1))
+    train(_cfg(folder, out, epochs=1, max_steps=1, overwrite=True))
     assert not any(f.exists() for f in stale) and keep.exists()
+
+
+def _files(folder) -> dict:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def test_a_new_run_into_a_used_output_folder_is_refused_without_touching_it(folder, tmp_path):
+    """A second run into the same output replaced the first run's last.pt and
+    final.safetensors and mixed both runs in one log.jsonl."""
+    out = tmp_path / "run"
+    train(_cfg(folder, out, epochs=1))
+    before = _files(out)
+    with pytest.raises(ValueError, match=r"output folder .*run is not empty \(final\.safetensors, "
+                                         r"last\.pt, log\.jsonl\): continue its run with "
+                                         r"--resume auto, start over with --overwrite") as e:
+        train(_cfg(folder, out, epochs=1, seed=1))
+    assert "\n" not in str(e.value) and _files(out) == before
+    # a folder holding anything else is refused too (it is not this run's to fill)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"is not empty \(notes\.txt\)"):
+        train(_cfg(folder, other, epochs=1))
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+
+def test_overwrite_removes_the_previous_runs_files_only(folder, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(folder, out, epochs=1))
+    first = load_file(str(out / "final.safetensors"))
+    (out / "notes.txt").write_text("mine")
+    s = train(_cfg(folder, out, epochs=1, seed=1, overwrite=True))
+    assert s["weights"] == str(out / "final.safetensors")
+    second = load_file(str(out / "final.safetensors"))
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # another run's weights
+    events = [json.loads(line)["event"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert events.count("start") == 1 and events.count("end") == 1  # one run's log
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_refuses_resume_and_removing_its_own_inputs(folder, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(folder, out, epochs=1))
+    before = _files(out)
+    with pytest.raises(ValueError, match="overwrite and resume exclude each other"):
+        train(_cfg(folder, out, epochs=1, overwrite=True, resume="auto"))
+    with pytest.raises(ValueError, match=r"overwrite would remove .*final\.safetensors, which "
+                                         r"this run reads as its checkpoint"):
+        train(_cfg(folder, out, epochs=1, overwrite=True,
+                   checkpoint=str(out / "final.safetensors")))
+    assert _files(out) == before
+
+
+def test_cli_train_refuses_a_used_output_unless_told_to_start_over(folder, tmp_path, capsys):
+    from leanvit.cli import main
+
+    args = ["train", "vit_tiny_patch16_224", "--img-size", "32", "--data", str(folder),
+            "--output", str(tmp_path / "o"), "--method", "none", "--epochs", "1",
+            "--batch-size", "4", "--workers", "0", "--no-progress", "--no-distill",
+            "--cfg", "mixup=0", "--cfg", "cutmix=0", "--cfg", f"model_kwargs={MODEL_KW}"]
+    assert main(args) == 0
+    before = _files(tmp_path / "o")
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not empty" in err and "--overwrite" in err
+    assert _files(tmp_path / "o") == before
+    assert main([*args, "--overwrite"]) == 0
+    assert capsys.readouterr().out.startswith("finished 1 epoch(s)")
+    # the weights of a run are not removed by the run that starts from them
+    assert main([*args, "--overwrite", "--checkpoint",
+                 str(tmp_path / "o" / "final.safetensors")]) == 2
+    assert "does not write over its own input" in capsys.readouterr().err
 
 
 def test_disk_full_is_a_one_line_error_naming_the_checkpoint(folder, tmp_path, monkeypatch):

@@ -42,6 +42,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shown_before = warnings.showwarning
     warnings.showwarning = show
     try:
+        if isinstance(getattr(args, "model", None), str):
+            from leanvit.cli.common import check_model_name
+
+            check_model_name(args.model)  # before any work, with suggestions
         return int(args.func(args) or 0)
     except (ValueError, TypeError, OSError) as e:
         print(f"leanvit {args.command}: error: {one_line(e)}", file=sys.stderr)

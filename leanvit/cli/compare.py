@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import argparse
 
+from leanvit.cli.common import NON_NEGATIVE_INT, POSITIVE_INT, Out, check_paths
+
+#: the files compare writes into --out (leanvit.compare.write_outputs)
+OUTPUT_FILES = ("results.md", "results.png", "results.json")
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -22,14 +27,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="val", help="sub-folder to evaluate (default val)")
     p.add_argument("--checkpoint", default=None, metavar="FILE", help="timm state dict to load")
     p.add_argument("--head", default=None, metavar="FILE", help="linear-probe head to attach")
-    p.add_argument("--img-size", type=int, default=None, metavar="S", help="input size (pixels)")
-    p.add_argument("--num-classes", type=int, default=None, metavar="N", help="classifier size")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
+    p.add_argument("--img-size", type=POSITIVE_INT, default=None, metavar="S",
+                   help="input size (pixels)")
+    p.add_argument("--num-classes", type=NON_NEGATIVE_INT, default=None, metavar="N",
+                   help="classifier size")
+    p.add_argument("--limit", type=POSITIVE_INT, default=None, metavar="N",
                    help="a fixed seeded subset of N images (default: all)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    p.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64,
+                   help="images per batch (default 64)")
+    p.add_argument("--workers", type=NON_NEGATIVE_INT, default=0,
+                   help="data-loading processes (default 0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--repeats", type=int, default=3, help="timed passes per setting (default 3)")
+    p.add_argument("--repeats", type=POSITIVE_INT, default=3,
+                   help="timed passes per setting (default 3)")
     p.add_argument("--title", default=None, help="plot title (default: model and data)")
     p.add_argument("--dense", action="store_true",
                    help="per-patch (segmentation) evaluation with a dense probe head from "
@@ -48,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from leanvit.models import create_model
 
     settings = parse_methods(args.methods)
+    check_paths(args, Out("--out", args.out, "folder", OUTPUT_FILES))
     evaluation = None
     if args.dense:
         from leanvit.dense import DenseEvaluation, load_dense_head

@@ -28,7 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_fashion_mnist(args: argparse.Namespace) -> int:
+    from leanvit.cli.common import Out, check_paths
     from leanvit.data import FASHION_MNIST_DIR, export_fashion_mnist
+
+    check_paths(args, Out("--out", args.out, "folder"))
 
     out = export_fashion_mnist(args.out, train=args.train, val=args.val, seed=args.seed,
                                source=args.source or FASHION_MNIST_DIR)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from leanvit.cli.common import add_model_args, parse_set, write_json
+from leanvit.cli.common import (NON_NEGATIVE_INT, POSITIVE_INT, Out, add_model_args, check_paths,
+                                parse_set, write_json)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,12 +17,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder root (DIR/SPLIT)")
     p.add_argument("--split", default="val", help="sub-folder to evaluate (default val)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64,
+                   help="images per batch (default 64)")
+    p.add_argument("--limit", type=POSITIVE_INT, default=None, metavar="N",
                    help="evaluate a fixed seeded subset of N images (default: all)")
-    p.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0)")
+    p.add_argument("--workers", type=NON_NEGATIVE_INT, default=0,
+                   help="data-loading processes (default 0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--repeats", type=int, default=3,
+    p.add_argument("--repeats", type=POSITIVE_INT, default=3,
                    help="timed passes for the throughput (default 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
@@ -35,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from leanvit.evaluate import check_classes, evaluate, load_split
     from leanvit.models import create_model
 
+    check_paths(args, Out("--json", args.json))
     model = create_model(args.model, img_size=args.img_size, checkpoint=args.checkpoint,
                          num_classes=args.num_classes, head=args.head).eval()
     data = load_split(model, args.data, args.split, args.limit)

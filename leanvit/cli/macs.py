@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from leanvit.cli.common import add_model_args, parse_set, write_json
+from leanvit.cli.common import POSITIVE_INT, Out, add_model_args, check_paths, parse_set, write_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -13,8 +13,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "token counts each block sees (averaged over --batch-size random images "
                     "for data-dependent methods).")
     add_model_args(p)
-    p.add_argument("--batch-size", type=int, default=1, help="random images to average over (default 1: data-dependent methods such as ats "
-                        "then count one image; give more for their average)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=1,
+                   help="random images to average over (default 1: data-dependent methods "
+                        "such as ats then count one image; give more for their average)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
     p.set_defaults(func=run)
 
@@ -26,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from leanvit.models import create_model
 
     from leanvit.adapters import find_adapter, layer_map
+
+    check_paths(args, Out("--json", args.json))
 
     model = create_model(args.model, img_size=args.img_size, checkpoint=args.checkpoint,
                          num_classes=args.num_classes, head=args.head).eval()

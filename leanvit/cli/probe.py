@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from leanvit.cli.common import NON_NEGATIVE_INT, POSITIVE_INT, Out, bounded, check_paths
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -15,14 +17,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL", help="timm model name, e.g. vit_small_patch14_dinov2")
     p.add_argument("--checkpoint", default=None, metavar="FILE",
                    help="backbone weights (timm state dict); random weights otherwise")
-    p.add_argument("--img-size", type=int, default=None, metavar="S",
+    p.add_argument("--img-size", type=POSITIVE_INT, default=None, metavar="S",
                    help="input size in pixels, passed to timm.create_model(img_size=S)")
-    p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder root with train/, val/")
-    p.add_argument("--out", required=True, metavar="FILE", help="head file to write (.safetensors)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="ImageFolder root with train/, val/")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="head file to write (.safetensors); an existing file is only replaced "
+                        "when it is a probe head")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64,
+                   help="images per batch (default 64)")
+    p.add_argument("--limit", type=POSITIVE_INT, default=None, metavar="N",
                    help="use a fixed seeded subset of N training images (default: all)")
-    p.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0)")
+    p.add_argument("--workers", type=NON_NEGATIVE_INT, default=0,
+                   help="data-loading processes (default 0)")
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="keep extracted features here; re-runs on the same model and images "
                         "skip the extraction")
@@ -31,9 +38,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "each patch labelled foreground when more than half its pixels are "
                         "brighter than --threshold (the folders' classes are not used); "
                         "reports per-patch accuracy and mIoU")
-    p.add_argument("--threshold", type=float, default=None, metavar="T",
-                   help="with --dense: pixel intensity in [0, 1] (mean of R, G, B) above which "
-                        "a pixel is foreground (default 0.1)")
+    p.add_argument("--threshold", type=bounded(float, 0, 1, high_open=True), default=None,
+                   metavar="T",
+                   help="with --dense only: pixel intensity in [0, 1) (mean of R, G, B) above "
+                        "which a pixel is foreground (default 0.1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     p.set_defaults(func=run)
@@ -43,6 +51,11 @@ def run(args: argparse.Namespace) -> int:
     from leanvit.cli.common import write_json
     from leanvit.probe import probe_folder
 
+    if args.threshold is not None and not args.dense:
+        raise ValueError("--threshold is the foreground threshold of a dense probe: add "
+                         "--dense, or leave --threshold out")
+    check_paths(args, Out("--out", args.out), Out("--json", args.json),
+                Out("--cache", args.cache, "folder"))
     r = probe_folder(args.model, args.data, args.out, checkpoint=args.checkpoint,
                      img_size=args.img_size, batch_size=args.batch_size, limit=args.limit,
                      workers=args.workers, cache_dir=args.cache, progress=not args.no_progress,

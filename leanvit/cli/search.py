@@ -74,9 +74,12 @@ def run(args: argparse.Namespace) -> int:
     import warnings
     from pathlib import Path
 
+    from leanvit.cli.common import Out, check_paths
     from leanvit.search.diffrate import search
     from leanvit.models import create_model
     from leanvit.schedule import save_schedule
+
+    check_paths(args, Out("--out", args.out))  # before the search, not after it
 
     model = create_model(args.model, img_size=args.img_size, checkpoint=args.checkpoint,
                          num_classes=args.num_classes).eval()

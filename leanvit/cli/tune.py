@@ -3,6 +3,12 @@ from __future__ import annotations
 
 import argparse
 
+from leanvit.cli.common import NON_NEGATIVE_INT, POSITIVE_INT, Out, check_paths
+
+#: what tune writes into --out (leanvit.tune.write_tune_outputs, and the searched schedules)
+OUTPUT_FILES = ("results.md", "results.png", "results.json", "front.md", "choice.safetensors",
+                "choice.json", "choice_schedule.json", "tune.json", "diffrate_*_schedule.json")
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -27,31 +33,44 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="mean GMACs per image at most G")
     budget.add_argument("--budget-speedup", type=float, default=None, metavar="S",
                         help="measured images/s at least S times the unmodified model's")
-    p.add_argument("--batch-size", type=int, default=64, metavar="B",
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64, metavar="B",
                    help="images per batch, evaluated and timed (default 64)")
     p.add_argument("--methods", default=None, metavar="SPECS",
                    help="';'-separated: a method name asks for its grid ('diffrate': a search), "
                         "a method with key=value options or load=FILE is evaluated as given "
                         "(e.g. \"tome; evit; dynamicvit load=p.safetensors\"); default: every "
                         "training-free method, the DiffRate search and the unmodified model")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
+    p.add_argument("--limit", type=POSITIVE_INT, default=None, metavar="N",
                    help="evaluate a fixed seeded subset of N val images (default: all)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the results")
-    p.add_argument("--search-images", type=int, default=None, metavar="M",
+    p.add_argument("--search-images", type=POSITIVE_INT, default=None, metavar="M",
                    help="train images of the DiffRate search (default: the search's default)")
     p.add_argument("--search", dest="search_options", action="append", default=[],
                    metavar="KEY=VALUE",
                    help="option of the DiffRate search (leanvit.search.diffrate.search), e.g. "
                         "--search epochs=2; repeatable")
-    p.add_argument("--img-size", type=int, default=None, metavar="S", help="input size (pixels)")
+    p.add_argument("--img-size", type=POSITIVE_INT, default=None, metavar="S",
+                   help="input size (pixels)")
     p.add_argument("--checkpoint", default=None, metavar="FILE", help="timm state dict to load")
-    p.add_argument("--num-classes", type=int, default=None, metavar="N", help="classifier size")
-    p.add_argument("--repeats", type=int, default=3, help="timed passes per setting (default 3)")
+    p.add_argument("--num-classes", type=NON_NEGATIVE_INT, default=None, metavar="N",
+                   help="classifier size")
+    p.add_argument("--repeats", type=POSITIVE_INT, default=3,
+                   help="timed passes per setting (default 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except ValueError as e:  # the library names its argument; the user gave --search
+        text = str(e)
+        if text.startswith("search_options"):
+            raise ValueError("--search" + text[len("search_options"):]) from None
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
     import json
     import sys
     from pathlib import Path
@@ -65,15 +84,17 @@ def run(args: argparse.Namespace) -> int:
     from leanvit.data import classes_of, loader
     from leanvit.evaluate import check_classes, load_split
     from leanvit.models import create_model
-    from leanvit.tune import parse_methods_arg, tune, write_tune_outputs
+    from leanvit.tune import check_search_options, parse_methods_arg, tune, write_tune_outputs
 
-    if args.batch_size <= 0:
-        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    check_paths(args, Out("--out", args.out, "folder", OUTPUT_FILES))
     budget = ({"gmacs": args.budget_gmacs} if args.budget_gmacs is not None
               else {"speedup": args.budget_speedup})
     names, explicit = parse_methods_arg(args.methods)
     methods = None if names is None else [*names, *explicit]
-    search_options = parse_set(args.search_options)
+    search_options = check_search_options(parse_set(args.search_options), "--search")
+    if (search_options or args.search_images) and names is not None and "diffrate" not in names:
+        raise ValueError("--search and --search-images set the DiffRate search, which --methods "
+                         "does not ask for (add 'diffrate' to --methods, or leave them out)")
     model = create_model(args.model, img_size=args.img_size, checkpoint=args.checkpoint,
                          num_classes=args.num_classes, head=args.head).eval()
     data = load_split(model, args.data, "val", args.limit)

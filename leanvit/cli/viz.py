@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from leanvit.cli.common import POSITIVE_INT
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -25,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "repeatable")
     p.add_argument("--checkpoint", default=None, metavar="FILE",
                    help="timm state dict (.safetensors/.pth) to load; random weights otherwise")
-    p.add_argument("--img-size", type=int, default=None, metavar="S",
+    p.add_argument("--img-size", type=POSITIVE_INT, default=None, metavar="S",
                    help="input size in pixels, passed to timm.create_model(img_size=S)")
     p.add_argument("--out", required=True, metavar="OUT.png", help="figure to write (PNG)")
     p.add_argument("--pca", action="store_true",
@@ -37,11 +39,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import leanvit
-    from leanvit.cli.common import parse_set
+    from leanvit.cli.common import Out, check_paths, parse_set
     from leanvit.models import create_model
     from leanvit.viz import check_drawable, visualize
 
     resolve_image_and_model(args)
+    check_paths(args, Out("--out", args.out))
     options = parse_set(args.options)
     model = create_model(args.model, img_size=args.img_size, checkpoint=args.checkpoint).eval()
     check_drawable(model)  # before patching: ConvNeXt/Swin have nothing to draw
@@ -77,6 +80,10 @@ def resolve_image_and_model(args: argparse.Namespace) -> None:
         if args.model is not None:
             raise ValueError("give the model once: as a positional argument or with --model")
         names = [p for p in pos if timm.is_model(p) and not Path(p).is_file()]
+        if not names and sum(Path(p).exists() for p in pos) == 1:  # a misspelled model
+            from leanvit.cli.common import check_model_name
+
+            check_model_name(next(p for p in pos if not Path(p).exists()))
         if len(names) != 1:
             raise ValueError(f"of {pos[0]!r} and {pos[1]!r} exactly one must be a timm model "
                              "name (the other the image file)")
