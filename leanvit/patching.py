@@ -38,13 +38,7 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
         raise ValueError(
             f"model is already patched with method {name!r}; call leanvit.unpatch(model) first"
         )
-    m = get_method(method)
-    # Whether the method serves the model's family comes before the family's own checks of
-    # its variants: a token method on ConvNeXt is refused for being a token method, not for
-    # a detail of the ConvNeXt variant (conv_mlp=True) that no method needs to hear about.
-    family = adapters.find_family(model)
-    if not m.serves(family.name, family.kind):
-        raise ValueError(unserved_message(m.name, m.families, family.name, family.kind))
+    m, family = check_serves(model, method)
     adapter = family.adapter
     adapter.check_supported(model)
     opts = m.make_options(adapter.FAMILY, **options)
@@ -72,6 +66,21 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
 _NEEDS = {"tokens": "a flat-token model (the ViT families: {})",
           "hierarchical": "a hierarchical model ({})"}
 _IS = {"tokens": "flat tokens", "hierarchical": "hierarchical: stages of 2-D maps"}
+
+
+def check_serves(model: nn.Module, method: str):
+    """The registered ``method`` and the model's family, or ``ValueError`` when the method does
+    not serve that family (an unknown method or an unsupported model raise as well).
+
+    Whether the method serves the model's family comes before the family's own checks of
+    its variants: a token method on ConvNeXt is refused for being a token method, not for a
+    detail of the ConvNeXt variant (conv_mlp=True) that no method needs to hear about.
+    """
+    m = get_method(method)
+    family = adapters.find_family(model)
+    if not m.serves(family.name, family.kind):
+        raise ValueError(unserved_message(m.name, m.families, family.name, family.kind))
+    return m, family
 
 
 def unserved_message(method: str, families: tuple[str, ...], family: str, kind: str) -> str:

@@ -33,6 +33,10 @@ def run(args: argparse.Namespace) -> int:
     model = create_model(args.model, img_size=args.img_size, checkpoint=args.checkpoint,
                          num_classes=args.num_classes, head=args.head).eval()
     if layer_map(model) is None:  # PVTv2, NextViT: counted layer by layer, no method
+        if args.method != "none":  # a method the family cannot take: say so first
+            from leanvit.patching import check_serves
+
+            check_serves(model, args.method)
         find_adapter(model)  # a clear error for unsupported families before any input is made
     base = leanvit.count_macs(model, _images(model, args.batch_size))
     if args.method != "none" or args.options:

@@ -53,6 +53,14 @@ def test_numeric_options_name_their_range(argv, message, capsys):
     assert _argparse_error(argv, capsys).endswith(message)
 
 
+def test_macs_of_a_token_method_on_convnext_names_the_method_not_a_variant(capsys):
+    """The plain model is counted first; the method's family check must come before it (it
+    used to fail on a ConvNeXt variant detail, conv_mlp=True)."""
+    assert main(["macs", "convnext_atto", "--img-size", "64", "--method", "tome"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a flat-token model" in err and "conv_mlp" not in err
+
+
 def test_a_misspelled_model_gets_a_suggestion(capsys):
     assert main(["macs", "deit_smal_patch16_224"]) == 2
     err = capsys.readouterr().err
