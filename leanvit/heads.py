@@ -101,8 +101,8 @@ def backbone_fingerprint(model: nn.Module) -> str:
 
     Equal for the same weights on any device, patched by a leanvit method or not, with any
     classifier; changes when any backbone weight, dtype or shape changes. Cost: one pass over
-    the weights at the speed of SHA-256 (about 1-2 GB/s on a CPU with SHA instructions, so
-    well under a second or two for ViT-L's 1.2 GB), plus a copy to the CPU for a model on an
+    the weights at the speed of SHA-256 (on a CPU with SHA instructions about a second for
+    ViT-L's 1.2 GB of float32 weights), plus a copy to the CPU for a model on an
     accelerator.
     """
     h = hashlib.sha256()
