@@ -240,7 +240,7 @@ def _check_architecture(model: nn.Module, meta: dict[str, str], stored: dict[str
         loose.append(f"saved from {saved_name}, loaded into {name}")
     if loose:
         warnings.warn(f"{path}: {'; '.join(loose)} (same architecture; loading it)",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=4)
 
 
 # -- checksum --------------------------------------------------------------------------------
@@ -486,9 +486,10 @@ def _warn_if_unchecked(meta: dict[str, str], stored: dict[str, Any], path) -> No
         ("the model family", "family" in stored or not stored and "compaction" in meta),
     ) if not present]
     if missing:
-        warnings.warn(f"{path} (leanvit {meta.get('leanvit_version', '?')}) records no "
-                      f"{', '.join(missing)}: loaded without checking them (re-save it with "
-                      "leanvit.save to add them)", UserWarning, stacklevel=4)
+        listed = ", ".join(missing[:-1]) + (" or " if len(missing) > 1 else "") + missing[-1]
+        warnings.warn(f"{path} (leanvit {meta.get('leanvit_version', '?')}) does not record "
+                      f"{listed}: loaded without checking them (re-save it with leanvit.save "
+                      "to add them)", UserWarning, stacklevel=4)
 
 
 def _authors_plan(tensors: dict[str, torch.Tensor], path, options: dict[str, Any]) -> tuple:

@@ -21,9 +21,9 @@ from tests.conftest import write_brightness_folder
 MODEL = "deit_tiny_patch16_224"
 
 
-def _vit(seed=0, **kw):
+def _vit(seed=0, depth=2, **kw):
     torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", depth=2, img_size=32, **kw).eval()
+    return timm.create_model("vit_tiny_patch16_224", depth=depth, img_size=32, **kw).eval()
 
 
 def _reference_fingerprint(model) -> str:
@@ -127,3 +127,18 @@ def test_probe_then_eval_in_another_process_with_random_weights(tmp_path, capsys
     with pytest.warns(UserWarning, match="random weights"):
         built = create_model(MODEL, img_size=32, num_classes=0)
     assert head_metadata(head)["backbone_fingerprint"] == backbone_fingerprint(built)
+
+
+def test_compare_dense_refuses_a_dense_head_of_another_backbone(tmp_path, capsys):
+    from leanvit.cli import main
+
+    fitted = _vit(depth=12, num_classes=0)  # the command line builds the full depth
+    head = save_head(nn.Linear(fitted.embed_dim, 2), tmp_path / "dense.safetensors",
+                     backbone=fitted, dense=True, threshold=0.2, width=fitted.embed_dim)
+    other = _weights(_vit(seed=3, depth=12, num_classes=0), tmp_path / "other.safetensors")
+    assert main(["compare", "vit_tiny_patch16_224", "--img-size", "32", "--checkpoint",
+                 str(other), "--dense", "--head", str(head), "--data", str(tmp_path / "data"),
+                 "--methods", "none", "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"dense head {head} was fitted to backbone" in err
+    assert "check_backbone" not in err  # no Python-only hint on the command line

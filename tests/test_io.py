@@ -324,8 +324,8 @@ def test_a_file_in_the_old_format_still_loads(tmp_path):
                                       "num_prefix_tokens": 1, "num_patches": 64}),
             "backbone": "0"}
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
-    with pytest.warns(UserWarning, match="records no a tensor checksum, the model class, the "
-                                         "model family"):
+    with pytest.warns(UserWarning, match="does not record a tensor checksum, the model class "
+                                         "or the model family"):
         dst = leanvit.load(_tiny(), tmp_path / "old.safetensors")
     assert dst.leanvit.options == src.leanvit.options
     x = _images()
