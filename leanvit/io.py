@@ -40,11 +40,13 @@ weights (fewer query/key rows, reordered heads, factorised projections, BatchNor
 fine-tuned values), so such a file always stores the WHOLE model state (``backbone`` is
 implied: a self-contained file, independent of the weights of the model it is loaded into),
 plus ``compaction`` (JSON: :func:`leanvit.compaction_spec`, i.e. the options, the family,
-``deployed`` and the per-site head order) and ``model_class``. ``method``/``options`` are
+``deployed`` and the per-site head order). ``method``/``options`` are
 present only when a token method was applied on top. :func:`load` on a plain timm model of the
 same architecture re-creates the compaction (same spec and form), loads the weights, then
 patches with the stored method. These files have ``format_version`` ``"2"``; files without
-compaction keep version ``"1"`` and its exact layout (both are read).
+compaction keep version ``"1"`` (both are read). The checksum, ``options_tuples`` and the
+architecture record were added without a new version: they are extra metadata, which older
+leanvit versions ignore.
 
 :func:`load` also reads the DynamicViT authors' released checkpoints for DeiT
 (raoyongming/DynamicViT: ``.pth`` files holding ``{"model": state_dict, ...}`` with
