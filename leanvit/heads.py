@@ -7,12 +7,21 @@ concatenated with the average-pooled patch tokens"). When a method merged tokens
 weighted by how many patches each token stands for (the adapter's ``token_weights``), and
 padding is left out, so a patched model pools the same image content as the unpatched one.
 
-    save_head(head, "head.safetensors", model="vit_small_patch14_dinov2", classes=[...])
+    save_head(head, "head.safetensors", backbone=model, model="vit_small_patch14_dinov2",
+              classes=[...])
     attach_head(model, load_head("head.safetensors"))  # model(images) -> logits [B, K]
+
+A head fits the features of one backbone's weights. :func:`save_head` records them as
+``backbone_fingerprint`` (:func:`backbone_fingerprint`: ``"sha256:<hex>"`` over the backbone's
+tensors, the classifier left out), and :func:`attach_head` refuses a head whose fingerprint is
+not the model's (``check_backbone=False`` overrides). Heads saved before the fingerprint
+existed are attached with a warning.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Optional
@@ -77,16 +86,79 @@ def check_probe_model(model: nn.Module) -> ModuleType:
 
 
 # --------------------------------------------------------------------------------------------
+# Which backbone a head was fitted to
+
+#: state-dict names left out of :func:`backbone_fingerprint`: the classifier and its pooling
+#: (replaced by :func:`attach_head`) and a leanvit method's state (``model.leanvit``), none of
+#: which changes the features a probe head reads
+NOT_BACKBONE = ("head.", "head_dist.", "fc_norm.", "attn_pool.", "leanvit.")
+
+
+def backbone_fingerprint(model: nn.Module) -> str:
+    """``"sha256:<64 hex>"``: SHA-256 over the backbone's state dict (every tensor but those
+    under :data:`NOT_BACKBONE`), in name order: each tensor's name, dtype and shape, then its
+    bytes (C order).
+
+    Equal for the same weights on any device, patched by a leanvit method or not, with any
+    classifier; changes when any backbone weight, dtype or shape changes. Cost: one pass over
+    the weights at the speed of SHA-256 (on a CPU with SHA instructions about a second for
+    ViT-L's 1.2 GB of float32 weights), plus a copy to the CPU for a model on an
+    accelerator.
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if name.startswith(NOT_BACKBONE):
+            continue
+        t = t.detach().to("cpu").contiguous()
+        header = json.dumps([name, str(t.dtype).removeprefix("torch."), list(t.shape)]).encode()
+        h.update(len(header).to_bytes(8, "little"))
+        h.update(header)
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return "sha256:" + h.hexdigest()
+
+
+def _short(fingerprint: str) -> str:
+    return fingerprint[:19]  # "sha256:" and 12 hex digits
+
+
+def check_head_backbone(model: nn.Module, head: nn.Linear, where: str = "head",
+                        override: str = "pass check_backbone=False to attach_head to override"
+                        ) -> None:
+    """``ValueError`` when ``head`` (from :func:`load_head`) records a backbone other than
+    ``model``'s weights; a warning when it comes from a file that records none (an older
+    leanvit). In-memory heads (fresh from a fit) carry no record and are not checked.
+    ``where`` names the head in messages; ``override`` is the error's last hint."""
+    if not hasattr(head, "backbone_fingerprint"):
+        return
+    fitted = head.backbone_fingerprint
+    if not fitted:
+        warnings.warn(f"{where} records no backbone fingerprint (written by an older leanvit): "
+                      "cannot check that it was fitted to this model's weights; fit it again "
+                      "to record it", UserWarning, stacklevel=3)
+        return
+    mine = backbone_fingerprint(model)
+    if mine != fitted:
+        raise ValueError(
+            f"{where} was fitted to backbone {_short(fitted)}, this model is {_short(mine)} "
+            "(other weights: another checkpoint, or random weights of another seed); fit a "
+            f"probe on this model{', or ' + override if override else ''}")
+
+
+# --------------------------------------------------------------------------------------------
 # Saving, loading, attaching
 
 
-def save_head(head: nn.Linear, path: str | Path, **meta: Any) -> Path:
+def save_head(head: nn.Linear, path: str | Path, *, backbone: Optional[nn.Module] = None,
+              **meta: Any) -> Path:
     """Write ``head`` (``weight`` ``[K, D]``, ``bias`` ``[K]``) to a safetensors file, atomically.
 
     ``meta`` (e.g. ``model=``, ``classes=[names]``, ``img_size=``, ``accuracy=``) is stored
     as JSON strings in the file's metadata, with ``in_features`` and ``num_classes`` added,
     and ``width`` (C = D / 2) and ``feature`` unless ``meta`` names them (a dense head:
-    ``width`` = D).
+    ``width`` = D). ``backbone``: the model whose features the head was fitted on; its
+    :func:`backbone_fingerprint` is stored as ``backbone_fingerprint``, which
+    :func:`attach_head` checks.
     """
     from safetensors.torch import save_file
 
@@ -95,6 +167,8 @@ def save_head(head: nn.Linear, path: str | Path, **meta: Any) -> Path:
     path = Path(path)
     info = dict(dict(width=head.in_features // 2, feature="class token + mean patch token"),
                 **meta, in_features=head.in_features, num_classes=head.out_features)
+    if backbone is not None:
+        info["backbone_fingerprint"] = backbone_fingerprint(backbone)
     if "classes" in info and len(info["classes"]) != head.out_features:
         raise ValueError(f"{len(info['classes'])} class names for {head.out_features} outputs")
     tensors = {"weight": head.weight.detach().cpu().contiguous(),
@@ -127,10 +201,12 @@ def head_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def load_head(path: str | Path) -> nn.Linear:
-    """The ``nn.Linear`` :func:`save_head` wrote (bit-identical weights, float32)."""
+    """The ``nn.Linear`` :func:`save_head` wrote (bit-identical weights, float32), with the
+    backbone it was fitted to as its ``backbone_fingerprint`` attribute (``None`` for a file
+    from before the fingerprint), which :func:`attach_head` checks."""
     from safetensors.torch import load_file
 
-    head_metadata(path)  # existence and readability, with clear errors
+    meta = head_metadata(path)  # existence and readability, with clear errors
     tensors = load_file(str(path))
     if set(tensors) != {"weight", "bias"} or tensors["weight"].dim() != 2:
         raise ValueError(f"{path} is not a leanvit probe head (expected 'weight' [K, D] and "
@@ -140,10 +216,14 @@ def load_head(path: str | Path) -> nn.Linear:
     with torch.no_grad():
         head.weight.copy_(tensors["weight"])
         head.bias.copy_(tensors["bias"])
+    fingerprint = meta.get("backbone_fingerprint")
+    head.backbone_fingerprint = fingerprint if isinstance(fingerprint, str) else None
+    head.source = str(path)
     return head
 
 
-def attach_head(model: nn.Module, head: nn.Linear | str | Path) -> nn.Module:
+def attach_head(model: nn.Module, head: nn.Linear | str | Path, *,
+                check_backbone: bool = True) -> nn.Module:
     """Make the timm ViT ``model`` a classifier on the probe feature, IN PLACE; returns it.
 
     Installs :class:`ClassMeanPool` as the model's ``attn_pool`` (with
@@ -152,9 +232,13 @@ def attach_head(model: nn.Module, head: nn.Linear | str | Path) -> nn.Module:
     own ``forward`` then gives logits ``[B, K]``; so does a leanvit-patched model, whose
     adapter passes token sizes to the pool. Works before or after :func:`leanvit.patch`.
 
+    A head from a file (a path, or :func:`load_head`) must have been fitted to this model's
+    weights (its ``backbone_fingerprint``, see :func:`backbone_fingerprint`);
+    ``check_backbone=False`` attaches it anyway. A file without one gives a warning.
+
     Raises:
-        ValueError: not a timm ViT with a class token, or a head for another width
-            (``head.in_features != 2 * model.embed_dim``).
+        ValueError: not a timm ViT with a class token, a head for another width
+            (``head.in_features != 2 * model.embed_dim``), or a head fitted to other weights.
     """
     if isinstance(head, (str, Path)):
         if head_metadata(head).get("dense"):
@@ -176,6 +260,8 @@ def attach_head(model: nn.Module, head: nn.Linear | str | Path) -> nn.Module:
             f"head takes {head.in_features} features (a probe for width {head.in_features // 2}),"
             f" but the model's probe feature is {2 * width} wide (width {width}); fit a probe "
             "for this model")
+    if check_backbone:
+        check_head_backbone(model, head, f"head {getattr(head, 'source', '')}".strip())
     p = next(model.parameters(), None)
     if p is not None:
         head = head.to(device=p.device, dtype=p.dtype)

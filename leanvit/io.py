@@ -7,9 +7,32 @@ same architecture with that method and state. Tensors are stored under the names
 in the patched model (``leanvit.predictor.0.fc1.weight``); with ``backbone=True`` the model's
 own weights (e.g. a fine-tuned backbone) are stored too, under their timm names.
 
-Metadata (safetensors' string map): ``format`` = ``"leanvit"``, ``format_version``,
-``leanvit_version``, ``method``, ``options`` (JSON), ``architecture`` (timm model name),
-``model_info`` (JSON: depth, width, heads, prefix tokens, patches).
+Metadata (safetensors' string map):
+
+- ``format`` = ``"leanvit"``, ``format_version``, ``leanvit_version``;
+- ``method``, ``options`` (JSON) and ``options_tuples`` (JSON: the paths, lists of keys and
+  indices, of the option values that were tuples: JSON has only lists, and a tuple can mean
+  something else than a list, e.g. ToMe's ``r=(2, -1.0)`` vs ``r=[2, 1]``). Options are
+  stored self-contained: a DiffRate ``schedule`` given as a file (or a
+  :class:`leanvit.schedule.Schedule`) is stored as the schedule itself (its JSON object), so
+  editing or deleting the file later does not change what :func:`load` gives; any other
+  option whose value is a file is refused by :func:`save` (its content would not be kept);
+- the architecture the file was made on: ``architecture`` (timm model name, else the class
+  name), ``model_class`` (class name) and ``model_info`` (JSON: ``family``, ``kind``,
+  ``depth``, ``embed_dim``, ``num_heads``, ``num_prefix_tokens``, ``num_patches``,
+  ``patch_size``, ``grid_size``, ``stage_depths``, ``stage_dims``; the adapter's fields, empty
+  for families without a token adapter). :func:`load` refuses a model whose class, family,
+  depth, width, heads, prefix tokens, patch size or stages differ, with one line naming both
+  models; another patch count or timm name only gives a warning (a method's state does not
+  depend on them; methods that do, e.g. DiffRate's schedule, check it themselves);
+- ``tensors_sha256``: the SHA-256 of the stored tensors (:func:`tensors_sha256`: names,
+  dtypes, shapes and bytes, in name order); :func:`read` refuses a file whose tensors do not
+  match it ("checksum mismatch: the file is corrupt or was edited"). The metadata itself is
+  not covered.
+
+Files written before these fields existed (no ``options_tuples``, ``tensors_sha256``,
+``model_class`` or full ``model_info``) still load: what is missing is treated as unknown and
+not checked, with one warning.
 
 Compacted models (:func:`leanvit.compact`, hMHSA/cFFN), patched or not, in training form or
 after :func:`leanvit.reparameterize`: compaction replaces the backbone's attention and FFN
@@ -17,11 +40,13 @@ weights (fewer query/key rows, reordered heads, factorised projections, BatchNor
 fine-tuned values), so such a file always stores the WHOLE model state (``backbone`` is
 implied: a self-contained file, independent of the weights of the model it is loaded into),
 plus ``compaction`` (JSON: :func:`leanvit.compaction_spec`, i.e. the options, the family,
-``deployed`` and the per-site head order) and ``model_class``. ``method``/``options`` are
+``deployed`` and the per-site head order). ``method``/``options`` are
 present only when a token method was applied on top. :func:`load` on a plain timm model of the
 same architecture re-creates the compaction (same spec and form), loads the weights, then
 patches with the stored method. These files have ``format_version`` ``"2"``; files without
-compaction keep version ``"1"`` and its exact layout (both are read).
+compaction keep version ``"1"`` (both are read). The checksum, ``options_tuples`` and the
+architecture record were added without a new version: they are extra metadata, which older
+leanvit versions ignore.
 
 :func:`load` also reads the DynamicViT authors' released checkpoints for DeiT
 (raoyongming/DynamicViT: ``.pth`` files holding ``{"model": state_dict, ...}`` with
@@ -49,7 +74,6 @@ FORMAT_VERSION = "1"
 COMPACTED_FORMAT_VERSION = "2"
 _READABLE_VERSIONS = (FORMAT_VERSION, COMPACTED_FORMAT_VERSION)
 _PREFIX = "leanvit."
-_STRUCTURE = ("depth", "embed_dim", "num_heads", "num_prefix_tokens")
 
 
 def _adapter_and_info(model: nn.Module):
@@ -64,17 +88,84 @@ def _architecture(model: nn.Module) -> str:
     return str(cfg.get("architecture") or type(model).__name__)
 
 
-def _options_json(options: Any) -> str:
-    values = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+def _model_class(model: nn.Module) -> str:
+    from leanvit import adapters
+
+    return adapters.original_class(model).__name__
+
+
+# -- options: self-contained, tuples kept --------------------------------------------------
+
+def _embedded_schedule(reducer: nn.Module) -> Any:
+    """DiffRate's schedule as the reducer resolved it (the file's content, not its path)."""
+    return reducer.schedule.to_dict()
+
+
+#: (method, option) pairs whose value may name a file, and how to store its content instead:
+#: a function of the reducer, which resolved the file when it was built.
+_EMBEDDED = {("diffrate", "schedule"): _embedded_schedule}
+
+
+def _saved_options(reducer: nn.Module) -> dict[str, Any]:
+    """The reducer's options as stored: file-valued options replaced by their content;
+    ``ValueError`` for any other option that names a file (its content would be lost)."""
+    options = reducer.options
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(options):
+        v = getattr(options, f.name)
+        embed = _EMBEDDED.get((reducer.method_name, f.name))
+        if embed is not None and not isinstance(v, (dict, list, tuple)):
+            v = embed(reducer)
+        elif isinstance(v, os.PathLike) or (
+                isinstance(v, str) and not isinstance(f.default, str) and Path(v).is_file()):
+            raise ValueError(
+                f"option {f.name}={str(v)!r} of {reducer.method_name} is a file, whose content "
+                "leanvit.save cannot store; pass the content itself instead of the path")
+        values[f.name] = v
+    return values
+
+
+def _tuple_paths(value: Any, at: tuple = ()) -> list[list]:
+    """The paths (keys and indices) of every tuple inside ``value`` (tuples themselves too)."""
+    out: list[list] = []
+    if isinstance(value, tuple):
+        out.append(list(at))
+    if isinstance(value, (tuple, list)):
+        for i, v in enumerate(value):
+            out += _tuple_paths(v, at + (i,))
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            out += _tuple_paths(v, at + (str(k),))
+    return out
+
+
+def _restore_tuples(value: Any, tuples: set[tuple], at: tuple = ()) -> Any:
+    """``value`` read from JSON with the lists at the paths ``tuples`` made tuples again."""
+    if isinstance(value, list):
+        items = [_restore_tuples(v, tuples, at + (i,)) for i, v in enumerate(value)]
+        return tuple(items) if at in tuples else items
+    if isinstance(value, dict):
+        return {k: _restore_tuples(v, tuples, at + (k,)) for k, v in value.items()}
+    return value
+
+
+def _options_json(values: dict[str, Any]) -> tuple[str, str]:
+    """``(options, options_tuples)`` metadata strings."""
     try:
-        return json.dumps(values, sort_keys=True)
+        return (json.dumps(values, sort_keys=True),
+                json.dumps(_tuple_paths(values), sort_keys=True))
     except TypeError as e:
         raise ValueError(f"options {values!r} cannot be saved as JSON: {e}") from None
 
 
-def _options_from_json(method_options: type, text: str) -> dict[str, Any]:
-    """Options as keyword arguments; JSON lists back to tuples where the default is a tuple."""
+def _options_from_json(method_options: type, text: str, tuples_text: Optional[str]
+                       ) -> dict[str, Any]:
+    """Options as keyword arguments. Files with ``options_tuples`` get their tuples back
+    exactly; older files: JSON lists back to tuples where the option's default is a tuple."""
     values = json.loads(text)
+    if tuples_text is not None:
+        paths = {tuple(p) for p in json.loads(tuples_text)}
+        return _restore_tuples(values, paths)
     fields = {f.name: f for f in dataclasses.fields(method_options)}
     for k, v in list(values.items()):
         f = fields.get(k)
@@ -83,14 +174,95 @@ def _options_from_json(method_options: type, text: str) -> dict[str, Any]:
     return values
 
 
-def _model_info_json(model: nn.Module) -> str:
-    """The token adapter's structure fields; ``{}`` for families without a token adapter
-    (PVTv2, NextViT: compaction only), whose structure the state-dict shapes check."""
+# -- architecture record ---------------------------------------------------------------------
+
+#: fields a file's model must share with the model it is loaded into (else ``ValueError``)
+_MUST_MATCH = ("family", "depth", "embed_dim", "num_heads", "num_prefix_tokens", "patch_size",
+               "stage_depths", "stage_dims")
+#: fields that may differ (a warning): another input size, same weights' shapes
+_MAY_DIFFER = ("num_patches", "grid_size")
+
+
+def _model_info(model: nn.Module) -> dict[str, Any]:
+    """The architecture record of ``model`` (see the module docstring); ``{}`` for families
+    without a token adapter (PVTv2, NextViT: compaction only), whose structure the state-dict
+    shapes check."""
     try:
         _, info = _adapter_and_info(model)
     except ValueError:
-        return "{}"
-    return json.dumps({k: getattr(info, k) for k in _STRUCTURE + ("num_patches",)})
+        return {}
+    out: dict[str, Any] = {k: getattr(info, k) for k in (
+        "family", "kind", "depth", "embed_dim", "num_heads", "num_prefix_tokens",
+        "num_patches")}
+    out["stage_depths"], out["stage_dims"] = list(info.stage_depths), list(info.stage_dims)
+    pe = getattr(model, "patch_embed", None)
+    for k in ("patch_size", "grid_size"):
+        v = getattr(pe, k, None)
+        if v is not None:
+            out[k] = [int(a) for a in v] if isinstance(v, (tuple, list)) else int(v)
+    return out
+
+
+def _describe(name: str, cls: Optional[str], info: dict[str, Any]) -> str:
+    """``deit_tiny_patch16_224 (VisionTransformer, vit, depth 12, width 192, 3 heads, ...)``."""
+    parts = [cls or "class unknown"]
+    if "family" in info:
+        parts.append(f"{info['family']} family")
+    for k, label in (("depth", "depth"), ("embed_dim", "width"), ("num_heads", "heads"),
+                     ("num_prefix_tokens", "prefix tokens"), ("patch_size", "patch"),
+                     ("grid_size", "grid")):
+        if k in info:
+            v = info[k]
+            parts.append(f"{label} {'x'.join(map(str, v)) if isinstance(v, list) else v}")
+    return f"{name} ({', '.join(parts)})"
+
+
+def _check_architecture(model: nn.Module, meta: dict[str, str], stored: dict[str, Any],
+                        path) -> None:
+    """``ValueError`` naming both models when the file was made on another architecture;
+    warnings for another patch grid or timm name. Unrecorded fields are not checked."""
+    import warnings
+
+    current = _model_info(model)
+    name, cls = _architecture(model), _model_class(model)
+    saved_name, saved_cls = meta.get("architecture", "?"), meta.get("model_class")
+    diffs = []
+    if saved_cls and saved_cls != cls:
+        diffs.append(f"class {saved_cls} in the file, {cls} in this model")
+    diffs += [f"{k}={stored[k]} in the file, {current[k]} in this model" for k in _MUST_MATCH
+              if k in stored and k in current and stored[k] != current[k]]
+    if diffs:
+        what = "a compacted " if "compaction" in meta else ""
+        raise ValueError(f"{path} was saved from {what}{_describe(saved_name, saved_cls, stored)}; "
+                         f"this model is {_describe(name, cls, current)}: "
+                         f"{'; '.join(diffs)}")
+    loose = [f"{k}={stored[k]} in the file, {current[k]} in this model" for k in _MAY_DIFFER
+             if k in stored and k in current and stored[k] != current[k]]
+    if saved_name not in ("?", name):
+        loose.append(f"saved from {saved_name}, loaded into {name}")
+    if loose:
+        warnings.warn(f"{path}: {'; '.join(loose)} (same architecture; loading it)",
+                      UserWarning, stacklevel=4)
+
+
+# -- checksum --------------------------------------------------------------------------------
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of ``tensors``: for each name in sorted order, a JSON header ``[name,
+    dtype, shape]`` (its length first) and the tensor's bytes (C order, native byte order:
+    little-endian on every platform torch supports). Stored by :func:`save` as
+    ``tensors_sha256``."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        header = json.dumps([name, str(t.dtype).removeprefix("torch."), list(t.shape)]).encode()
+        h.update(len(header).to_bytes(8, "little"))
+        h.update(header)
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, backbone: bool = False) -> Path:
@@ -106,8 +278,12 @@ def save(model: nn.Module, path: str | os.PathLike, *, backbone: bool = False) -
         backbone: also store the model's own weights (after fine-tuning); default False.
             Always on for a compacted model.
 
-    Returns the path. Raises ``ValueError`` for a model neither patched nor compacted, or
-    options that are not JSON.
+    Returns the path. Raises ``ValueError`` for a model neither patched nor compacted,
+    options that are not JSON, or an option naming a file whose content cannot be stored.
+
+    The file records the options self-contained (a DiffRate schedule file's content, tuples
+    as tuples), the architecture the model has, and a checksum of the tensors (see the
+    module docstring). Replacing an existing file keeps its permission bits.
     """
     from safetensors.torch import save_file
 
@@ -135,19 +311,18 @@ def save(model: nn.Module, path: str | os.PathLike, *, backbone: bool = False) -
         for k, v in reducer.state_dict().items():
             tensors[_PREFIX + k] = v.detach().to("cpu").contiguous().clone()
         meta["method"] = reducer.method_name
-        meta["options"] = _options_json(reducer.options)
+        meta["options"], meta["options_tuples"] = _options_json(_saved_options(reducer))
     if backbone:
         for k, v in model.state_dict().items():
             if not k.startswith(_PREFIX):
                 tensors[k] = v.detach().to("cpu").contiguous().clone()
     meta["architecture"] = _architecture(model)
-    meta["model_info"] = _model_info_json(model)
+    meta["model_class"] = _model_class(model)
+    meta["model_info"] = json.dumps(_model_info(model), sort_keys=True)
     meta["backbone"] = "1" if backbone else "0"
     if spec is not None:
-        from leanvit import adapters
-
         meta["compaction"] = json.dumps(spec, sort_keys=True)
-        meta["model_class"] = adapters.original_class(model).__name__
+    meta["tensors_sha256"] = tensors_sha256(tensors)
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
@@ -155,7 +330,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, backbone: bool = False) -
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a leanvit or authors' file, with clear errors for bad files."""
+    """Tensors and metadata of a leanvit or authors' file, with clear errors for bad files
+    (missing, empty, truncated, unreadable, or tensors that do not match the file's
+    ``tensors_sha256``)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path} does not exist or is not a file")
@@ -171,6 +348,10 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, st
         except Exception as e:  # safetensors raises its own types for corrupt headers/data
             raise ValueError(f"{path} is not a readable safetensors file "
                              f"(corrupt or truncated?): {e}") from None
+        expected = meta.get("tensors_sha256")
+        if expected is not None and tensors_sha256(tensors) != expected:
+            raise ValueError(f"{path}: checksum mismatch: the file is corrupt or was edited "
+                             "(its tensors do not match the tensors_sha256 saved with them)")
         return tensors, meta
     return _read_torch(path), {}
 
@@ -223,9 +404,8 @@ def load(model: nn.Module, path: str | os.PathLike, **options: Any) -> nn.Module
             model. The model is left as it was (unpatched, not compacted, same weights) when
             loading fails.
     """
-    from leanvit.compaction import compaction_spec, rebuild
-    from leanvit.patching import ATTR, is_patched, patch, unpatch
-    from leanvit.registry import get_method
+    from leanvit.compaction import compaction_spec
+    from leanvit.patching import is_patched
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -236,78 +416,113 @@ def load(model: nn.Module, path: str | os.PathLike, **options: Any) -> nn.Module
         raise ValueError("model is already compacted; leanvit.load re-creates the stored "
                          "compaction on a plain timm model of the saved architecture")
     tensors, meta = read(path)
-    spec = None
     if meta.get("format") == FORMAT:
-        version = meta.get("format_version", FORMAT_VERSION)
-        if version not in _READABLE_VERSIONS:
-            raise ValueError(f"{path} has format_version {version!r}; this leanvit "
-                             f"({_version()}) reads versions {', '.join(_READABLE_VERSIONS)} "
-                             "(written by a newer leanvit?)")
-        method = meta.get("method")
-        if "compaction" in meta:
-            try:
-                spec = json.loads(meta["compaction"])
-            except json.JSONDecodeError:
-                spec = None
-            if not isinstance(spec, dict):
-                raise ValueError(f"{path}: unreadable compaction metadata (corrupt file?)")
-            _check_compacted_model(model, meta, spec, path)
-        elif not method:
-            raise ValueError(f"{path}: leanvit metadata without a method name (corrupt file?)")
-        try:
-            stored = json.loads(meta.get("model_info", "{}"))
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}: unreadable model_info metadata (corrupt file?)") from None
-        if method or stored:
-            _, info = _adapter_and_info(model)
-            for k in _STRUCTURE:
-                if k in stored and stored[k] != getattr(info, k):
-                    raise ValueError(
-                        f"{path} was saved from {meta.get('architecture', '?')} with {k}="
-                        f"{stored[k]}, but this model ({_architecture(model)}) has {k}="
-                        f"{getattr(info, k)}")
-        opts: dict[str, Any] = {}
-        if method:
-            m = get_method(method)
-            try:
-                opts = _options_from_json(m.options_for(info.family), meta.get("options", "{}"))
-            except json.JSONDecodeError:
-                raise ValueError(f"{path}: unreadable options metadata (corrupt file?)"
-                                 ) from None
-            opts.update(options)
-        elif options:
-            raise ValueError(f"{path} holds no token method, so options "
-                             f"{', '.join(sorted(options))} do not apply")
-        reducer_sd = {k[len(_PREFIX):]: v for k, v in tensors.items() if k.startswith(_PREFIX)}
-        backbone_sd = {k: v for k, v in tensors.items() if not k.startswith(_PREFIX)}
-        if spec is not None and not backbone_sd:
-            raise ValueError(f"{path}: a compacted model's file without its weights "
-                             "(corrupt file?)")
+        plan = _leanvit_plan(model, tensors, meta, path, options)
     elif any(k.startswith("score_predictor.") for k in tensors):
-        from leanvit.methods.dynamicvit import from_authors_state_dict
-
-        method = "dynamicvit"
-        backbone_sd, reducer_sd, stages = from_authors_state_dict(tensors)
-        opts: dict[str, Any] = {}
-        if stages == 3:
-            opts["locations"] = (3, 6, 9)  # the authors' pruning_loc for DeiT
-        elif "locations" not in options:
-            raise ValueError(f"{path}: the authors' checkpoint has {stages} predictors; pass "
-                             "locations=(...) with one block index per predictor")
-        rate = options.get("keep_rate", _rate_from_name(Path(path).name))
-        if rate is None:
-            raise ValueError(
-                f"{path}: the authors' checkpoints do not record the keep rate; pass it, e.g. "
-                "leanvit.load(model, path, keep_rate=0.7) (their DeiT-S release: 0.7)")
-        opts.update(options)
-        opts["keep_rate"] = rate
+        plan = _authors_plan(tensors, path, options)
     else:
         raise ValueError(
             f"{path} is neither a leanvit file (no 'format: leanvit' metadata) nor an authors' "
             "DynamicViT checkpoint (no score_predictor.* tensors)")
+    _apply(model, path, *plan)
+    return model
 
-    # Check everything before changing the model: (compact,) patch, then load; undo on any
-    # failure.
+
+def _leanvit_plan(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, str],
+                  path, options: dict[str, Any]) -> tuple:
+    """``(method, options, compaction spec, reducer state, backbone state)`` of a leanvit
+    file, after checking its version and architecture against ``model``."""
+    from leanvit.registry import get_method
+
+    version = meta.get("format_version", FORMAT_VERSION)
+    if version not in _READABLE_VERSIONS:
+        raise ValueError(f"{path} has format_version {version!r}; this leanvit "
+                         f"({_version()}) reads versions {', '.join(_READABLE_VERSIONS)} "
+                         "(written by a newer leanvit?)")
+    method, spec = meta.get("method"), None
+    if "compaction" in meta:
+        try:
+            spec = json.loads(meta["compaction"])
+        except json.JSONDecodeError:
+            spec = None
+        if not isinstance(spec, dict):
+            raise ValueError(f"{path}: unreadable compaction metadata (corrupt file?)")
+    elif not method:
+        raise ValueError(f"{path}: leanvit metadata without a method name (corrupt file?)")
+    try:
+        stored = json.loads(meta.get("model_info", "{}"))
+    except json.JSONDecodeError:
+        raise ValueError(f"{path}: unreadable model_info metadata (corrupt file?)") from None
+    if not isinstance(stored, dict):
+        raise ValueError(f"{path}: unreadable model_info metadata (corrupt file?)")
+    _check_architecture(model, meta, stored, path)
+    _warn_if_unchecked(meta, stored, path)
+    opts: dict[str, Any] = {}
+    if method:
+        _, info = _adapter_and_info(model)
+        m = get_method(method)
+        try:
+            opts = _options_from_json(m.options_for(info.family), meta.get("options", "{}"),
+                                      meta.get("options_tuples"))
+        except (json.JSONDecodeError, TypeError):
+            raise ValueError(f"{path}: unreadable options metadata (corrupt file?)") from None
+        opts.update(options)
+    elif options:
+        raise ValueError(f"{path} holds no token method, so options "
+                         f"{', '.join(sorted(options))} do not apply")
+    reducer_sd = {k[len(_PREFIX):]: v for k, v in tensors.items() if k.startswith(_PREFIX)}
+    backbone_sd = {k: v for k, v in tensors.items() if not k.startswith(_PREFIX)}
+    if spec is not None and not backbone_sd:
+        raise ValueError(f"{path}: a compacted model's file without its weights "
+                         "(corrupt file?)")
+    return method, opts, spec, reducer_sd, backbone_sd
+
+
+def _warn_if_unchecked(meta: dict[str, str], stored: dict[str, Any], path) -> None:
+    """One warning for a file written before the checksum and architecture record existed."""
+    import warnings
+
+    missing = [what for what, present in (
+        ("a tensor checksum", "tensors_sha256" in meta),
+        ("the model class", "model_class" in meta),
+        ("the model family", "family" in stored or not stored and "compaction" in meta),
+    ) if not present]
+    if missing:
+        listed = ", ".join(missing[:-1]) + (" or " if len(missing) > 1 else "") + missing[-1]
+        warnings.warn(f"{path} (leanvit {meta.get('leanvit_version', '?')}) does not record "
+                      f"{listed}: loaded without checking them (re-save it with leanvit.save "
+                      "to add them)", UserWarning, stacklevel=4)
+
+
+def _authors_plan(tensors: dict[str, torch.Tensor], path, options: dict[str, Any]) -> tuple:
+    """The plan (see :func:`_leanvit_plan`) of an authors' DynamicViT checkpoint."""
+    from leanvit.methods.dynamicvit import from_authors_state_dict
+
+    backbone_sd, reducer_sd, stages = from_authors_state_dict(tensors)
+    opts: dict[str, Any] = {}
+    if stages == 3:
+        opts["locations"] = (3, 6, 9)  # the authors' pruning_loc for DeiT
+    elif "locations" not in options:
+        raise ValueError(f"{path}: the authors' checkpoint has {stages} predictors; pass "
+                         "locations=(...) with one block index per predictor")
+    rate = options.get("keep_rate", _rate_from_name(Path(path).name))
+    if rate is None:
+        raise ValueError(
+            f"{path}: the authors' checkpoints do not record the keep rate; pass it, e.g. "
+            "leanvit.load(model, path, keep_rate=0.7) (their DeiT-S release: 0.7)")
+    opts.update(options)
+    opts["keep_rate"] = rate
+    return "dynamicvit", opts, None, reducer_sd, backbone_sd
+
+
+def _apply(model: nn.Module, path, method: Optional[str], opts: dict[str, Any],
+           spec: Optional[dict], reducer_sd: dict[str, torch.Tensor],
+           backbone_sd: dict[str, torch.Tensor]) -> None:
+    """(Compact,) patch, then load the state into ``model``; undo everything on any failure
+    (the model is left unpatched, not compacted, with its weights)."""
+    from leanvit.compaction import rebuild
+    from leanvit.patching import ATTR, is_patched, patch, unpatch
+
     backbone_before = None
     if backbone_sd:
         backbone_before = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -318,10 +533,7 @@ def load(model: nn.Module, path: str | os.PathLike, **options: Any) -> nn.Module
         if backbone_sd:
             _check_state(model, backbone_sd, path, "model weights")
         if spec is not None:  # the compacted modules' weights: all of them are in the file
-            own = {k: v for k, v in model.state_dict().items() if not k.startswith(_PREFIX)}
-            missing = sorted(set(own) - set(backbone_sd))
-            if missing:
-                raise ValueError(f"{path}: model weights missing {_names(missing)}")
+            _check_complete(model, backbone_sd, path)
         if method:
             patch(model, method, **opts)
             reducer = getattr(model, ATTR)
@@ -331,10 +543,7 @@ def load(model: nn.Module, path: str | os.PathLike, **options: Any) -> nn.Module
             raise ValueError(f"{path}: method tensors {_names(sorted(reducer_sd))} but no "
                              "method name (corrupt file?)")
         if backbone_sd:
-            own = {k: v for k, v in model.state_dict().items() if not k.startswith(_PREFIX)}
-            missing = sorted(set(own) - set(backbone_sd))
-            if missing:
-                raise ValueError(f"{path}: model weights missing {_names(missing)}")
+            _check_complete(model, backbone_sd, path)
             model.load_state_dict({**backbone_sd, **{_PREFIX + k: v
                                                      for k, v in reducer_sd.items()}})
     except BaseException:
@@ -345,25 +554,20 @@ def load(model: nn.Module, path: str | os.PathLike, **options: Any) -> nn.Module
         if backbone_before is not None:
             model.load_state_dict(backbone_before)
         raise
-    return model
+
+
+def _check_complete(model: nn.Module, backbone_sd: dict[str, torch.Tensor], path) -> None:
+    """``ValueError`` when the file lacks some of the model's own weights."""
+    own = {k for k in model.state_dict() if not k.startswith(_PREFIX)}
+    missing = sorted(own - set(backbone_sd))
+    if missing:
+        raise ValueError(f"{path}: model weights missing {_names(missing)}")
 
 
 def _version() -> str:
     import leanvit
 
     return leanvit.__version__
-
-
-def _check_compacted_model(model: nn.Module, meta: dict[str, str], spec: dict[str, Any],
-                           path) -> None:
-    """``ValueError`` when ``model`` is not of the class the compacted file was saved from."""
-    from leanvit import adapters
-
-    stored = meta.get("model_class")
-    cls = adapters.original_class(model).__name__
-    if stored and stored != cls:
-        raise ValueError(f"{path} holds a compacted {meta.get('architecture', stored)} "
-                         f"({stored}); this model is a {_architecture(model)} ({cls})")
 
 
 def _names(keys: list[str], limit: int = 6) -> str:

@@ -1,10 +1,18 @@
-"""Creating timm models by name, with local checkpoints and clear errors (no network)."""
+"""Creating timm models by name, with local checkpoints and clear errors (no network).
+
+Without a checkpoint the weights are random but the same in every process: they are drawn
+from torch's CPU generator seeded with :data:`RANDOM_WEIGHTS_SEED` (the caller's random state
+is left as it was), so a probe head fitted in one ``leanvit`` command fits the model another
+command builds. A ``UserWarning`` says so (the CLI prints it once on stderr).
+"""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import timm
+import torch
 from torch import nn
 
 from leanvit.adapters.base import input_size  # noqa: F401  (public here: leanvit.models.input_size)
@@ -23,6 +31,10 @@ def checkpoint_keys(path: Path) -> Optional[set[str]]:
         raise ValueError(f"checkpoint {path} is not a readable safetensors file: {e}") from None
 
 
+#: seed of the random weights of a model created without a checkpoint (see the module docstring)
+RANDOM_WEIGHTS_SEED = 0
+
+
 def create_model(
     name: str,
     *,
@@ -34,6 +46,12 @@ def create_model(
 ) -> nn.Module:
     """``timm.create_model`` with random weights, or weights from a local ``checkpoint``.
 
+    Random weights (no ``checkpoint``) are seeded with :data:`RANDOM_WEIGHTS_SEED`: two calls
+    with the same arguments give identical weights, in any process; a warning says the model
+    has random weights. timm draws the classifier's initial weights before the backbone's
+    final ones, so the backbone depends on the class count too: with ``head`` the model is
+    built headless (``num_classes=0``), as ``leanvit probe`` builds the model it fits on.
+
     Args:
         name: a timm model name, e.g. ``"deit_small_patch16_224"``.
         img_size: input size in pixels, passed to timm (position embeddings are resampled when
@@ -41,7 +59,8 @@ def create_model(
         checkpoint: a timm state dict (``.safetensors``, ``.pth``, ``.bin``); loaded the timm
             way (``pretrained_cfg_overlay=dict(file=...)``), so the model's own key filters
             apply. A safetensors file without classifier weights gives a headless model.
-        num_classes: classifier size; ``0`` for a headless backbone.
+        num_classes: classifier size; ``0`` for a headless backbone. Ignored with ``head``
+            (which replaces the classifier).
         head: a linear-probe head file (``leanvit probe``, :func:`leanvit.heads.save_head`)
             attached with :func:`leanvit.heads.attach_head`: the model then classifies from
             its class token + mean patch token.
@@ -50,6 +69,10 @@ def create_model(
         ValueError: unknown model name, missing or unreadable checkpoint, or a checkpoint that
             does not fit the model; a head fitted for another model or width.
     """
+    if head is not None:
+        # the head replaces the classifier: build headless, as 'leanvit probe' built the model
+        # it fitted the head on (timm's random initial weights depend on the class count)
+        num_classes = 0
     model = _create(name, img_size=img_size, checkpoint=checkpoint, num_classes=num_classes,
                     **kwargs)
     if head is not None:
@@ -83,7 +106,7 @@ def _create(name: str, *, img_size, checkpoint, num_classes, **kwargs: Any) -> n
     if num_classes is not None:
         kw["num_classes"] = num_classes
     if checkpoint is None:
-        return _size_free(name, kw, lambda **k: timm.create_model(name, pretrained=False, **k))
+        return _random_weights(name, kw)
     path = Path(checkpoint)
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
@@ -108,6 +131,17 @@ def _create(name: str, *, img_size, checkpoint, num_classes, **kwargs: Any) -> n
             raise ValueError(f"{name} has no reset_classifier(); cannot change its {rows} "
                              f"classes to {num_classes}")
         model.reset_classifier(num_classes)
+    return model
+
+
+def _random_weights(name: str, kw: dict) -> nn.Module:
+    """``name`` with weights drawn after seeding torch's CPU generator with
+    :data:`RANDOM_WEIGHTS_SEED`; the generator's state is restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(RANDOM_WEIGHTS_SEED)
+        model = _size_free(name, kw, lambda **k: timm.create_model(name, pretrained=False, **k))
+    warnings.warn(f"{name} has random weights (no checkpoint given; seeded with "
+                  f"{RANDOM_WEIGHTS_SEED}, the same in every run)", UserWarning, stacklevel=4)
     return model
 
 

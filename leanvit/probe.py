@@ -431,7 +431,8 @@ def probe_folder(
         from leanvit.dense import confusion_matrix, segmentation_scores
 
         extra["val_miou"] = segmentation_scores(confusion_matrix(pred, yv, 2))["miou"]
-    save_head(head, out, model=model_name, img_size=list(model.patch_embed.img_size),
+    save_head(head, out, backbone=model, model=model_name,
+              img_size=list(model.patch_embed.img_size),
               classes=classes, checkpoint=None if checkpoint is None else Path(checkpoint).name,
               val_accuracy=val_acc, weight_decay=info["weight_decay"],
               train_images=len(train), **extra)

@@ -108,3 +108,26 @@ def test_a_shape_mismatch_names_the_tensors_and_both_shapes(tmp_path):
     msg = str(e.value)
     assert "\n" not in msg
     assert "cls_token is [1, 1, 384] in the checkpoint, [1, 1, 192] in the model" in msg
+
+
+def test_random_weights_are_seeded_and_announced():
+    """Without a checkpoint two builds (in any process) give the same weights, drawn from a
+    generator seeded with RANDOM_WEIGHTS_SEED; the caller's random state is left as it was."""
+    from leanvit.models import RANDOM_WEIGHTS_SEED
+
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    with pytest.warns(UserWarning, match=f"random weights .*seeded with {RANDOM_WEIGHTS_SEED}"):
+        a = create_model("deit_tiny_patch16_224", depth=2, img_size=64)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.rand(100)  # another global state: the weights do not depend on it
+    with pytest.warns(UserWarning, match="random weights"):
+        b = create_model("deit_tiny_patch16_224", depth=2, img_size=64)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    # the reference: timm's own build after seeding the generator with that seed
+    torch.manual_seed(RANDOM_WEIGHTS_SEED)
+    ref = timm.create_model("deit_tiny_patch16_224", depth=2, img_size=64)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, a.state_dict()[k]), k

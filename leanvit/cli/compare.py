@@ -72,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
         if head.in_features != model.embed_dim:
             raise ValueError(f"dense head {args.head} takes {head.in_features} features, the "
                              f"model's patch features are {model.embed_dim} wide")
+        from leanvit.heads import check_head_backbone
+
+        check_head_backbone(model, head, f"dense head {args.head}", override="")
         evaluation = DenseEvaluation(head, threshold)
         data = load_split(model, args.data, args.split, args.limit)
     else:

@@ -134,8 +134,10 @@ def test_errors_name_the_problem_and_leave_the_model_as_it_was(tmp_path):
     tensors, meta = load_file(str(path)), meta_of(path)
 
     def broken(name, tensors=tensors, **changes):
+        """A consistent file (the checksum of its own tensors) with something wrong in it."""
         p = tmp_path / name
-        save_file(tensors, str(p), metadata={**meta, **changes})
+        save_file(tensors, str(p), metadata={**meta, **changes,
+                                             "tensors_sha256": leanvit.io.tensors_sha256(tensors)})
         return p
 
     cases = [
