@@ -38,7 +38,8 @@ from _common import DINOV2_MODEL as MODEL, DINOV2_WEIGHTS as WEIGHTS, REPO, RESU
 
 #: two or three budgets per method (the results page's classification settings); dynamicvit
 #: with the predictors trained on these features (the retired dynamicvit_fashion_mnist.py,
-#: keep 0.7: one budget; benchmarks/README.md), diffrate with the two schedules searched for 4.0 GMACs.
+#: keep 0.7: one budget; benchmarks/README.md), diffrate with the two schedules searched for
+#: 4.0 GMACs.
 SETTINGS = """
 none
 evit keep_rate=0.7
