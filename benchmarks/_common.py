@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -120,6 +121,7 @@ def loadavg() -> list[str]:
 
 
 def command(script: str, argv: Sequence[str] | None = None) -> str:
-    """The command line that ran ``benchmarks/<script>`` (``argv``, default ``sys.argv[1:]``)."""
+    """The command line that ran ``benchmarks/<script>`` (``argv``, default ``sys.argv[1:]``),
+    quoted for a shell."""
     args = sys.argv[1:] if argv is None else list(argv)
-    return " ".join([f"python benchmarks/{script}", *args])
+    return shlex.join(["python", f"benchmarks/{script}", *args])
