@@ -5,7 +5,7 @@ Measures, each against the unmodified model in the same run:
 1. MACs per image from ``leanvit.count_macs``, averaged over real photos (scikit-image's
    bundled photos, preprocessed with timm's eval transform for the model): DeiT-S with random
    weights (no ImageNet weights here: its attention is meaningless, so its kept counts are not
-   representative) and DINOv2 ViT-S/14 with its real weights (``shared/weights``).
+   representative) and DINOv2 ViT-S/14 with its real weights (``<shared>/weights``).
 2. Throughput, DeiT-S, batch 64, fp32, CPU, ``leanvit.bench.run_benchmark`` (random weights,
    random input): speedup and MAC ratio; and batch-1 latency.
 3. The same timing protocol on DINOv2 with real weights on the real photos (a batch of 64
@@ -27,42 +27,18 @@ import copy
 import json
 import statistics
 import sys
-from pathlib import Path
 
 import torch
+from _common import DINOV2_WEIGHTS, dinov2, photos, write_results
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import leanvit
+from leanvit.bench import round_spread, run_benchmark, time_models
+from leanvit.models import create_model
 
-import leanvit  # noqa: E402
-from leanvit.bench import round_spread, run_benchmark, time_models  # noqa: E402
-from leanvit.models import create_model  # noqa: E402
-from leanvit.viz import data_transform  # noqa: E402
-
-DINO = REPO.parent / "shared" / "weights" / "dinov2_vits14_224.safetensors"
-#: scikit-image's bundled photographs (no download); grey ones are replicated to RGB
+#: the scikit-image photos of the recorded runs (results/ats_run*.json)
 PHOTOS = ("astronaut", "brick", "camera", "cat", "clock", "coffee", "coins", "grass", "gravel",
           "hubble_deep_field", "immunohistochemistry", "moon", "page", "retina", "rocket",
           "stereo_motorcycle")
-
-
-def photos(model) -> torch.Tensor:
-    """The photos as the model's input ``[P, 3, H, W]`` (timm eval transform)."""
-    import numpy as np
-    import skimage.data
-    from PIL import Image
-
-    transform, _ = data_transform(model)
-    out = []
-    for name in PHOTOS:
-        arr = getattr(skimage.data, name)()
-        if isinstance(arr, tuple):  # stereo_motorcycle: (left, right, disparity)
-            arr = arr[0]
-        if arr.ndim == 2:
-            arr = np.stack([arr] * 3, axis=-1)
-        arr = arr[..., :3]
-        out.append(transform(Image.fromarray(arr)))
-    return torch.stack(out)
 
 
 def batch_of(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -77,21 +53,17 @@ def batch_of(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def macs(model, images, **options) -> dict:
     """MACs per image (mean over ``images``) and the tokens each block leaves: mean over the
-    images, and the largest (what a padded batch of these images computes on)."""
-    from leanvit.adapters import vit
-    from leanvit.macs import MacRecorder
-
+    images, and the largest (what a padded batch of these images computes on; one image at a
+    time through ``count_macs``)."""
     base = leanvit.count_macs(model, images)
     patched = leanvit.patch(copy.deepcopy(model), "ats", **options)
     rep = leanvit.count_macs(patched, images)
-    rec = MacRecorder()
-    with torch.no_grad():
-        vit.forward_features(patched, images, recorder=rec)
+    alone = [leanvit.count_macs(patched, images[i:i + 1]).per_block for i in range(len(images))]
     return {"baseline_gmacs": base.gmacs, "ats_gmacs": rep.gmacs,
             "mac_ratio": base.total / rep.total, "images": rep.images,
             "tokens_out_per_block": [round(b.tokens_out, 2) for b in rep.per_block],
-            "tokens_out_max_per_block": [int(rec.blocks[i]["tokens_out"].max())
-                                         for i in sorted(rec.blocks)]}
+            "tokens_out_max_per_block": [round(max(blocks)) for blocks in zip(
+                *[[b.tokens_out for b in per_block] for per_block in alone])]}
 
 
 def time_pair(base, patched, x, warmup: int, repeats: int) -> dict:
@@ -122,7 +94,7 @@ def main() -> int:
     if "macs" in parts:
         torch.manual_seed(0)  # random weights: fix them so the MACs repeat run to run
         deit = create_model("deit_small_patch16_224").eval()
-        deit_photos = photos(deit)
+        deit_photos = photos(deit, PHOTOS)
         result["deit_s_random_weights_photos"] = macs(deit, deit_photos)
         print("DeiT-S (random weights), ATS MACs on", deit_photos.shape[0], "photos:",
               json.dumps(result["deit_s_random_weights_photos"]), flush=True)
@@ -153,9 +125,9 @@ def main() -> int:
 
     if "dino" not in parts:
         pass
-    elif DINO.is_file():
-        dino = create_model("vit_small_patch14_dinov2", img_size=224, checkpoint=DINO).eval()
-        imgs = photos(dino)
+    elif DINOV2_WEIGHTS.is_file():
+        dino = dinov2()
+        imgs = photos(dino, PHOTOS)
         result["dinov2_real_weights_photos"] = macs(dino, imgs)
         print("DINOv2 ViT-S/14 (real weights), ATS MACs on", imgs.shape[0], "photos:",
               json.dumps(result["dinov2_real_weights_photos"]), flush=True)
@@ -169,21 +141,17 @@ def main() -> int:
               json.dumps(result["dinov2_cosine"]), flush=True)
         x = batch_of(imgs, args.batch_size)
         t = time_pair(dino, patched, x, warmup=2, repeats=args.repeats)
-        t["mac_ratio"] = macs(dino, x)["mac_ratio"]
+        t["mac_ratio"] = leanvit.count_macs(dino, x).total / leanvit.count_macs(patched, x).total
         t1 = time_pair(dino, patched, imgs[:1], warmup=3, repeats=args.latency_repeats)
         t["batch1_baseline_ms"], t["batch1_patched_ms"] = t1["baseline_ms"], t1["patched_ms"]
         t["batch1_latency_change"] = t1["patched_ms"] / t1["baseline_ms"] - 1.0
         result["dinov2_bench_photos"] = t
         print("DINOv2 bench on photos:", json.dumps(t), flush=True)
     else:
-        print(f"skipping DINOv2: {DINO} not found", flush=True)
+        print(f"skipping DINOv2: {DINOV2_WEIGHTS} not found", flush=True)
 
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(out)
+        write_results(args.json, result)
     return 0
 
 

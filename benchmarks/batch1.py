@@ -19,25 +19,18 @@ average before and after is recorded in both.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
 import time
-from pathlib import Path
+
+from _common import RESULTS, command, loadavg, md_table, write_results
 
 MODEL = "deit_small_patch16_224"
 #: (label, method, options): the issue's two acceptance methods; one line each to add more
 METHODS = [("tome r=13", "tome", {"r": 13}), ("evit 0.7", "evit", {"keep_rate": 0.7})]
 #: compiled batch-1 speedup must reach this fraction of the MAC ratio (issue 16)
 TARGET = 0.9
-
-
-def _loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:  # pragma: no cover - not Linux
-        return "n/a"
 
 
 def apply_inductor_settings(parser: argparse.ArgumentParser, items: list[str]) -> None:
@@ -75,17 +68,14 @@ def main(argv: list[str] | None = None) -> int:
                         "the dense model and the methods alike, e.g. cpp_wrapper=True or "
                         "freezing=True (repeatable)")
     p.add_argument("--model", default=MODEL)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" /
-                                        "batch1_cpu"),
+    p.add_argument("--out", default=str(RESULTS / "batch1_cpu"),
                    help="output path without suffix (.json and .md are written)")
     args = p.parse_args(argv)
 
     import torch
 
     import leanvit
-    from leanvit._files import atomic_write_text
     from leanvit.bench import environment, time_models
-    from leanvit.macs import count_macs
     from leanvit.models import create_model, input_size
 
     if args.threads:
@@ -102,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if not chosen:
         p.error(f"no method matches {args.methods}; labels: {[m[0] for m in METHODS]}")
 
-    load_before = _loadavg()
+    load_before = " ".join(loadavg())
     t_start = time.time()
     torch.manual_seed(0)
     dense = create_model(args.model).eval()
@@ -113,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         m.load_state_dict(dense.state_dict())
         models[label] = leanvit.patch(m, method, **options)
     probe = torch.randn(4, 3, h, w)
-    gmacs = {k: count_macs(m, probe).gmacs for k, m in models.items()}
+    gmacs = {k: leanvit.count_macs(m, probe).gmacs for k, m in models.items()}
 
     rows = []
     for mode in modes:
@@ -145,19 +135,15 @@ def main(argv: list[str] | None = None) -> int:
                     "round_ms": [1e3 * v for v in cand], "base_round_ms": [1e3 * v for v in base],
                 })
                 print(_line(rows[-1]), file=sys.stderr, flush=True)
-    load_after = _loadavg()
+    load_after = " ".join(loadavg())
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     summary = {"model": args.model, "dtype": "fp32", "device": "cpu",
-               "command": "python benchmarks/batch1.py " + " ".join(
-                   sys.argv[1:] if argv is None else argv),
+               "command": command("batch1.py", argv),
                "environment": environment(torch.device("cpu")), "leanvit_path": leanvit.__file__,
                "repeats": args.repeats, "iters_batch1": args.iters,
                "load_before": load_before, "load_after": load_after,
                "minutes": (time.time() - t_start) / 60, "target": TARGET, "rows": rows}
-    atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
-    atomic_write_text(out.with_suffix(".md"), _markdown(summary))
+    write_results(args.out, summary, _markdown(summary))
     print(_markdown(summary))
     return 0
 
@@ -178,17 +164,13 @@ def _markdown(s: dict) -> str:
              f"Speedup = median dense time / median method time over {s['repeats']} interleaved "
              f"rounds ({s['iters_batch1']} forwards per round at batch 1); spread = lowest and "
              "highest per-round ratio. Target: compiled batch-1 speedup >= "
-             f"{s['target']} x MAC ratio.", "",
-             "| mode | batch | method | ms (dense) | speedup | spread | MAC ratio | "
-             "speedup / MAC ratio |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in s["rows"]:
-        lines.append(
-            f"| {r['mode']} | {r['batch_size']} | {r['method']} | {r['ms']:.1f} "
-            f"({r['base_ms']:.1f}) | {r['speedup']:.3f}x | {r['round_ratio_min']:.3f}-"
-            f"{r['round_ratio_max']:.3f} | {r['mac_ratio']:.3f}x | "
-            f"{r['speedup_over_mac_ratio']:.2f} |")
-    return "\n".join(lines) + "\n"
+             f"{s['target']} x MAC ratio.", ""]
+    cells = [[r["mode"], r["batch_size"], r["method"], f"{r['ms']:.1f} ({r['base_ms']:.1f})",
+              f"{r['speedup']:.3f}x", f"{r['round_ratio_min']:.3f}-{r['round_ratio_max']:.3f}",
+              f"{r['mac_ratio']:.3f}x", f"{r['speedup_over_mac_ratio']:.2f}"] for r in s["rows"]]
+    lines.append(md_table(["mode", "batch", "method", "ms (dense)", "speedup", "spread",
+                           "MAC ratio", "speedup / MAC ratio"], cells))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

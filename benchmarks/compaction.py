@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
-from pathlib import Path
 
 import timm
 import torch
+from _common import RESULTS, loadavg, write_results
 
 import leanvit
-from leanvit._files import atomic_write_text
 from leanvit.bench import environment, time_models
 
 VARIANTS = {
@@ -39,7 +37,7 @@ VARIANTS = {
     "hMHSA mix + cFFN": dict(hallucination="mix"),
 }
 DEFAULT = ["plain, unfused attention", "hMHSA mix", "cFFN", "hMHSA mix + cFFN"]
-OUT = Path(__file__).parent / "results" / "compaction_speed.json"
+OUT = RESULTS / "compaction_speed.json"
 
 
 def _unfused(model):
@@ -95,7 +93,7 @@ def main() -> None:
     x = torch.randn(args.batch_size, 3, 224, 224)
     macs_base = leanvit.count_macs(base, x[:2]).total
     results = {"config": vars(args), "environment": environment(torch.device("cpu")),
-               "load_average_before": os.getloadavg(),
+               "load_average_before": loadavg(),
                "baseline_gmacs": macs_base / 1e9, "variants": {}}
     print(f"{args.model} batch {args.batch_size} fp32 CPU, {torch.get_num_threads()} threads; "
           f"baseline {macs_base / 1e9:.3f} GMACs")
@@ -122,10 +120,10 @@ def main() -> None:
     if args.modules:
         print("modules (one block, batch x 197 tokens):")
         results["modules"] = _modules(base, args.batch_size, args.warmup, args.repeats)
-    results["load_average_after"] = os.getloadavg()
+    results["load_average_after"] = loadavg()
     results["command"] = ("flock /tmp/leanvit-cpu.lock python benchmarks/compaction.py"
                           + (" --modules" if args.modules else ""))
-    atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

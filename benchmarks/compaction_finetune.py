@@ -2,7 +2,7 @@
 briefly by distillation with the shared trainer, and measure linear-probe accuracy at each
 stage.
 
-Model: the real DINOv2 ViT-S/14 at 224 px (``shared/weights``), headless. Data: Fashion-MNIST
+Model: the real DINOv2 ViT-S/14 at 224 px (``<shared>/weights``), headless. Data: Fashion-MNIST
 (Debian ``dataset-fashion-mnist``) exported by :func:`leanvit.data.export_fashion_mnist`
 (class-balanced, seed 0): ``--train`` images of the official training split (fine-tune data;
 the probe is fitted on a fixed ``--probe-train`` subset of them) and ``--val`` images of the
@@ -47,19 +47,13 @@ import time
 from pathlib import Path
 
 import torch
+from _common import DINOV2_MODEL as MODEL, RESULTS, dinov2, write_results
 from torch import nn
 
 import leanvit
-from leanvit._files import atomic_write_text
 from leanvit.data import export_fashion_mnist, fixed_subset, image_folder, loader, split_dir
-from leanvit.models import create_model
 from leanvit.probe import attach_head, extract_features, fit_probe
 from leanvit.train import TrainConfig, train
-
-REPO = Path(__file__).resolve().parents[1]
-WEIGHTS = REPO.parent / "shared" / "weights" / "dinov2_vits14_224.safetensors"
-OUT = Path(__file__).parent / "results"
-MODEL = "vit_small_patch14_dinov2"
 
 
 def params(model: nn.Module) -> int:
@@ -110,10 +104,8 @@ def main() -> None:
     ap.add_argument("--no-refit", action="store_true",
                     help="skip the refitted probes (saves two forward passes of --probe-train)")
     ap.add_argument("--workdir", default=None, help="exported images and the run (default: tmp)")
-    ap.add_argument("--out", default=str(OUT / "compaction_finetune.json"))
+    ap.add_argument("--out", default=str(RESULTS / "compaction_finetune.json"))
     args = ap.parse_args()
-    if not WEIGHTS.is_file():
-        raise SystemExit(f"real weights not found: {WEIGHTS}")
     torch.set_num_threads(2)
     t_start = time.perf_counter()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="leanvit-compaction-ft-"))
@@ -121,7 +113,7 @@ def main() -> None:
     if not data.is_dir():
         export_fashion_mnist(data, train=args.train, val=args.val, seed=0)
 
-    plain = create_model(MODEL, img_size=224, checkpoint=WEIGHTS, num_classes=0).eval()
+    plain = dinov2(num_classes=0)
     train_all = image_folder(split_dir(data, "train"), plain)
     probe_set = fixed_subset(train_all, args.probe_train, seed=0)
     val_set = image_folder(split_dir(data, "val"), plain)
@@ -249,7 +241,7 @@ def main() -> None:
                 + f" --steps {n_steps}" + (" --no-refit" if args.no_refit else "")
                 + (" --crop-scale %g %g" % tuple(args.crop_scale) if args.crop_scale else ""),
     )
-    atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
+    write_results(args.out, results)
     print(json.dumps({k: v for k, v in results.items() if k != "stages"}, indent=1))
 
 

@@ -13,10 +13,10 @@ them). Paper (arXiv 2306.10875): 10-20% fewer FLOPs and parameters; PVTv2-b1 -13
 from __future__ import annotations
 
 import argparse
-import json
 
 import timm
 import torch
+from _common import write_results
 
 import leanvit
 from leanvit.macs import traced_macs
@@ -67,9 +67,8 @@ def main() -> None:
             print(f"{name:24} {variant:11} {r['params'] / 1e6:9.3f} {100 * r['params_change']:7.1f}%"
                   f" {r['macs_traced'] / 1e9:7.4f} {100 * r['macs_change']:6.1f}% {cm}", flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"hallucination": args.hallucination, "ffn_ratio": args.ffn_ratio,
-                       "results": results}, f, indent=1)
+        write_results(args.out, {"hallucination": args.hallucination,
+                                 "ffn_ratio": args.ffn_ratio, "results": results})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Foreground segmentation from a reduced model's dense features (issue 15's real experiment).
 
-Model: the real DINOv2 ViT-S/14 backbone in ``shared/weights`` (224 px, 16x16 = 256 patches).
+Model: the real DINOv2 ViT-S/14 backbone in ``<shared>/weights`` (224 px, 16x16 = 256 patches).
 Data: Fashion-MNIST (Debian's ``dataset-fashion-mnist``, exported by ``leanvit data
 fashion-mnist``, seed 0), 28x28 grayscale resized to 224 with the model's data config.
 Per-patch target: a pixel is foreground when its intensity (mean of R, G, B of the model's
@@ -28,21 +28,18 @@ puts them on the results page.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-MODEL = "vit_small_patch14_dinov2"
-WEIGHTS = ROOT.parent / "shared" / "weights" / "dinov2_vits14_224.safetensors"
+from _common import DINOV2_MODEL as MODEL, DINOV2_WEIGHTS as WEIGHTS, REPO, RESULTS, command, \
+    dinov2, loadavg, require, write_results
 
 #: two or three budgets per method (the results page's classification settings); dynamicvit
-#: with the predictors trained on these features (benchmarks/dynamicvit_fashion_mnist.py,
-#: keep 0.7: one budget), diffrate with the two schedules searched for 4.0 GMACs.
+#: with the predictors trained on these features (the retired dynamicvit_fashion_mnist.py,
+#: keep 0.7: one budget; benchmarks/README.md), diffrate with the two schedules searched for
+#: 4.0 GMACs.
 SETTINGS = """
 none
 evit keep_rate=0.7
@@ -72,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="timed passes per setting")
     p.add_argument("--cache", default="/tmp/leanvit-dense/cache")
     p.add_argument("--head", default="/tmp/leanvit-dense/dense_head.safetensors")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dense_segmentation"))
-    p.add_argument("--img", default=str(ROOT / "docs" / "img" / "dense_segmentation_fmnist.png"))
+    p.add_argument("--out", default=str(RESULTS / "dense_segmentation"))
+    p.add_argument("--img", default=str(REPO / "docs" / "img" / "dense_segmentation_fmnist.png"))
     args = p.parse_args(argv)
 
     import torch
@@ -83,14 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     from leanvit.data import export_fashion_mnist, loader
     from leanvit.dense import DenseEvaluation, load_dense_head
     from leanvit.evaluate import load_split
-    from leanvit.models import create_model
     from leanvit.probe import probe_folder
 
-    if not WEIGHTS.is_file():
-        print(f"DINOv2 weights not found at {WEIGHTS}", file=sys.stderr)
-        return 2
-    with open("/proc/loadavg") as f:
-        load_before = f.read().split()[:3]
+    require(WEIGHTS)
+    load_before = loadavg()
     data = Path(args.data)
     if not (data / "val").is_dir():
         export_fashion_mnist(data, train=args.train, val=max(args.limit, 300), seed=0)
@@ -103,40 +96,32 @@ def main(argv: list[str] | None = None) -> int:
           f"{probe['val_miou']:.2f}% ({probe['seconds']})", flush=True)
 
     head, threshold = load_dense_head(args.head)
-    model = create_model(MODEL, img_size=224, checkpoint=WEIGHTS, num_classes=0).eval()
+    model = dinov2(num_classes=0)
     settings = parse_methods(SETTINGS)
     ds = load_split(model, data, "val", args.limit)
     t0 = time.perf_counter()
     rows = run_compare(model, settings, loader(ds, args.batch_size), repeats=args.repeats,
                        evaluate_fn=DenseEvaluation(head, threshold))
     compare_wall = time.perf_counter() - t0
-    with open("/proc/loadavg") as f:
-        load_after = f.read().split()[:3]
+    load_after = loadavg()
     meta = {"model": MODEL, "weights": WEIGHTS.name, "img_size": [224, 224], "data": str(data),
             "train_images": probe["train_images"], "limit": args.limit, "images": len(ds),
             "threshold": threshold, "batch_size": args.batch_size, "repeats": args.repeats,
             "probe": probe, "probe_wall_s": probe_wall, "compare_wall_s": compare_wall,
             "loadavg_before": load_before, "loadavg_after": load_after,
-            "command": "flock /tmp/leanvit-cpu.lock python benchmarks/dense_segmentation.py"
-                       + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
+            "command": "flock /tmp/leanvit-cpu.lock " + command("dense_segmentation.py", argv),
             "environment": environment(torch.device("cpu"))}
     title = (f"DINOv2 ViT-S/14 dense features + per-patch linear probe (fitted unpatched): "
              f"Fashion-MNIST foreground, {len(ds)} val images")
     tmp = Path(args.cache) / "compare"
     paths = write_outputs(rows, tmp, meta, title=title)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     for r in rows:
         r.pop("round_ms", None)
-    from leanvit._files import atomic_write_text
-
-    atomic_write_text(out.with_suffix(".json"),
-                      json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
-    atomic_write_text(out.with_suffix(".md"), markdown_table(rows))
+    out = write_results(args.out, {"meta": meta, "rows": rows}, markdown_table(rows))
     Path(args.img).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(paths["png"], args.img)
     print(markdown_table(rows))
-    print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}, {args.img}")
+    print(f"wrote {out}, {out.with_suffix('.md')}, {args.img}")
     return 0
 
 

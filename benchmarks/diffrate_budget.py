@@ -18,6 +18,10 @@ Heavy: run under the shared CPU lock, from the repository root::
     flock /tmp/leanvit-cpu.lock python benchmarks/diffrate_budget.py --target-gmacs 3.7 \\
         --handset --search 'warm:init=warm' --out benchmarks/results/diffrate_budget_3.7.json
 
+The ``sort check`` row of ``results/diffrate_budget_3.7.json`` came from ``--sort-check 32``
+(this script as of 31bb305: the exact alive-first sort against the old float key, by patching
+library internals); the decision is taken and the option is gone.
+
 Needs ``results/tmp/fmnist`` and the probe head of ``benchmarks/results_page.py`` (its first two
 steps; ``leanvit data fashion-mnist`` + ``leanvit probe``).
 """
@@ -31,12 +35,8 @@ import time
 from pathlib import Path
 
 import torch
+from _common import dinov2, loadavg
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-MODEL = "vit_small_patch14_dinov2"
-WEIGHTS = ROOT.parent / "shared" / "weights" / "dinov2_vits14_224.safetensors"
 #: the results page's data and probe head (benchmarks/results_page.py makes them)
 DATA = "results/tmp/fmnist"
 HEAD = "results/tmp/dinov2_vits14_fmnist_head.safetensors"
@@ -76,41 +76,6 @@ def _evaluate_schedule(model, schedule, x, y) -> dict:
     return _accuracy(m, x, y)
 
 
-def _sort_check(model, x) -> dict:
-    """In the search mode (warm start at the target), per block: the share of sorted positions
-    at which ``attn + 2.0 * alive`` in float32 (the old key) puts another token than the exact
-    order, and how many images have any such position."""
-    import copy
-
-    import leanvit
-    from leanvit.methods import diffrate_search as ds
-    from leanvit.ops.diffrate import sort_order
-    from leanvit.search.diffrate import handset_schedule, mac_model
-
-    m = copy.deepcopy(model)
-    s = handset_schedule(m, "merge-uniform", 3.7)
-    leanvit.patch(m, "diffrate-search", mac_model=mac_model(model))
-    m.leanvit.warm_start(s.prune_kept, s.merge_kept)
-    stats: dict = {}
-    orig = ds.sort_order
-
-    def spy(attn, prefix, k, alive=None):
-        exact = orig(attn, prefix, k, alive=alive)
-        old = orig(attn + 2.0 * alive.to(attn.dtype), prefix, k)
-        diff = exact != old
-        i = len(stats)
-        stats[i] = {"positions": float(diff.float().mean()), "images": int(diff.any(1).sum())}
-        return exact
-
-    ds.sort_order = spy
-    try:
-        with torch.no_grad():
-            m(x)
-    finally:
-        ds.sort_order = orig
-    return {"images": len(x), "per_block": [stats[i] for i in sorted(stats)]}
-
-
 def _parse_search(spec: str) -> tuple[str, dict]:
     name, _, rest = spec.partition(":")
     opts = {}
@@ -133,9 +98,6 @@ def main() -> int:
     ap.add_argument("--handset", action="store_true", help="evaluate the hand-set schedules")
     ap.add_argument("--search", action="append", default=[], metavar="NAME:k=v,...",
                     help="a search variant to run and evaluate (repeatable)")
-    ap.add_argument("--sort-check", type=int, default=0, metavar="B",
-                    help="on B val images, count the positions where the old float key "
-                         "attn + 2*alive orders tokens differently from the exact order, per block")
     ap.add_argument("--objective", default="distill-features",
                     choices=["distill-features", "distill-logits", "ce"],
                     help="search objective (default distill-features: the headless backbone's "
@@ -144,30 +106,25 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="JSON results (rows appended per run)")
     args = ap.parse_args()
 
-    import leanvit
-    from leanvit.models import create_model
     from leanvit.schedule import save_schedule
     from leanvit.search import diffrate as dr
 
     torch.manual_seed(0)
-    model = create_model(MODEL, img_size=224, checkpoint=WEIGHTS, head=args.head).eval()
+    model = dinov2(head=args.head)
     data = Path(args.data)
     x, y = _tensors(model, data, "val", args.limit, Path(f"results/tmp/val{args.limit}.pt"))
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {"rows": []}
-    results["meta"] = {"model": MODEL, "target_gmacs": args.target_gmacs,
+    results["meta"] = {"model": "vit_small_patch14_dinov2", "target_gmacs": args.target_gmacs,
                        "val_images": len(x), "search_images": args.images,
                        "threads": torch.get_num_threads()}
 
     def record(row):
-        row["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
+        row["loadavg"] = loadavg()
         print(json.dumps(row), flush=True)
         results["rows"] = [r for r in results["rows"] if r["name"] != row["name"]] + [row]
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1) + "\n")
-
-    if args.sort_check:
-        record({"name": "sort check", **_sort_check(model, x[:args.sort_check])})
 
     if args.handset:
         from leanvit.schedule import HANDSET_KINDS
@@ -185,14 +142,13 @@ def main() -> int:
         tx, ty = _tensors(model, data, "train", args.images,
                          Path(f"results/tmp/train{args.images}.pt"))
         if args.objective == "distill-features":  # the headless backbone's features
-            searched = create_model(MODEL, img_size=224, checkpoint=WEIGHTS).eval()
+            searched = dinov2()
         else:  # the probe's logits (or its cross-entropy with the train labels)
-            searched = create_model(MODEL, img_size=224, checkpoint=WEIGHTS,
-                                    head=args.head).eval()
+            searched = dinov2(head=args.head)
         for spec in args.search:
             name, opts = _parse_search(spec)
             opts.setdefault("objective", args.objective)
-            load0 = Path("/proc/loadavg").read_text().split()[:3]
+            load0 = loadavg()
             t0 = time.perf_counter()
             r = dr.search(searched, args.target_gmacs, tx, labels=ty, progress=False, **opts)
             wall = time.perf_counter() - t0

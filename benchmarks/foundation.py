@@ -9,13 +9,11 @@ unpatched model's, measured in the same run (interleaved rounds, median).
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
+
+from _common import RESULTS, write_results
 
 from leanvit.bench import format_table, run_benchmark
-
-OUT = Path(__file__).parent / "results"
 
 
 def main() -> None:
@@ -23,7 +21,7 @@ def main() -> None:
     p.add_argument("--model", default="deit_small_patch16_224")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--out", default=str(OUT / "foundation.json"))
+    p.add_argument("--out", default=str(RESULTS / "foundation.json"))
     args = p.parse_args()
     t0 = time.time()
     result = run_benchmark(args.model, "none", batch_size=args.batch_size,
@@ -31,8 +29,7 @@ def main() -> None:
     result["wall_s"] = time.time() - t0
     print(format_table(result))
     print(f"none / unpatched throughput: {result['speedup']:.3f} (acceptance: >= 0.97)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

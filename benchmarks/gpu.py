@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import math
 import re
 import statistics
 import sys
@@ -40,8 +38,9 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-AUTHORS_DIFFRATE = REPO.parent / "shared" / "reference" / "diffrate_compression_rate.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when loaded by path
+from _common import RESULTS, command, md_table, resolve, write_results  # noqa: E402
+
 MODEL = "deit_small_patch16_224"
 
 #: (label, method, options) on DeiT-S: the settings of the CPU results (token_reduction.md,
@@ -71,21 +70,6 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "unknown"
 
 
-def _options(options: dict) -> dict:
-    """Resolve ``"authors:MODEL:TARGET"`` DiffRate schedules from the shared reference file."""
-    sched = options.get("schedule")
-    if isinstance(sched, str) and sched.startswith("authors:"):
-        from leanvit.schedule import read_authors_schedule
-
-        _, model, target = sched.split(":")
-        if not AUTHORS_DIFFRATE.is_file():
-            raise FileNotFoundError(f"the authors' DiffRate schedules are not at "
-                                    f"{AUTHORS_DIFFRATE}")
-        return {**options, "schedule": read_authors_schedule(str(AUTHORS_DIFFRATE), model,
-                                                             target)}
-    return options
-
-
 def _peak_mb(model, x, device) -> Optional[float]:
     import torch
 
@@ -105,7 +89,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     import leanvit
     from leanvit.bench import DTYPES, environment, time_models
-    from leanvit.macs import count_macs
     from leanvit.models import input_size
 
     import timm
@@ -127,12 +110,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # MACs and the patched models, built once (fp32, CPU), then cast and moved
     built: dict[str, Any] = {}
-    gmacs = {"dense": count_macs(dense, probe).gmacs}
+    gmacs = {"dense": leanvit.count_macs(dense, probe).gmacs}
     errors: dict[str, str] = {}
     for label, method, options in methods:
         try:
-            m = leanvit.patch(copy.deepcopy(dense), method, **_options(options)).eval()
-            gmacs[label] = count_macs(m, probe).gmacs
+            m = leanvit.patch(copy.deepcopy(dense), method, **resolve(options)).eval()
+            gmacs[label] = leanvit.count_macs(m, probe).gmacs
             built[label] = m
         except Exception as e:  # recorded, the run goes on
             errors[label] = f"{type(e).__name__}: {e}".splitlines()[0]
@@ -211,25 +194,25 @@ def markdown(s: dict[str, Any], command: str) -> str:
              f"Speedup = median dense time / median method time over {s['repeats']} "
              f"interleaved rounds ({s['iters_batch1']} forwards per round at batch 1); spread "
              "= lowest and highest per-round ratio. Peak memory = "
-             "`torch.cuda.max_memory_allocated` of one forward (weights included).", "",
-             "| mode | batch | method | MAC ratio | speedup | spread | speedup / MAC ratio | "
-             "ms (dense) | peak MB (dense) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "`torch.cuda.max_memory_allocated` of one forward (weights included).", ""]
+
+    def mb(v):
+        return "n/a" if v is None else f"{v:.0f}"
+
+    cells = []
     for r in s["rows"]:
-        head = f"| {r['mode']} | {r['batch_size']} | {r['method']} | "
+        row = [r["mode"], r["batch_size"], r["method"], f"{r.get('mac_ratio', float('nan')):.3f}x"]
         if "error" in r:
-            lines.append(head + f"{r.get('mac_ratio', float('nan')):.3f}x | failed: "
-                         f"{r['error']} | | | | |")
+            cells.append(row + [f"failed: {r['error']}", "", "", "", ""])
             continue
-
-        def mb(v):
-            return "n/a" if v is None else f"{v:.0f}"
-
-        lines.append(
-            head + f"{r['mac_ratio']:.3f}x | {r['speedup']:.3f}x | {r['round_ratio_min']:.2f}-"
-            f"{r['round_ratio_max']:.2f} | {r['speedup_over_mac_ratio']:.2f} | "
-            f"{r['ms']:.2f} ({r['base_ms']:.2f}) | {mb(r['peak_mb'])} ({mb(r['base_peak_mb'])}) |")
-    return "\n".join(lines) + "\n"
+        cells.append(row + [f"{r['speedup']:.3f}x",
+                            f"{r['round_ratio_min']:.2f}-{r['round_ratio_max']:.2f}",
+                            f"{r['speedup_over_mac_ratio']:.2f}",
+                            f"{r['ms']:.2f} ({r['base_ms']:.2f})",
+                            f"{mb(r['peak_mb'])} ({mb(r['base_peak_mb'])})"])
+    lines.append(md_table(["mode", "batch", "method", "MAC ratio", "speedup", "spread",
+                           "speedup / MAC ratio", "ms (dense)", "peak MB (dense)"], cells))
+    return "\n".join(lines)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -251,7 +234,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20, help="forwards per round at batch 1")
-    p.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failed entries")
     args = p.parse_args(argv)
     if args.dry_run:
@@ -290,15 +273,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     t0 = time.time()
     summary = run(args)
     summary["minutes"] = (time.time() - t0) / 60
-    cmd = "python benchmarks/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    summary["command"] = cmd
-    from leanvit._files import atomic_write_text
-
-    out = Path(args.out_dir) / f"gpu_{device_slug(summary['device_name'] if args.device != 'cpu' else 'cpu')}"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    summary["command"] = cmd = command("gpu.py", argv)
+    slug = device_slug(summary["device_name"] if args.device != "cpu" else "cpu")
+    out = Path(args.out_dir) / f"gpu_{slug}"
     text = markdown(summary, cmd)
-    atomic_write_text(out.with_suffix(".md"), text)
-    atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=2, default=str) + "\n")
+    write_results(out, summary, text)
     print(text)
     print(f"wrote {out.with_suffix('.md')}", file=sys.stderr)
     return 0

@@ -23,24 +23,23 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _common import DINOV2_MODEL as MODEL, DINOV2_WEIGHTS as WEIGHTS, REPO as ROOT, RESULTS, \
+    dinov2, loadavg, require
 
-MODEL = "vit_small_patch14_dinov2"
-WEIGHTS = ROOT.parent / "shared" / "weights" / "dinov2_vits14_224.safetensors"
 ARTIFACTS = "results/tmp/artifacts"  # trained / searched method state (leanvit.save files)
 
 #: Two or three budgets per method, mildest first. ViT-S/14 at 224 px: 12 blocks, 256 patches.
 #: evit/topk: keep rates of the EViT paper (0.7, 0.5); tome: r per block (ToMe's ViT-S
 #: settings scaled to 256 patches); ats: default (K = N0 in blocks 3..11) and token caps;
-#: diffrate: the schedules `benchmarks/diffrate_dinov2.py` searched (4.0 G target, two lrs);
-#: dynamicvit: predictors trained by `benchmarks/dynamicvit_fashion_mnist.py` (378 steps,
-#: ratio weight 10: the two commands in README's DynamicViT section).
+#: diffrate: the schedules the retired `diffrate_dinov2.py` searched (4.0 G target, two lrs);
+#: dynamicvit: predictors trained by the retired `dynamicvit_fashion_mnist.py` (378 steps,
+#: ratio weight 10); commands and commits of both in benchmarks/README.md.
 SETTINGS = """
 none
 evit keep_rate=0.7
@@ -101,12 +100,9 @@ def main() -> int:
     from leanvit.compare import apply_setting, parse_methods, run_compare, write_outputs
     from leanvit.data import export_fashion_mnist, loader
     from leanvit.evaluate import load_split
-    from leanvit.models import create_model
     from leanvit.probe import probe_folder
 
-    if not WEIGHTS.is_file():
-        print(f"DINOv2 weights not found at {WEIGHTS}", file=sys.stderr)
-        return 2
+    require(WEIGHTS)
     data = Path(args.data)
     if not (data / "val").is_dir():
         export_fashion_mnist(data, train=args.train, val=args.val, seed=0)
@@ -118,7 +114,7 @@ def main() -> int:
     probe_wall = time.perf_counter() - t0
     print(f"probe: val accuracy {probe['val_accuracy']:.2f}% ({probe['seconds']})")
 
-    model = create_model(MODEL, img_size=224, checkpoint=WEIGHTS, head=args.head).eval()
+    model = dinov2(head=args.head)
     available = set(leanvit.available_methods())
     settings, skipped = [], []
     for s in parse_methods(SETTINGS.format(a=args.artifacts)):
@@ -236,7 +232,7 @@ def dense_section(page: Path) -> list:
     (``benchmarks/dense_segmentation.py``'s results)."""
     from leanvit.compare import markdown_table
 
-    res = ROOT / "benchmarks" / "results" / "dense_segmentation.json"
+    res = RESULTS / "dense_segmentation.json"
     lines = ["## Dense features: foreground segmentation (issue 15)", ""]
     if not res.is_file():
         return lines + ["Not run yet: `flock /tmp/leanvit-cpu.lock python "
@@ -288,7 +284,7 @@ TUNE_IMG = "docs/img/results_tune_dinov2_fmnist.png"
 def tune_command(args) -> list[str]:
     """The ``leanvit tune`` command of the page's section (same model, head, data, images)."""
     return ["leanvit", "tune", MODEL, "--img-size", "224", "--checkpoint",
-            f"../shared/weights/{WEIGHTS.name}", "--head", args.head,
+            os.path.relpath(WEIGHTS, ROOT), "--head", args.head,
             "--data", args.data, "--limit", str(args.limit), "--batch-size",
             str(args.batch_size), "--budget-gmacs", str(TUNE_BUDGET), "--out", args.tune_dir,
             "--no-progress"]
@@ -304,13 +300,13 @@ def tune_section(args) -> list[str]:
     out = Path(args.tune_dir)
     cmd = tune_command(args)
     if not (out / "tune.json").is_file():
-        load0 = Path("/proc/loadavg").read_text().split()[:3]
+        load0 = loadavg()
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "leanvit", *cmd[1:]], check=True,
-                       cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         info = json.loads((out / "tune.json").read_text())
         info["wall_s"] = time.perf_counter() - t0
-        info["loadavg"] = [load0, Path("/proc/loadavg").read_text().split()[:3]]
+        info["loadavg"] = [load0, loadavg()]
         (out / "tune.json").write_text(json.dumps(info, indent=2) + "\n")
     info = json.loads((out / "tune.json").read_text())
     rows = info["rows"]

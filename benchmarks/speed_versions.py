@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--methods", nargs="*", default=None, metavar="LABEL")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" /
-                                        "speed_versions"))
+    p.add_argument("--out", default=None,
+                   help="output path without suffix (default benchmarks/results/speed_versions)")
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
@@ -112,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     commits = {k: subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=v,
                                  capture_output=True, text=True).stdout.strip()
                for k, v in versions.items()}
-    load_before = Path("/proc/loadavg").read_text().split()[:3]
+    # imported here, not at the top: the workers must import leanvit from PYTHONPATH, and
+    # _common puts this checkout first on sys.path
+    from _common import RESULTS, command, loadavg, write_results
+
+    load_before = loadavg()
     t0 = time.time()
     rounds: list[dict] = []
     for r in range(args.rounds):
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             got[key] = run_version(versions[key], args)
         rounds.append(got)
-    load_after = Path("/proc/loadavg").read_text().split()[:3]
+    load_after = loadavg()
 
     rows = []
     for label, _, _ in METHODS:
@@ -145,38 +149,31 @@ def main(argv: list[str] | None = None) -> int:
                "rounds": args.rounds, "repeats": args.repeats, "warmup": args.warmup,
                "loadavg_before": load_before, "loadavg_after": load_after,
                "seconds": round(time.time() - t0), "threads": rounds[0]["after"]["threads"],
-               "command": "python benchmarks/speed_versions.py " + " ".join(
-                   argv if argv is not None else sys.argv[1:]),
-               "rows": rows, "raw": rounds}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(versions["after"]))
-    from leanvit._files import atomic_write_text
-
-    atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
-    atomic_write_text(out.with_suffix(".md"), markdown(summary))
+               "command": command("speed_versions.py", argv), "rows": rows, "raw": rounds}
+    write_results(args.out or RESULTS / "speed_versions", summary, markdown(summary))
     print(markdown(summary))
     return 0
 
 
 def markdown(s: dict) -> str:
-    lines = [f"# Token methods on {s['model']} before / after ({s['commits']['before']} -> "
-             f"{s['commits']['after']}), batch {s['batch_size']}, fp32, CPU", "",
-             f"Command: `{s['command']}` ({s['rounds']} rounds per version, alternating, "
-             f"{s['repeats']} timed pairs per method and round, {s['threads']} threads; "
-             f"load average {' '.join(s['loadavg_before'])} before, "
-             f"{' '.join(s['loadavg_after'])} after; {s['seconds']} s).", "",
-             "Speedup = unmodified model's median time / patched model's, same process. "
-             "Ratio = speedup after / speedup before, per round pair (1.0 = unchanged).", "",
-             "| method | GMACs before / after | speedup before (per round) | speedup after "
-             "(per round) | ratio median [min, max] |", "|---|---|---|---|---|"]
-    for r in s["rows"]:
-        lines.append(
-            f"| {r['method']} | {r['gmacs_before']:.3f} / {r['gmacs_after']:.3f} | "
-            f"{', '.join(f'{v:.3f}' for v in r['speedup_before'])} | "
-            f"{', '.join(f'{v:.3f}' for v in r['speedup_after'])} | "
-            f"{r['ratio_median']:.3f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}] |")
-    return "\n".join(lines) + "\n"
+    """The summary as markdown."""
+    from _common import md_table
+
+    head = (f"# Token methods on {s['model']} before / after ({s['commits']['before']} -> "
+            f"{s['commits']['after']}), batch {s['batch_size']}, fp32, CPU\n\n"
+            f"Command: `{s['command']}` ({s['rounds']} rounds per version, alternating, "
+            f"{s['repeats']} timed pairs per method and round, {s['threads']} threads; "
+            f"load average {' '.join(s['loadavg_before'])} before, "
+            f"{' '.join(s['loadavg_after'])} after; {s['seconds']} s).\n\n"
+            "Speedup = unmodified model's median time / patched model's, same process. "
+            "Ratio = speedup after / speedup before, per round pair (1.0 = unchanged).\n\n")
+    cells = [[r["method"], f"{r['gmacs_before']:.3f} / {r['gmacs_after']:.3f}",
+              ", ".join(f"{v:.3f}" for v in r["speedup_before"]),
+              ", ".join(f"{v:.3f}" for v in r["speedup_after"]),
+              f"{r['ratio_median']:.3f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}]"]
+             for r in s["rows"]]
+    return head + md_table(["method", "GMACs before / after", "speedup before (per round)",
+                            "speedup after (per round)", "ratio median [min, max]"], cells)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,15 @@
 model in the same run (``leanvit.bench.run_benchmark``).
 
 Protocol (issue 4): deit_small_patch16_224 (random weights: fixed-rate methods do the same work
-whatever the weights), batch 64, fp32, CPU, warm-up then interleaved timed rounds; plus the
-batch-1 latency change. Targets: speedup >= 0.95 x MAC ratio, and at least what the authors'
-own code reaches on a 2-core CPU of this kind (EViT 0.7: 1.41x, ToMe r=13: 1.56x).
+whatever the weights; DynamicViT's untrained predictors change which tokens survive, never how
+many), batch 64, fp32, CPU, warm-up then interleaved timed rounds; plus the batch-1 latency
+change. Targets: speedup >= 0.95 x MAC ratio, and at least what the authors' own code reaches
+on a 2-core CPU of this kind (EViT 0.7: 1.41x, ToMe r=13: 1.56x, DiffRate's published DeiT-S
+2.9 G schedule: 1.31x, DynamicViT 0.7: 1.49x). Compiled batch 1: ``batch1.py``.
+
+The DiffRate and DynamicViT rows were separate scripts, ``diffrate.py`` and ``dynamicvit.py``
+(their results and commits: benchmarks/README.md). ``results/token_reduction.{json,md}`` has the
+first three rows (``--methods "evit 0.7" "topk 0.7" "tome r=13"``).
 
 Run it under the shared CPU lock::
 
@@ -16,11 +22,9 @@ to ``METHODS``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
-from leanvit._files import atomic_write_text
+from _common import RESULTS, command, md_table, resolve, write_results
 
 MODEL = "deit_small_patch16_224"
 
@@ -29,6 +33,8 @@ METHODS = [
     ("evit 0.7", "evit", {"keep_rate": 0.7}, 1.41),
     ("topk 0.7", "topk", {"keep_rate": 0.7}, None),
     ("tome r=13", "tome", {"r": 13}, 1.56),
+    ("diffrate 2.9G", "diffrate", {"schedule": "authors:ViT-S-DeiT:2.9"}, 1.31),
+    ("dynamicvit 0.7", "dynamicvit", {"keep_rate": 0.7, "locations": (3, 6, 9)}, 1.49),
 ]
 
 #: a method's measured speedup must reach this fraction of its MAC ratio (issue 4)
@@ -46,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="batch-1 forwards per timed round (default 10)")
     p.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency runs")
     p.add_argument("--memory", action="store_true", help="also measure peak memory (slower)")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" /
-                                        "token_reduction"),
+    p.add_argument("--out", default=str(RESULTS / "token_reduction"),
                    help="output path without suffix (.json and .md are written)")
     args = p.parse_args(argv)
 
@@ -59,13 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     rows, raw = [], {}
     for label, method, options, authors in chosen:
         print(f"[{label}] batch {args.batch_size} ...", file=sys.stderr, flush=True)
-        res = run_benchmark(MODEL, method, options, batch_size=args.batch_size,
+        res = run_benchmark(MODEL, method, resolve(options), batch_size=args.batch_size,
                             warmup=args.warmup, repeats=args.repeats, memory=args.memory,
                             progress=False)
         lat = None
         if not args.no_latency:
             print(f"[{label}] batch 1 ...", file=sys.stderr, flush=True)
-            lat = run_benchmark(MODEL, method, options, batch_size=1, warmup=args.warmup,
+            lat = run_benchmark(MODEL, method, resolve(options), batch_size=1, warmup=args.warmup,
                                 repeats=args.repeats, iters=args.latency_iters, memory=False,
                                 progress=False)
         row = {
@@ -92,13 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         print(_line(row), file=sys.stderr, flush=True)
 
     env = next(iter(raw.values()))["batch"]["environment"]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     summary = {"model": MODEL, "batch_size": args.batch_size, "dtype": "fp32", "device": "cpu",
-               "command": "python benchmarks/token_reduction.py " + " ".join(argv or sys.argv[1:]),
-               "environment": env, "rows": rows, "raw": raw}
-    atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
-    atomic_write_text(out.with_suffix(".md"), _markdown(summary))
+               "command": command("token_reduction.py", argv), "environment": env,
+               "rows": rows, "raw": raw}
+    write_results(args.out, summary, _markdown(summary))
     print(_markdown(summary))
     return 0
 
@@ -117,21 +119,21 @@ def _markdown(s: dict) -> str:
              f"{env['device_name']}, {env['threads']} threads, torch {env['torch']}, timm "
              f"{env['timm']}, leanvit {env['leanvit']}. Command: `{s['command']}`", "",
              "Speedup: median round of each model (`run_benchmark`); best rounds: fastest round of "
-             "each, less sensitive to other processes on a shared machine.", "",
-             "| method | GMACs | MAC ratio | speedup | speedup / MAC ratio | speedup, best rounds | "
-             "authors' code | img/s (base) | batch-1 ms (base) | batch-1 change |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "each, less sensitive to other processes on a shared machine.", ""]
+    cells = []
     for r in s["rows"]:
         authors = "-" if r["authors_speedup"] is None else f"{r['authors_speedup']:.2f}x"
         lat = ("-", "-") if "latency_ms" not in r else (
             f"{r['latency_ms']:.1f} ({r['base_latency_ms']:.1f})",
             f"{100 * r['latency_change']:+.1f}%")
-        lines.append(
-            f"| {r['method']} | {r['gmacs']:.3f} ({r['base_gmacs']:.3f}) | {r['mac_ratio']:.3f}x "
-            f"| {r['speedup']:.3f}x | {r['speedup_over_mac_ratio']:.2f} | "
-            f"{r['speedup_best_rounds']:.3f}x | {authors} | "
-            f"{r['images_per_s']:.1f} ({r['base_images_per_s']:.1f}) | {lat[0]} | {lat[1]} |")
-    return "\n".join(lines) + "\n"
+        cells.append([r["method"], f"{r['gmacs']:.3f} ({r['base_gmacs']:.3f})",
+                      f"{r['mac_ratio']:.3f}x", f"{r['speedup']:.3f}x",
+                      f"{r['speedup_over_mac_ratio']:.2f}", f"{r['speedup_best_rounds']:.3f}x",
+                      authors, f"{r['images_per_s']:.1f} ({r['base_images_per_s']:.1f})", *lat])
+    lines.append(md_table(["method", "GMACs", "MAC ratio", "speedup", "speedup / MAC ratio",
+                           "speedup, best rounds", "authors' code", "img/s (base)",
+                           "batch-1 ms (base)", "batch-1 change"], cells))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
