@@ -17,6 +17,7 @@ from tests.conftest import tiny_vit
 KEEP_ALL = [
     ("none", {}),
     ("tome", dict(r=0)),
+    ("pitome", dict(r=0)),
     ("evit", dict(keep_rate=1.0, locations=(1, 2))),
     ("topk", dict(keep_rate=1.0, locations=(1, 2))),
     ("dynamicvit", dict(keep_rate=1.0, locations=(1, 2))),
@@ -115,11 +116,12 @@ def _source_groups_check(model, x, prefix):
     return covered
 
 
+@pytest.mark.parametrize("method", ["tome", "pitome"])
 @pytest.mark.parametrize("family", BUILDERS)
-def test_tome_every_patch_of_a_group_gets_the_group_features(family):
+def test_merging_every_patch_of_a_group_gets_the_group_features(family, method):
     model = BUILDERS[family]()
     x = _inputs(model)
-    leanvit.patch(model, "tome", r=2, trace_source=True)
+    leanvit.patch(model, method, r=2, trace_source=True)
     covered = _source_groups_check(model, x, prefix=model.num_prefix_tokens)
     assert covered.all()  # merging only: every patch is in exactly one group
     with torch.no_grad():  # and groups of several patches really exist
