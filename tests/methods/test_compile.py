@@ -40,6 +40,9 @@ CASES = [
     ("dynamicvit", {}, tiny_swin),
     ("pitome", dict(r=2), _vit),
     ("pitome", dict(r=(2, -0.5), trace_source=True, prop_attn=False), _vit),
+    ("mctf", dict(r=2), _vit),
+    ("mctf", dict(r=[2, 2, 1, 0], locations=(0, 1, 2), bidirection=False, pooling="size",
+                  trace_source=True), _vit),
 ]
 IDS = [f"{m}-{i}-{f.__name__.strip('_')}" for i, (m, _, f) in enumerate(CASES)]
 BACKENDS = ["eager"] + (["inductor"] if os.environ.get("LEANVIT_TEST_INDUCTOR") else [])
