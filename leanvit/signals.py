@@ -34,6 +34,7 @@ class Signals:
         self._cls_attn: Optional[Tensor] = None
         self._keys: Optional[Tensor] = None
         self._value_norm: Optional[Tensor] = None
+        self._attn_received: Optional[Tensor] = None
 
     @property
     def num_tokens(self) -> int:
@@ -78,3 +79,24 @@ class Signals:
             self._value_norm = torch.linalg.vector_norm(
                 self.v.transpose(1, 2).reshape(B, N, H * D), dim=-1)
         return self._value_norm
+
+    @property
+    def attn_received(self) -> Tensor:
+        """Attention each token receives, ``[B, N]``, at least float32: the post-softmax map
+        averaged over heads and over ALL query rows (MCTF's informativeness,
+        ``attn.mean(dim=[1, 2])`` in the authors' code).
+
+        The whole ``[B, H, N, N]`` map is computed (``H N^2 D`` MACs per image, counted), so a
+        method that reads this pays one more ``q k^T`` product. ``bias`` must apply to every
+        query row (a per-key bias such as ``log(size)`` or padding); a backbone whose adapter
+        passes only the class token's row of a per-query bias (BEiT's relative position
+        bias) cannot give this map.
+        """
+        if self._attn_received is None:
+            dtype = torch.promote_types(self.q.dtype, torch.float32)
+            _, weights = attention(self.q.to(dtype), self.k.to(dtype), None, self.scale,
+                                   bias=self.bias, return_weights=True)  # [B, H, N, N]
+            H, N, D = self.k.shape[1], self.num_tokens, self.k.shape[3]
+            self.macs += H * N * N * D
+            self._attn_received = weights.mean(dim=(1, 2))
+        return self._attn_received

@@ -56,6 +56,8 @@ KNOBS: dict[str, Knob] = {
     "evit": Knob("keep_rate", 0.05, 1.0, False, False),
     "topk": Knob("keep_rate", 0.05, 1.0, False, False),
     "tome": Knob("r", 0, None, True, True),
+    "pitome": Knob("r", 0, None, True, True),
+    "mctf": Knob("r", 0, None, True, True),
     "ats": Knob("max_tokens", 2, None, True, False),
     "random": Knob("keep_rate", 0.05, 1.0, False, False),
 }

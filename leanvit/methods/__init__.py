@@ -11,5 +11,7 @@ from leanvit.methods import diffrate  # noqa: F401
 from leanvit.methods import diffrate_search  # noqa: F401
 from leanvit.methods import dynamicvit  # noqa: F401
 from leanvit.methods import evit  # noqa: F401
+from leanvit.methods import mctf  # noqa: F401
+from leanvit.methods import pitome  # noqa: F401
 from leanvit.methods import tome  # noqa: F401
 from leanvit.methods import topk  # noqa: F401

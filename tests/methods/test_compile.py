@@ -4,8 +4,8 @@ break, no data-dependent shape, no ``.item()``) and gives the same outputs. This
 ``torch.compile(mode="reduce-overhead")`` capture the whole forward in one CUDA graph.
 
 Covered (issue 16): none, evit, topk, tome, diffrate, and dynamicvit in eval mode on ViT,
-ConvNeXt and Swin; fp32 and bf16. ``ats`` keeps a per-image token count (data-dependent
-shapes by design) and is not a fixed-rate method.
+ConvNeXt and Swin; fp32 and bf16; pitome and mctf on ViT. ``ats`` keeps a per-image token
+count (data-dependent shapes by design) and is not a fixed-rate method.
 
 The default backend (inductor) needs a C++ toolchain and about a minute per model on a small
 CPU; the tracing that decides "static shapes, no graph break" is the same, so the test runs
@@ -38,6 +38,11 @@ CASES = [
     ("dynamicvit", dict(locations=(1, 2), keep_rate=0.7), _vit),
     ("dynamicvit", {}, tiny_convnext),
     ("dynamicvit", {}, tiny_swin),
+    ("pitome", dict(r=2), _vit),
+    ("pitome", dict(r=(2, -0.5), trace_source=True, prop_attn=False), _vit),
+    ("mctf", dict(r=2), _vit),
+    ("mctf", dict(r=[2, 2, 1, 0], locations=(0, 1, 2), bidirection=False, pooling="size",
+                  trace_source=True), _vit),
 ]
 IDS = [f"{m}-{i}-{f.__name__.strip('_')}" for i, (m, _, f) in enumerate(CASES)]
 BACKENDS = ["eager"] + (["inductor"] if os.environ.get("LEANVIT_TEST_INDUCTOR") else [])

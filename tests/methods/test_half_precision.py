@@ -41,6 +41,8 @@ VIT_CASES = [
     ("evit", dict(keep_rate=0.7)),
     ("topk", dict(keep_rate=0.5)),
     ("tome", dict(r=2)),
+    ("pitome", dict(r=2)),
+    ("mctf", dict(r=2)),
     ("ats", {}),
     ("diffrate", dict(schedule=([17, 15, 13, 11], [15, 13, 11, 9]))),
     ("dynamicvit", dict(locations=(1, 2), keep_rate=0.7)),
