@@ -4,7 +4,7 @@ break, no data-dependent shape, no ``.item()``) and gives the same outputs. This
 ``torch.compile(mode="reduce-overhead")`` capture the whole forward in one CUDA graph.
 
 Covered (issue 16): none, evit, topk, tome, diffrate, and dynamicvit in eval mode on ViT,
-ConvNeXt and Swin; fp32 and bf16. ``ats`` keeps a per-image token count (data-dependent
+ConvNeXt and Swin; fp32 and bf16; tofu, zerotprune and divprune on ViT (fp32). ``ats`` keeps a per-image token count (data-dependent
 shapes by design) and is not a fixed-rate method.
 
 The default backend (inductor) needs a C++ toolchain and about a minute per model on a small
@@ -38,6 +38,10 @@ CASES = [
     ("dynamicvit", dict(locations=(1, 2), keep_rate=0.7), _vit),
     ("dynamicvit", {}, tiny_convnext),
     ("dynamicvit", {}, tiny_swin),
+    ("tofu", dict(r=2), _vit),
+    ("tofu", dict(r=(2, -0.5), prune_blocks=2, trace_source=True), _vit),
+    ("zerotprune", dict(r=2), _vit),
+    ("divprune", dict(keep_rate=0.6, locations=(1, 2)), _vit),
 ]
 IDS = [f"{m}-{i}-{f.__name__.strip('_')}" for i, (m, _, f) in enumerate(CASES)]
 BACKENDS = ["eager"] + (["inductor"] if os.environ.get("LEANVIT_TEST_INDUCTOR") else [])
