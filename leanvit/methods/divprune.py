@@ -54,14 +54,12 @@ def diverse_subset(dist: Tensor, k: int) -> Tensor:
     rows = torch.arange(B, device=dist.device)
     first = dist.topk(2, dim=1, largest=False).values[:, 1].argmax(dim=1)  # [B]
     picks = [first]
-    nearest = dist[rows, first]  # [B, n]: distance to the nearest chosen token
-    chosen = torch.zeros(B, n, dtype=torch.bool, device=dist.device)
-    chosen[rows, first] = True
+    # distance of each token to the nearest chosen token; -inf once chosen itself
+    nearest = dist[rows, first].scatter(1, first[:, None], -torch.inf)  # [B, n]
     for _ in range(k - 1):
-        nxt = nearest.masked_fill(chosen, -torch.inf).argmax(dim=1)
+        nxt = nearest.argmax(dim=1)
         picks.append(nxt)
-        chosen = chosen | torch.nn.functional.one_hot(nxt, n).bool()
-        nearest = torch.minimum(nearest, dist[rows, nxt])
+        nearest = torch.minimum(nearest, dist[rows, nxt]).scatter_(1, nxt[:, None], -torch.inf)
     return torch.stack(picks, dim=1)
 
 

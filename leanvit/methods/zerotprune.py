@@ -54,6 +54,12 @@ def default_iterations(depth: int) -> list[int]:
     return [first if i < e else last if i >= depth - e else mid for i in range(depth)]
 
 
+#: Attention maps of at most this many bytes run all their PageRank steps in one go (eager
+#: code): a chunk of images whose maps stay in a core's cache, instead of streaming the whole
+#: batch's maps from memory once per step.
+CHUNK_BYTES = 1 << 20
+
+
 def wpr(attn: Tensor, init: Tensor, iterations: int, keep: Optional[Tensor] = None) -> Tensor:
     """Weighted PageRank on an attention graph, per head.
 
@@ -61,23 +67,39 @@ def wpr(attn: Tensor, init: Tensor, iterations: int, keep: Optional[Tensor] = No
         attn: ``[B, H, N, N]`` post-softmax attention (row ``i``: what query ``i`` attends to).
         init: ``[B, N]`` starting scores (summing to 1).
         iterations: steps ``s <- A^T s`` (at least 1).
-        keep: ``[B, N]`` bool, the tokens of the graph (``None``: all): the map is restricted
-            to them (other rows and columns zero) and its rows renormalised, i.e. the attention
-            among the kept tokens alone; the others score 0.
+        keep: ``[B, N]`` bool, the tokens of the graph (``None``: all): the map restricted to
+            them, rows renormalised (the attention among the kept tokens alone), without
+            forming it: ``s_j <- m_j sum_i (s_i m_i / z_i) A[i, j]`` with ``z_i = sum_j A[i, j]
+            m_j``; the others score 0.
 
     Returns:
         ``[B, H, N]`` scores per head (each summing to 1 over the graph's tokens).
     """
-    a = attn
+    B, H, N, _ = attn.shape
+    s = init.to(attn.dtype)[:, None, :].expand(B, H, N)
+    inv = m = None
     if keep is not None:
-        m = keep.to(a.dtype)
-        a = a * m[:, None, None, :]
-        a = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
-        a = a * m[:, None, :, None]
-    s = init.to(a.dtype)[:, None, None, :].expand(-1, a.shape[1], -1, -1)  # [B, H, 1, N]
+        m = keep.to(attn.dtype)[:, None, :]  # [B, 1, N]
+        z = (attn @ m.unsqueeze(-1)).squeeze(-1)  # [B, H, N]: kept mass of each row
+        inv = m / z.clamp_min(torch.finfo(attn.dtype).tiny)
+    if torch.compiler.is_compiling():  # static shapes: one batched product per step
+        return _steps(attn, s, iterations, inv, m)
+    per = max(1, CHUNK_BYTES // max(1, H * N * N * attn.element_size()))
+    return torch.cat([_steps(attn[b:b + per], s[b:b + per], iterations,
+                             None if inv is None else inv[b:b + per],
+                             None if m is None else m[b:b + per]) for b in range(0, B, per)])
+
+
+def _steps(attn: Tensor, s: Tensor, iterations: int, inv: Optional[Tensor],
+           m: Optional[Tensor]) -> Tensor:
+    """``iterations`` PageRank steps of :func:`wpr` on ``attn`` ``[b, H, N, N]`` from ``s``
+    ``[b, H, N]`` (``inv``, ``m``: the restriction to the kept tokens, or ``None``)."""
     for _ in range(iterations):
-        s = s @ a  # s_j <- sum_i s_i A[i, j]
-    return s.squeeze(2)
+        u = s if inv is None else s * inv
+        s = (u.unsqueeze(2) @ attn).squeeze(2)  # s_j <- sum_i u_i A[i, j]
+        if m is not None:
+            s = s * m
+    return s
 
 
 def eir(scores: Tensor) -> Tensor:
@@ -210,12 +232,15 @@ class ZeroTPrune(Reducer):
         everyone = torch.ones(B, N, dtype=torch.bool, device=x.device)
         pre = eir(wpr(attn, initial_scores(everyone, self.cls_boost), 1))  # I'-stage
         keep = similarity_prune(pre, signals.keys, p, r_s) if r_s else everyone  # S-stage
-        final = eir(wpr(attn, initial_scores(keep, self.cls_boost), self.iterations[i], keep))
+        final = eir(wpr(attn, initial_scores(keep, self.cls_boost), self.iterations[i],
+                        keep if r_s else None))
         index = importance_prune(final, keep, p, N - p - r)  # I-stage
         if state.recorder is not None:
             H, D = attn.shape[1], signals.keys.shape[-1]
             n_a = (N - p) // 2
-            state.recorder.add_extra("pagerank", H * N * N * (1 + self.iterations[i]))
+            # I' (1 step), the kept mass of each row when restricted (1), the I-stage's steps
+            steps = 1 + (1 if r_s else 0) + self.iterations[i]
+            state.recorder.add_extra("pagerank", H * N * N * steps)
             if r_s:
                 state.recorder.add_extra("similarity", n_a * (N - p - n_a) * D)
         return gather_tokens(x, index), state.gather(index)
