@@ -67,11 +67,13 @@ def mlerp_merge(m: Matching, x: Tensor, size: Optional[Tensor] = None) -> tuple[
     norms = torch.linalg.vector_norm(x.to(dtype), dim=-1)  # [B, N]
     # the largest norm of each output row's group: its own, or a source's merged into it
     top = norms.gather(1, m.keep).scatter_reduce(1, m.dst, norms.gather(1, m.src), "amax")
-    merged = torch.linalg.vector_norm(gather_tokens(out, m.dst).to(dtype), dim=-1)  # [B, r]
-    ratio = top.gather(1, m.dst) / merged
-    # rows receiving no merge keep the factor 1 exactly; repeated destinations write one value
-    scale = torch.ones_like(top).scatter(1, m.dst, ratio)
-    return out * scale.unsqueeze(-1).to(out.dtype), new_size
+    rows = gather_tokens(out, m.dst)  # [B, r, C]: the merged rows (repeated per source)
+    ratio = top.gather(1, m.dst) / torch.linalg.vector_norm(rows.to(dtype), dim=-1)
+    # only the merged rows change; a row written by several sources gets the same value
+    B, K, C = out.shape
+    flat = (m.dst + torch.arange(B, device=out.device).unsqueeze(1) * K).reshape(-1)
+    scaled = (rows * ratio.unsqueeze(-1).to(out.dtype)).reshape(-1, C)
+    return out.reshape(B * K, C).index_copy(0, flat, scaled).reshape(B, K, C), new_size
 
 
 def prune_matched(m: Matching, x: Tensor) -> Tensor:

@@ -55,9 +55,9 @@ def default_iterations(depth: int) -> list[int]:
 
 
 #: Attention maps of at most this many bytes run all their PageRank steps in one go (eager
-#: code): a chunk of images whose maps stay in a core's cache, instead of streaming the whole
-#: batch's maps from memory once per step.
-CHUNK_BYTES = 1 << 20
+#: code): a chunk of images whose maps stay in cache, instead of streaming the whole batch's
+#: maps from memory once per step (DeiT-S, batch 64: a few images per chunk; docs/).
+CHUNK_BYTES = 1 << 22
 
 
 def wpr(attn: Tensor, init: Tensor, iterations: int, keep: Optional[Tensor] = None) -> Tensor:
