@@ -80,23 +80,43 @@ class Signals:
                 self.v.transpose(1, 2).reshape(B, N, H * D), dim=-1)
         return self._value_norm
 
+    # -- the full attention map (Zero-TPrune's attention graph) ---------------------------------
+    #: The additive logit bias of EVERY query row, where it differs from :attr:`bias` (a bias
+    #: per query and key, e.g. BEiT's relative position bias): a tensor broadcastable to
+    #: ``[B, H, N, N]`` or a sequence of them, added in order. ``None``: :attr:`bias` is a bias
+    #: per key and applies to every row. Set by the adapter after construction.
+    full_bias = None
+
+    @property
+    def attn(self) -> Tensor:
+        """Post-softmax attention map of every query, ``[B, H, N, N]``, at least float32 (all
+        keys; rows sum to 1): the attention graph Zero-TPrune ranks tokens on. ``O(N^2 C)``:
+        ``q k^T`` once more, since the main attention stays fused and keeps no map."""
+        cached = getattr(self, "_attn", None)
+        if cached is not None:
+            return cached
+        dtype = torch.promote_types(self.q.dtype, torch.float32)
+        bias = self.bias if self.full_bias is None else self.full_bias
+        if isinstance(bias, Tensor):
+            bias = bias.to(dtype)
+        elif bias is not None:
+            bias = [b.to(dtype) for b in bias if b is not None]
+        _, weights = attention(self.q.to(dtype), self.k.to(dtype), None, self.scale,
+                               bias=bias, return_weights=True)  # [B, H, N, N]
+        self.macs += self.k.shape[1] * self.k.shape[3] * self.num_tokens * self.q.shape[2]
+        self._attn = weights
+        return weights
+
     @property
     def attn_received(self) -> Tensor:
         """Attention each token receives, ``[B, N]``, at least float32: the post-softmax map
-        averaged over heads and over ALL query rows (MCTF's informativeness,
+        (:attr:`attn`) averaged over heads and over ALL query rows (MCTF's informativeness,
         ``attn.mean(dim=[1, 2])`` in the authors' code).
 
-        The whole ``[B, H, N, N]`` map is computed (``H N^2 D`` MACs per image, counted), so a
-        method that reads this pays one more ``q k^T`` product. ``bias`` must apply to every
-        query row (a per-key bias such as ``log(size)`` or padding); a backbone whose adapter
-        passes only the class token's row of a per-query bias (BEiT's relative position
-        bias) cannot give this map.
+        Reads the whole ``[B, H, N, N]`` map (``H N^2 D`` MACs per image, counted once with
+        :attr:`attn`), so a method that reads this pays one more ``q k^T`` product.
         """
         if self._attn_received is None:
-            dtype = torch.promote_types(self.q.dtype, torch.float32)
-            _, weights = attention(self.q.to(dtype), self.k.to(dtype), None, self.scale,
-                                   bias=self.bias, return_weights=True)  # [B, H, N, N]
-            H, N, D = self.k.shape[1], self.num_tokens, self.k.shape[3]
-            self.macs += H * N * N * D
-            self._attn_received = weights.mean(dim=(1, 2))
+            self._attn_received = self.attn.mean(dim=(1, 2))
         return self._attn_received
+

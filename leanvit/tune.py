@@ -60,6 +60,9 @@ KNOBS: dict[str, Knob] = {
     "mctf": Knob("r", 0, None, True, True),
     "ats": Knob("max_tokens", 2, None, True, False),
     "random": Knob("keep_rate", 0.05, 1.0, False, False),
+    "tofu": Knob("r", 0, None, True, True),
+    "zerotprune": Knob("r", 0, None, True, True),
+    "divprune": Knob("keep_rate", 0.05, 1.0, False, False),
 }
 #: Registered methods that need training before they are useful, and how to pass the trained
 #: state to tune instead.

@@ -15,3 +15,6 @@ from leanvit.methods import mctf  # noqa: F401
 from leanvit.methods import pitome  # noqa: F401
 from leanvit.methods import tome  # noqa: F401
 from leanvit.methods import topk  # noqa: F401
+from leanvit.methods import tofu  # noqa: F401
+from leanvit.methods import zerotprune  # noqa: F401
+from leanvit.methods import divprune  # noqa: F401

@@ -4,8 +4,8 @@ break, no data-dependent shape, no ``.item()``) and gives the same outputs. This
 ``torch.compile(mode="reduce-overhead")`` capture the whole forward in one CUDA graph.
 
 Covered (issue 16): none, evit, topk, tome, diffrate, and dynamicvit in eval mode on ViT,
-ConvNeXt and Swin; fp32 and bf16; pitome and mctf on ViT. ``ats`` keeps a per-image token
-count (data-dependent shapes by design) and is not a fixed-rate method.
+ConvNeXt and Swin; fp32 and bf16; pitome, mctf, tofu, zerotprune and divprune on ViT. ``ats``
+keeps a per-image token count (data-dependent shapes by design) and is not a fixed-rate method.
 
 The default backend (inductor) needs a C++ toolchain and about a minute per model on a small
 CPU; the tracing that decides "static shapes, no graph break" is the same, so the test runs
@@ -43,6 +43,10 @@ CASES = [
     ("mctf", dict(r=2), _vit),
     ("mctf", dict(r=[2, 2, 1, 0], locations=(0, 1, 2), bidirection=False, pooling="size",
                   trace_source=True), _vit),
+    ("tofu", dict(r=2), _vit),
+    ("tofu", dict(r=(2, -0.5), prune_blocks=2, trace_source=True), _vit),
+    ("zerotprune", dict(r=2), _vit),
+    ("divprune", dict(keep_rate=0.6, locations=(1, 2)), _vit),
 ]
 IDS = [f"{m}-{i}-{f.__name__.strip('_')}" for i, (m, _, f) in enumerate(CASES)]
 BACKENDS = ["eager"] + (["inductor"] if os.environ.get("LEANVIT_TEST_INDUCTOR") else [])

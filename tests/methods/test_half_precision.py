@@ -46,6 +46,9 @@ VIT_CASES = [
     ("ats", {}),
     ("diffrate", dict(schedule=([17, 15, 13, 11], [15, 13, 11, 9]))),
     ("dynamicvit", dict(locations=(1, 2), keep_rate=0.7)),
+    ("tofu", dict(r=2)),
+    ("zerotprune", dict(r=2)),
+    ("divprune", dict(keep_rate=0.6, locations=(1, 2))),
 ]
 
 
