@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leanvit.adapters.tokens import (BlockParts, Embedding, RelativeBias, TokenEngine,
-                                     TokenSpec, loss_tokens, pool_tokens, residual,
+                                     TokenSpec, linear_of, loss_tokens, pool_tokens, residual,
                                      token_weights)
 from leanvit.adapters.vit import check_input, timm_head, timm_info
 from leanvit.registry import ModelInfo
@@ -61,7 +61,7 @@ def check_supported(model: nn.Module) -> None:
 
 
 def describe(model: nn.Module) -> ModelInfo:
-    return timm_info(model, FAMILY, model.global_pool, has_class_token=True)
+    return timm_info(model, FAMILY, model.global_pool)  # Beit always has a class token
 
 
 def _block_bias(attn: nn.Module, shared: Optional[Tensor], positions: Optional[Tensor]
@@ -132,16 +132,15 @@ class BeitSpec(TokenSpec):
         return q, k, v, None
 
     def output(self, attn: nn.Module, out: Tensor, gate: Optional[Tensor]) -> Tensor:
-        out = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+        B, H, K, D = out.shape
+        out = out.transpose(1, 2).reshape(B, K, H * D)
         return attn.proj_drop(attn.proj(out))
 
     def head(self, model: nn.Module, x: Tensor, state: TokenState, pre_logits: bool) -> Tensor:
         return timm_head(model, pool(model, x, state), pre_logits)
 
     def head_macs(self, model: nn.Module, x: Tensor, state: TokenState, pre_logits: bool):
-        head = model.head
-        return 0 if pre_logits or not isinstance(head, nn.Linear) else \
-            head.in_features * head.out_features
+        return 0 if pre_logits else linear_of(model.head)
 
 
 def pool(model: nn.Module, x: Tensor, state: TokenState) -> Tensor:

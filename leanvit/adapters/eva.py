@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from leanvit.adapters.attention_pool import attention_pool_forward, attention_pool_macs
 from leanvit.adapters.tokens import (BlockParts, Embedding, Rotary, TokenEngine, TokenSpec,
-                                     loss_tokens, pool_tokens, residual, rope_table,
+                                     linear_of, loss_tokens, pool_tokens, residual, rope_table,
                                      token_rope, token_weights)
 from leanvit.adapters.vit import check_input, timm_head, timm_info, timm_output
 from leanvit.registry import ModelInfo
@@ -146,9 +146,7 @@ class EvaSpec(TokenSpec):
         return timm_head(model, pool(model, x, state), pre_logits)
 
     def head_macs(self, model: nn.Module, x: Tensor, state: TokenState, pre_logits: bool):
-        head = model.head
-        head = 0 if pre_logits or not isinstance(head, nn.Linear) else \
-            head.in_features * head.out_features
+        head = 0 if pre_logits else linear_of(model.head)
         if model.attn_pool is not None:  # timm's Eva pools over all tokens, prefix included
             head = head + float(attention_pool_macs(model.attn_pool, state.token_counts(x)).mean())
         return head

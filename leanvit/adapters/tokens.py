@@ -121,6 +121,11 @@ def linear_macs(module: Optional[nn.Module]) -> int:
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
+def linear_of(module: Optional[nn.Module]) -> int:
+    """MACs per row of ``module`` when it is an ``nn.Linear`` (a classifier), else 0."""
+    return module.in_features * module.out_features if isinstance(module, nn.Linear) else 0
+
+
 # --------------------------------------------------------------------------------------------
 # Position rules
 

@@ -1,12 +1,10 @@
 """Adapter for timm's ``VisionTransformer`` family (ViT, DeiT, DeiT distilled, MAE, DINOv2,
-register models) as they are in timm >= 1.0: the spec the token engine
-(:mod:`leanvit.adapters.tokens`) runs, and the only place that knows timm's ViT module names.
+register models; timm >= 1.0): the spec the token engine (:mod:`leanvit.adapters.tokens`) runs.
 
-Each block runs its own submodules (``norm1``, ``attn``, ``ls1``, ``drop_path1``, ``norm2``,
-``mlp``, ``ls2``, ``drop_path2``); positions are absolute (added at embedding). Block modules
-are not replaced or copied, so weights and their names are untouched. The timm helpers here
-(:func:`check_input`, :func:`timm_info`, :func:`timm_head`) serve the eva and beit specs too.
-"""
+The only place that knows timm's ViT module names. Each block runs its own submodules
+(``norm1``, ``attn``, ``ls1``, ``drop_path1``, ``norm2``, ``mlp``, ``ls2``, ``drop_path2``), not
+replaced or copied; positions are absolute (added at embedding). The timm helpers here
+(:func:`check_input`, :func:`timm_info`, :func:`timm_head`) serve the eva and beit specs too."""
 from __future__ import annotations
 
 from typing import Iterator, Optional
@@ -16,9 +14,9 @@ from torch import Tensor, nn
 from leanvit.adapters.attention_pool import (attention_pool_forward, attention_pool_macs,
                                              is_attention_pool, pool_token_count)
 from leanvit.adapters.base import CompactionSites, Site
-from leanvit.adapters.tokens import (BlockParts, Embedding, TokenEngine, TokenSpec,
-                                     check_images, has_contract, loss_tokens, pool_tokens,
-                                     residual, token_weights)
+from leanvit.adapters.tokens import (  # noqa: F401 (loss_tokens: the contract's)
+    BlockParts, Embedding, TokenEngine, TokenSpec, check_images, has_contract, linear_of,
+    loss_tokens, pool_tokens, residual, token_weights)
 from leanvit.ops.attention import attention_logits
 from leanvit.ops.precision import check_input_dtype
 from leanvit.registry import ModelInfo
@@ -27,9 +25,6 @@ from leanvit.state import TokenState, attention_bias
 FAMILY = "vit"
 KIND = "tokens"
 DESCRIPTION = "vit (timm VisionTransformer: vit_*, deit_*, DINOv2, MAE, register models)"
-__all__ = ["FAMILY", "KIND", "DESCRIPTION", "PATCHED", "COMPACTION", "matches", "describe",
-           "check_supported", "check_input", "forward_features", "forward_head", "loss_tokens",
-           "embed", "run_blocks", "token_weights", "block_macs", "pool"]
 
 
 def matches(cls: type) -> bool:
@@ -55,25 +50,21 @@ def check_supported(model: nn.Module) -> None:
                 "`Attention` (rotary and other attention variants are not supported yet)")
 
 
-def timm_info(model: nn.Module, family: str, global_pool: str,
-              has_class_token: Optional[bool] = None) -> ModelInfo:
+def timm_info(model: nn.Module, family: str, global_pool: str) -> ModelInfo:
     """The :class:`ModelInfo` of a timm token model (``blocks``, ``patch_embed``, ...)."""
     pe, cfg = model.patch_embed, getattr(model, "pretrained_cfg", None) or {}
     return ModelInfo(
         family=family, kind=KIND, depth=len(model.blocks), embed_dim=model.embed_dim,
         num_heads=model.blocks[0].attn.num_heads, num_prefix_tokens=model.num_prefix_tokens,
-        has_class_token=model.cls_token is not None if has_class_token is None
-        else has_class_token,
-        num_patches=pe.num_patches, global_pool=global_pool,
-        name=cfg.get("architecture", "") if hasattr(cfg, "get") else "",
+        has_class_token=model.cls_token is not None, num_patches=pe.num_patches,
+        global_pool=global_pool, name=cfg.get("architecture", "") if hasattr(cfg, "get") else "",
         img_size=tuple(pe.img_size) if getattr(pe, "img_size", None) is not None else None)
 
 
 def describe(model: nn.Module) -> ModelInfo:
-    # a pooling module may name its kind (leanvit.heads.ClassMeanPool does)
-    pool = model.global_pool if model.attn_pool is None else getattr(
-        model.attn_pool, "pool_type", "map")
-    return timm_info(model, FAMILY, pool)
+    pool = model.attn_pool  # a pooling module may name its kind (leanvit.heads.ClassMeanPool)
+    kind = model.global_pool if pool is None else getattr(pool, "pool_type", "map")
+    return timm_info(model, FAMILY, kind)
 
 
 def check_input(model: nn.Module, x: Tensor) -> None:
@@ -81,8 +72,7 @@ def check_input(model: nn.Module, x: Tensor) -> None:
     inside): not a tensor, not ``[B, C, H, W]``, wrong channels, size or dtype."""
     pe = model.patch_embed
     proj = getattr(pe, "proj", None)
-    strict = getattr(pe, "strict_img_size", True) and not getattr(model, "dynamic_img_size",
-                                                                  False)
+    strict = getattr(pe, "strict_img_size", True) and not getattr(model, "dynamic_img_size", 0)
     check_images(x, getattr(proj, "in_channels", None), tuple(pe.img_size) if strict else None,
                  "; create it with img_size={size} (timm.create_model(..., img_size=S)) to use "
                  "another size")
@@ -93,29 +83,23 @@ def check_input(model: nn.Module, x: Tensor) -> None:
 def timm_output(attn: nn.Module, out: Tensor, gate: Optional[Tensor]) -> Tensor:
     """timm's attention tail on ``out`` ``[B, H, K, D]``: heads concatenated, ``norm``, the
     optional gate, ``proj``, ``proj_drop`` -> ``[B, K, C]``."""
-    out = attn.norm(out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1))
+    B, H, K, D = out.shape
+    out = attn.norm(out.transpose(1, 2).reshape(B, K, H * D))
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out))
 
 
 def timm_head(model: nn.Module, x: Tensor, pre_logits: bool) -> Tensor:
-    """timm's head after pooling: ``fc_norm``, ``head_drop``, ``head`` (not with
-    ``pre_logits``)."""
+    """timm's head after pooling: ``fc_norm``, ``head_drop``, ``head`` (not ``pre_logits``)."""
     x = model.head_drop(model.fc_norm(x))
     return x if pre_logits else model.head(x)
-
-
-def _linear(module: Optional[nn.Module]) -> int:
-    """MACs per row of ``module`` when it is an ``nn.Linear``, else 0."""
-    return module.in_features * module.out_features if isinstance(module, nn.Linear) else 0
 
 
 class ViTSpec(TokenSpec):
     """timm ``VisionTransformer``: ``Block`` (pre-norm, LayerScale) with ``Attention``."""
 
     takes_attn_mask = True
-
     check_input = staticmethod(check_input)
 
     def embed(self, model: nn.Module, images: Tensor) -> Embedding:
@@ -147,10 +131,9 @@ class ViTSpec(TokenSpec):
         return timm_head(model, pool(model, x, state), pre_logits)
 
     def head_macs(self, model: nn.Module, x: Tensor, state: TokenState, pre_logits: bool):
-        """The classifier (0 with ``pre_logits``) plus an attention pool's, from the tokens it
-        sees (:func:`leanvit.adapters.attention_pool.attention_pool_macs`)."""
-        head = 0 if pre_logits else _linear(model.head) + _linear(getattr(model, "head_dist",
-                                                                          None))
+        """The classifier (0 with ``pre_logits``) plus an attention pool's on what it sees."""
+        head = 0 if pre_logits else linear_of(model.head) + linear_of(
+            getattr(model, "head_dist", None))
         if model.attn_pool is not None:  # the pool runs before the classifier, pre_logits too
             start = 0 if model.pool_include_prefix else model.num_prefix_tokens
             seen = pool_token_count(None if state.valid is None else state.valid[:, start:],
@@ -160,17 +143,11 @@ class ViTSpec(TokenSpec):
 
 
 def pool(model: nn.Module, x: Tensor, state: TokenState) -> Tensor:
-    """The model's pooling with merged tokens weighted by size, padding and masked-out
-    (training keep-mask) tokens left out.
-
-    ``token`` pooling reads the class token as timm does; timm's attention pool
-    (``AttentionPoolLatent``, ``global_pool='map'``) gets the blocks' key bias (``log(size)``
-    under proportional attention, ``-inf`` on padding); ``avg``, ``avgmax`` and ``max`` pool
-    the patch tokens weighted by how many patches each stands for. A pooling module in
-    ``model.attn_pool`` with ``takes_token_weights = True`` is called as
-    ``attn_pool(x, weights=w)`` with ``w`` ``[B, N]`` = token size, 0 on padding (e.g.
-    :class:`leanvit.heads.ClassMeanPool`, the linear-probe pooling).
-    """
+    """The model's pooling, merged tokens weighted by size, padding and masked-out tokens left
+    out: ``token`` the class token (timm's); ``AttentionPoolLatent`` (``map``) with the blocks'
+    key bias (``log(size)``, ``-inf`` padding); ``avg`` / ``avgmax`` / ``max`` weighted by size;
+    an ``attn_pool`` with ``takes_token_weights = True`` gets ``weights=`` :func:`token_weights`
+    (e.g. :class:`leanvit.heads.ClassMeanPool`, the linear-probe pooling)."""
     attn_pool = model.attn_pool
     start = 0 if model.pool_include_prefix else model.num_prefix_tokens
     if attn_pool is not None and getattr(attn_pool, "takes_token_weights", False):
