@@ -55,7 +55,18 @@ the engine is built, so the per-block path reads plain attributes):
   own head), ``head(model, x, state, pre_logits)`` (size-weighted pooling, classifier),
   ``head_macs(model, x, state, pre_logits)``; ``patched_mixin(name, forward_features,
   forward_head)`` the class put in front of the model's (default
-  :func:`leanvit.adapters.base.patched_mixin`).
+  :func:`leanvit.adapters.base.patched_mixin`; a family whose forward returns output objects
+  builds them there).
+
+How other encoders map onto it: Hugging Face ``ViTLayer`` (``layernorm_before``; ``attention``
+with ``query`` / ``key`` / ``value`` and ``output.dense`` as ``out_proj``; ``layernorm_after``;
+``mlp`` = ``output.dense(intermediate(.))``; no layer scale), ``Dinov2Layer`` (``layer_scale1``
+-> ``post1``), CLIP (``pre_layrnorm`` inside ``embed``; ``final_norm`` ``None``, its
+``post_layernorm`` belongs to the head), SigLIP (``prefix`` 0, attention-pool head in
+``head``); open_clip's ``VisionTransformer`` (``ln_pre`` inside ``embed``; ``qkv`` from
+``nn.MultiheadAttention.in_proj_weight``, ``out_proj``; ``plain_attention`` the module called
+with ``need_weights=False``). ``params``' dropout is the module's ``nn.Dropout`` or a
+probability that is already 0 outside training.
 
 Shapes: ``B`` batch, ``N`` tokens present (prefix included), ``N0`` tokens entering block 0,
 ``C`` width, ``H`` heads, ``D`` head width, ``K`` query rows computed.
