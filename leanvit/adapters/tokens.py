@@ -73,6 +73,7 @@ Shapes: ``B`` batch, ``N`` tokens present (prefix included), ``N0`` tokens enter
 """
 from __future__ import annotations
 
+from itertools import islice
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
@@ -402,11 +403,11 @@ class TokenEngine:
         return self._run(model, x, state, model.leanvit, start, stop, None)
 
     def _run(self, model, x, state, reducer, start, stop, on_block):
-        blocks = self._blocks(model)
         ctx = None if self._context is None else self._context(model)
         parts, block = self._parts, self._block
-        for i in range(start, len(blocks) if stop is None else stop):
-            x, state = block(parts(blocks[i]), i, x, state, reducer, ctx)
+        # iterated, not indexed: nn.Sequential's indexing walks its modules
+        for i, blk in islice(enumerate(self._blocks(model)), start, stop):
+            x, state = block(parts(blk), i, x, state, reducer, ctx)
             if on_block is not None:
                 on_block(i, x, state)
         if stop is None:
