@@ -19,13 +19,17 @@ Kinds, and which methods serve a family (a method's ``families`` names families 
 :class:`leanvit.registry.Method`):
 
 - ``"tokens"``: a flat token sequence ``[B, N, C]`` (``N`` = prefix tokens, then patches in
-  row-major order) through a stack of pre-norm blocks (``vit``; ``eva``, ``beit`` build on
-  it). The adapter runs every :class:`~leanvit.registry.Reducer` hook (``before_block``,
-  ``select_queries``, ``after_attention``), honours every :class:`~leanvit.state.TokenState`
-  field (``size`` with ``prop_attn`` -> ``log(size)`` key bias, ``valid`` -> ``-inf`` key bias,
-  ``mask`` -> the fp32 masked softmax, ``source``), and records MACs from the token counts each
-  block saw. Every method registered for the kind ``"tokens"`` (tome, evit, topk, ats,
-  diffrate, dynamicvit's token pruning) then serves the family without edits to the method.
+  row-major order) through a stack of pre-norm blocks (``vit``, ``eva``, ``beit``). The family
+  file is a small :class:`~leanvit.adapters.tokens.TokenSpec` (how to embed, where the blocks'
+  norms, attention, layer scale and MLP are, how to read q/k/v and the output projection, the
+  position rule, the head) run by the one :class:`~leanvit.adapters.tokens.TokenEngine`, which
+  exports the contract functions below. The engine runs every
+  :class:`~leanvit.registry.Reducer` hook (``before_block``, ``select_queries``,
+  ``after_attention``), honours every :class:`~leanvit.state.TokenState` field (``size`` with
+  ``prop_attn`` -> ``log(size)`` key bias, ``valid`` -> ``-inf`` key bias, ``mask`` -> the fp32
+  masked softmax, ``source``, ``where``), and records MACs from the token counts each block
+  saw. Every method registered for the kind ``"tokens"`` (tome, evit, topk, ats, diffrate,
+  dynamicvit's token pruning) then serves the family without edits to the method.
 - ``"hierarchical"``: stages of 2-D maps (``convnext``, ``swin``): the adapter runs each stage
   through :func:`leanvit.adapters.stages.run_stage` (the reducer's ``acts_on_stage`` /
   ``run_stage``), with blocks split into :class:`leanvit.adapters.stages.BlockParts`.

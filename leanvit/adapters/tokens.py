@@ -1,0 +1,615 @@
+"""The token engine: what every flat-token family runs, driven by a small per-family spec.
+
+A ``"tokens"`` family (:mod:`leanvit.adapters.base`) is a :class:`TokenSpec` subclass in its
+adapter file plus one line that builds its :class:`TokenEngine` and exports the engine's
+functions as the file's contract functions::
+
+    ENGINE = TokenEngine(ViTSpec())
+    forward_features, forward_head, embed, run_blocks, block_macs, PATCHED = ENGINE.exports()
+
+The engine owns the block loop with the three :class:`~leanvit.registry.Reducer` hooks, the
+:class:`~leanvit.state.TokenState` fields (``size`` with ``prop_attn`` -> ``log(size)`` key bias,
+``valid`` -> ``-inf`` key bias, ``mask`` -> the fp32 masked softmax, ``source``, ``where``), the
+choice between the attention module itself and the exposed attention (q/k/v computed here,
+through :func:`leanvit.ops.attention.attention`: fused SDPA, or explicit where a map or mask is
+needed), ``run_blocks`` / ``forward_features``, pooling weights (:func:`token_weights`,
+:func:`pool_tokens`), ``loss_tokens`` and the MAC records. Each block runs as::
+
+    before_block(i)                              # DynamicViT predicts here
+    x = x + post1(attn(norm1(x)))                # select_queries(i) inside (ATS)
+    after_attention(i)                           # EViT, ToMe, top-k, DiffRate
+    x = x + post2(mlp(norm2(x)))
+
+The attention is the module itself (``spec.plain_attention``, bit for bit the unpatched
+model) unless the reducer needs signals in block ``i``, or a state field biases or masks
+keys, or (relative position bias) tokens have moved; then it is exposed::
+
+    q, k, v, gate = spec.qkv(attn, y)            # [B, H, N, D]; K/V may have fewer heads
+    q, k, biases = position rule (below)         # then K/V heads repeated to H (grouped query)
+    out = attention(q, k, v, scale, bias=(*biases, log(size) / -inf padding), keep=mask)
+    a = spec.output(attn, out, gate)             # [B, H, K, D] -> [B, K, C]: norm, gate, proj
+
+The spec contract (override what differs from the defaults; every method is bound once, when
+the engine is built, so the per-block path reads plain attributes):
+
+- model: ``check_input(model, images)``; ``embed(model, images) -> Embedding(tokens [B, N0,
+  C], stem_macs, state_fields)`` (patch embedding, prefix tokens, absolute positions: all
+  that comes before block 0; ``state_fields`` e.g. ``rope`` for :class:`Rotary`);
+  ``blocks(model)``; ``prefix(model)`` (class/distillation/register tokens in front, never
+  reduced); ``final_norm(model)`` (``None``: none); ``context(model)``: one value per forward
+  pass given to the position rule and ``plain_attention`` (BEiT's shared relative bias).
+- block: ``parts(block) -> BlockParts(block, norm1, attn, post1, norm2, mlp, post2)``:
+  callables (``post*``: layer scale and drop path, ``None`` when both are identities, see
+  :func:`residual`); ``mlp_macs(block)`` per token.
+- attention module: ``qkv(attn, y)`` (after q/k norm, before positions); ``output(attn, out,
+  gate)``; ``params(attn) -> (scale, fused, dropout)`` (timm: ``attn.scale``,
+  ``attn.fused_attn``, ``attn.attn_drop``); ``plain_attention(attn, y, state, ctx)`` (timm ViT:
+  ``attn(y)``); ``attention_macs(attn, n_kv, n_q)`` (default: every ``nn.Linear`` of the
+  module on the keys, ``out_proj(attn)`` on the query rows, ``2 n_q n_kv width``).
+  A module whose class has ``leanvit_forward`` / ``leanvit_macs`` runs and counts itself
+  (:func:`contract_attention`; leanvit.compact's hMHSA).
+- ``position``: :data:`ABSOLUTE` (added at embedding: nothing in the blocks), :class:`Rotary`
+  (each kept token's q/k rotated by the table row at its original index), or
+  :class:`RelativeBias` (the bias rows and columns of the kept tokens' original indices).
+- head: ``plain_head(model, x, pre_logits)`` (no token merged, padded or masked: the model's
+  own head), ``head(model, x, state, pre_logits)`` (size-weighted pooling, classifier),
+  ``head_macs(model, x, state, pre_logits)``; ``patched_mixin(name, forward_features,
+  forward_head)`` the class put in front of the model's (default
+  :func:`leanvit.adapters.base.patched_mixin`; a family whose forward returns output objects
+  builds them there).
+
+How other encoders map onto it: Hugging Face ``ViTLayer`` (``layernorm_before``; ``attention``
+with ``query`` / ``key`` / ``value`` and ``output.dense`` as ``out_proj``; ``layernorm_after``;
+``mlp`` = ``output.dense(intermediate(.))``; no layer scale), ``Dinov2Layer`` (``layer_scale1``
+-> ``post1``), CLIP (``pre_layrnorm`` inside ``embed``; ``final_norm`` ``None``, its
+``post_layernorm`` belongs to the head), SigLIP (``prefix`` 0, attention-pool head in
+``head``); open_clip's ``VisionTransformer`` (``ln_pre`` inside ``embed``; ``qkv`` from
+``nn.MultiheadAttention.in_proj_weight``, ``out_proj``; ``plain_attention`` the module called
+with ``need_weights=False``). ``params``' dropout is the module's ``nn.Dropout`` or a
+probability that is already 0 outside training.
+
+Shapes: ``B`` batch, ``N`` tokens present (prefix included), ``N0`` tokens entering block 0,
+``C`` width, ``H`` heads, ``D`` head width, ``K`` query rows computed.
+"""
+from __future__ import annotations
+
+from itertools import islice
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from leanvit.adapters.base import patched_mixin
+from leanvit.ops.attention import attention, select_rows
+from leanvit.recorder import MacRecorder
+from leanvit.registry import Reducer
+from leanvit.signals import Signals
+from leanvit.state import TokenState, attention_bias, gather_tokens, record_departures
+
+OnBlock = Optional[Callable[[int, Tensor, TokenState], None]]
+
+
+class Embedding(NamedTuple):
+    """What a spec's ``embed`` returns: tokens entering block 0 ``[B, N0, C]``, the patch
+    embedding's MACs per image, and extra :class:`TokenState` fields (e.g. ``rope``)."""
+
+    tokens: Tensor
+    stem_macs: int
+    state_fields: dict
+
+
+class BlockParts(NamedTuple):
+    """One block's callables, in the order they run (see the module docstring)."""
+
+    block: nn.Module
+    norm1: Callable[[Tensor], Tensor]
+    attn: nn.Module
+    post1: Optional[Callable[[Tensor], Tensor]]
+    norm2: Callable[[Tensor], Tensor]
+    mlp: Callable[[Tensor], Tensor]
+    post2: Optional[Callable[[Tensor], Tensor]]
+
+
+def residual(scale: Any, drop_path: Optional[nn.Module]) -> Optional[Callable[[Tensor], Tensor]]:
+    """``a -> drop_path(scale(a))`` for a residual branch, skipping identities (``None`` when
+    both are): ``scale`` a module (timm ``LayerScale``), a tensor (``gamma * a``, as timm's
+    Eva and Beit write it) or ``None``/``nn.Identity``; ``drop_path`` a module or ``None``."""
+    if isinstance(scale, Tensor):
+        gamma = scale
+        scale = lambda a: gamma * a  # noqa: E731
+    elif scale is None or isinstance(scale, nn.Identity):
+        scale = None
+    if drop_path is None or isinstance(drop_path, nn.Identity):
+        return scale
+    if scale is None:
+        return drop_path
+    return lambda a: drop_path(scale(a))
+
+
+def linear_macs(module: Optional[nn.Module]) -> int:
+    """Multiply-accumulates per token of every ``nn.Linear`` inside ``module`` (0 for None)."""
+    if module is None:
+        return 0
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def linear_of(module: Optional[nn.Module]) -> int:
+    """MACs per row of ``module`` when it is an ``nn.Linear`` (a classifier), else 0."""
+    return module.in_features * module.out_features if isinstance(module, nn.Linear) else 0
+
+
+# --------------------------------------------------------------------------------------------
+# Position rules
+
+
+class Absolute:
+    """Positions added to the tokens at embedding: nothing to do in the blocks."""
+
+    moved_tokens_need_exposing = False
+
+
+ABSOLUTE = Absolute()
+
+
+def rope_table(rope: Optional[Tensor], n_tokens: int, prefix: int) -> Optional[Tensor]:
+    """The forward pass's rotary table by ORIGINAL token index, for ``TokenState.rope``.
+
+    Args:
+        rope: the table of the patch tokens, ``[N0 - prefix, R]`` (timm ``Eva._pos_embed``:
+            ``R = 2 * head_dim``, ``sin | cos``), or ``[B, 1, N0 - prefix, R]`` after timm's
+            patch dropout (training); ``None`` for models without rotary positions.
+        n_tokens: ``N0``, tokens entering the first block (prefix included).
+        prefix: the prefix tokens in front.
+
+    Returns:
+        ``[N0, R]`` (``[B, N0, R]`` after patch dropout): identity rows (sin 0, cos 1) for the
+        prefix tokens, then the given rows; ``None`` if ``rope`` is ``None``.
+    """
+    if rope is None:
+        return None
+    if rope.dim() == 4:
+        rope = rope[:, 0]
+    elif rope.dim() != 2:
+        raise ValueError(f"unsupported rotary table of shape {tuple(rope.shape)}")
+    if rope.shape[-2] != n_tokens - prefix:
+        raise ValueError(f"rotary table has {rope.shape[-2]} rows for {n_tokens - prefix} "
+                         "patch tokens")
+    if prefix == 0:
+        return rope
+    width, half = rope.shape[-1], rope.shape[-1] // 2
+    ident = torch.cat([rope.new_zeros(*rope.shape[:-2], prefix, half),
+                       rope.new_ones(*rope.shape[:-2], prefix, width - half)], dim=-1)
+    return torch.cat([ident, rope], dim=-2)
+
+
+def token_rope(state: TokenState) -> Optional[Tensor]:
+    """Each token's rotation ``sin | cos``: the table row at its original index
+    (``state.positions``), ``[B, N, R]``; the table itself (``[N0, R]`` or ``[B, N0, R]``)
+    while no token has moved; ``None`` without rotary positions."""
+    table = state.rope
+    if table is None or state.positions is None:
+        return table
+    if table.dim() == 2:
+        return table[state.positions]
+    return gather_tokens(table, state.positions)
+
+
+class Rotary:
+    """Rotary positions: each token's q and k rotated by the row of ``state.rope`` at its
+    original index (``state.positions``), so a kept token keeps the rotation of the patch it
+    came from however the sequence is reordered; a merged token takes its destination's
+    (a true rotation, whereas an average of rotations is not one), EViT's fused token the
+    class token's identity row (no single patch describes it). The prefix tokens' identity
+    rows leave them as they are, so all tokens are rotated at once.
+
+    Args:
+        rotate: ``(attn, t [B, H, N, D], rope [N, R] | [B, 1, N, R]) -> t`` rotated (timm:
+            ``apply_rot_embed_cat`` with the module's ``rotate_half`` layout).
+    """
+
+    moved_tokens_need_exposing = False
+
+    def __init__(self, rotate: Callable[[nn.Module, Tensor, Tensor], Tensor]):
+        self.rotate = rotate
+
+    def apply(self, attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, state: TokenState,
+              ctx: Any) -> tuple[Tensor, Tensor, tuple]:
+        rope = token_rope(state)
+        if rope is None:
+            return q, k, ()
+        rope = rope if rope.dim() == 2 else rope[:, None]
+        return (self.rotate(attn, q, rope).type_as(v), self.rotate(attn, k, rope).type_as(v), ())
+
+
+class RelativeBias:
+    """A relative position bias added to the logits: the bias of the tokens present is the
+    original bias's rows and columns at their original indices (``state.positions``); a
+    merged token sits where its destination sits, EViT's fused token at index 0 (the class
+    token's). Once tokens have moved, the module itself cannot run (it would add the full
+    bias), so the attention is exposed.
+
+    Args:
+        lookup: ``(attn, ctx, positions [B, N] | None) -> tuple of biases`` broadcastable to
+            ``[B, H, N, N]`` (``None`` entries allowed), added to the logits in that order
+            (``positions`` ``None``: the module's own bias, nothing moved).
+    """
+
+    moved_tokens_need_exposing = True
+
+    def __init__(self, lookup: Callable[[nn.Module, Any, Optional[Tensor]], tuple]):
+        self.lookup = lookup
+
+    def apply(self, attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, state: TokenState,
+              ctx: Any) -> tuple[Tensor, Tensor, tuple]:
+        return q, k, self.lookup(attn, ctx, state.positions)
+
+
+def _bias_rows(bias: Optional[Tensor], rows: Tensor) -> Optional[Tensor]:
+    """The query rows ``rows`` ``[B, K]`` of a bias ``[1|B, H|1, N, N]`` or ``[H, N, N]``
+    (-> ``[B, *, K, N]``); per-key biases (one row) as they are."""
+    if bias is None or bias.shape[-2] == 1:
+        return bias
+    b = (bias if bias.dim() == 4 else bias[None]).expand(rows.shape[0], -1, -1, -1)
+    return b.gather(2, rows[:, None, :, None].expand(-1, b.shape[1], -1, b.shape[3]))
+
+
+# --------------------------------------------------------------------------------------------
+# The spec
+
+
+class TokenSpec:
+    """A flat-token family's spec; the defaults follow timm's ``VisionTransformer`` naming
+    (``model.blocks``, ``model.norm``, ``model.num_prefix_tokens``, ``attn.scale`` ...).
+    The contract is in the module docstring."""
+
+    #: the patched class keeps timm's ``attn_mask`` / ``is_causal`` arguments (refused)
+    takes_attn_mask = False
+    position: Any = ABSOLUTE
+
+    def check_input(self, model: nn.Module, images: Any) -> None:
+        raise NotImplementedError
+
+    def embed(self, model: nn.Module, images: Tensor) -> Embedding:
+        raise NotImplementedError
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        return model.blocks
+
+    def prefix(self, model: nn.Module) -> int:
+        return model.num_prefix_tokens
+
+    def final_norm(self, model: nn.Module) -> Optional[Callable[[Tensor], Tensor]]:
+        return model.norm
+
+    context = None  # or a method: model -> one value per forward pass
+
+    def parts(self, blk: nn.Module) -> BlockParts:
+        raise NotImplementedError
+
+    def qkv(self, attn: nn.Module, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        raise NotImplementedError
+
+    def output(self, attn: nn.Module, out: Tensor, gate: Optional[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def params(self, attn: nn.Module) -> tuple[float, bool, Any]:
+        return attn.scale, attn.fused_attn, attn.attn_drop
+
+    plain_attention = None  # or a method (attn, y, state, ctx) -> [B, N, C]; None: attn(y)
+
+    def out_proj(self, attn: nn.Module) -> nn.Linear:
+        return attn.proj
+
+    def attention_macs(self, attn: nn.Module, n_kv: Tensor, n_q: Tensor) -> Tensor:
+        proj = self.out_proj(attn)
+        out = proj.in_features * proj.out_features
+        return (n_kv * (linear_macs(attn) - out) + 2 * n_q * n_kv * proj.in_features
+                + n_q * out)
+
+    def mlp_macs(self, blk: nn.Module) -> int:
+        return linear_macs(blk.mlp)
+
+    def plain_head(self, model: nn.Module, x: Tensor, pre_logits: bool) -> Tensor:
+        return model.forward_head(x, pre_logits=pre_logits)
+
+    def head(self, model: nn.Module, x: Tensor, state: TokenState, pre_logits: bool) -> Tensor:
+        raise NotImplementedError
+
+    def head_macs(self, model: nn.Module, x: Tensor, state: TokenState, pre_logits: bool
+                  ) -> float:
+        raise NotImplementedError
+
+    def patched_mixin(self, name: str, forward_features: Callable, forward_head: Callable
+                      ) -> type:
+        return patched_mixin(name, forward_features, forward_head,
+                             takes_attn_mask=self.takes_attn_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
+
+
+class TokenEngine:
+    """The block loop and the contract functions of one family, built from its spec."""
+
+    def __init__(self, spec: TokenSpec, name: str = ""):
+        self.spec = spec
+        # bound once: the per-block path reads these attributes, nothing through the spec
+        self._parts, self._qkv, self._output = spec.parts, spec.qkv, spec.output
+        self._params, self._plain = spec.params, spec.plain_attention
+        rule = spec.position
+        self._position = None if isinstance(rule, Absolute) else rule.apply
+        self._moved_exposes = bool(rule.moved_tokens_need_exposing)
+        self._context, self._blocks = spec.context, spec.blocks
+        self._attention_macs, self._mlp_macs = spec.attention_macs, spec.mlp_macs
+        self.PATCHED = spec.patched_mixin(name or f"_Patched{type(spec).__name__}",
+                                          self.forward_features, self.forward_head)
+
+    def exports(self) -> tuple:
+        """``(forward_features, forward_head, embed, run_blocks, block_macs, PATCHED)``: the
+        family file's contract functions (:class:`leanvit.adapters.base.TokenBackbone`)."""
+        return (self.forward_features, self.forward_head, self.embed, self.run_blocks,
+                self.block_macs, self.PATCHED)
+
+    # -- whole passes
+    def _start(self, model: nn.Module, images: Tensor, recorder: Optional[MacRecorder]
+               ) -> tuple[Tensor, TokenState]:
+        self.spec.check_input(model, images)
+        x, stem, fields = self.spec.embed(model, images)
+        if recorder is not None:
+            recorder.record_stem(stem)
+        return x, TokenState(prefix=self.spec.prefix(model), n0=x.shape[1], recorder=recorder,
+                             **fields)
+
+    def embed(self, model: nn.Module, x: Tensor) -> tuple[Tensor, TokenState]:
+        """Tokens entering block 0, ``[B, N0, C]``, and the method's initial state (the first
+        part of :meth:`forward_features`; with :meth:`run_blocks` a caller can cache what
+        frozen blocks compute, e.g. a rate search)."""
+        x, state = self._start(model, x, None)
+        return x, model.leanvit.init_state(state, x)
+
+    def forward_features(self, model: nn.Module, x: Tensor,
+                         recorder: Optional[MacRecorder] = None, trace_source: bool = False,
+                         on_block: OnBlock = None, trace_where: bool = False
+                         ) -> tuple[Tensor, TokenState]:
+        """Embeddings, blocks with the method's hooks, final norm: ``[B, N', C]`` and its state.
+
+        Args:
+            recorder: a :class:`~leanvit.recorder.MacRecorder` to count MACs into.
+            trace_source: start ``state.source`` as the identity ``[B, N0, N0]`` (each token
+                holds itself), so every later gather/merge tracks which original tokens each
+                token holds (visualisation, :mod:`leanvit.viz`).
+            on_block: called as ``on_block(i, x, state)`` after block ``i`` with its output
+                tokens ``[B, N, C]`` and state (inspection); must not modify them.
+            trace_where: start ``state.where`` as ``arange(N0)`` and record the features of
+                tokens as they leave (``state.left``), for :func:`leanvit.dense_features`.
+        """
+        reducer: Reducer = model.leanvit
+        x, state = self._start(model, x, recorder)
+        if trace_source:  # own memory: merges write into it
+            eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+            state = state.replace(source=eye.repeat(x.shape[0], 1, 1))
+        if trace_where:
+            state = state.replace(where=torch.arange(x.shape[1], device=x.device).repeat(
+                x.shape[0], 1))
+        state = reducer.init_state(state, x)
+        return self._run(model, x, state, reducer, 0, None, on_block)
+
+    def run_blocks(self, model: nn.Module, x: Tensor, state: TokenState, start: int = 0,
+                   stop: Optional[int] = None) -> tuple[Tensor, TokenState]:
+        """Blocks ``start .. stop - 1`` with the method's hooks; with ``stop=None`` also the
+        final norm, so ``run_blocks(model, *embed(model, images))`` equals
+        :meth:`forward_features`."""
+        return self._run(model, x, state, model.leanvit, start, stop, None)
+
+    def _run(self, model, x, state, reducer, start, stop, on_block):
+        ctx = None if self._context is None else self._context(model)
+        parts, block = self._parts, self._block
+        # iterated, not indexed: nn.Sequential's indexing walks its modules
+        for i, blk in islice(enumerate(self._blocks(model)), start, stop):
+            x, state = block(parts(blk), i, x, state, reducer, ctx)
+            if on_block is not None:
+                on_block(i, x, state)
+        if stop is None:
+            norm = self.spec.final_norm(model)
+            if norm is not None:
+                x = norm(x)
+        return x, state
+
+    # -- one block
+    def _block(self, p: BlockParts, i: int, x: Tensor, state: TokenState, reducer: Reducer,
+               ctx: Any) -> tuple[Tensor, TokenState]:
+        """One block with the method's hooks: ``x`` ``[B, N, C]`` -> ``[B, N', C]``."""
+        if reducer.acts_before(i):
+            before = state
+            x_in, (x, state) = x, reducer.before_block(i, x, state)
+            state = record_departures(x_in, before, state)  # no-op unless dense features traced
+        moved = self._moved_exposes and state.positions is not None
+        if self._moved_exposes and not moved and x.shape[1] != state.n0:
+            raise RuntimeError(f"block {i} got {x.shape[1]} tokens of {state.n0} without their "
+                               "positions; a method changed the tokens without state.positions")
+        counting = state.recorder is not None
+        n_kv = state.token_counts(x) if counting else None
+        rows, signals = None, None
+        y = p.norm1(x)
+        if reducer.needs_signals(i) or state.valid is not None or state.mask is not None or (
+                state.prop_attn and state.size is not None) or moved:
+            before = state
+            a, signals, rows, state = self._attention(p.attn, i, y, state, reducer, ctx)
+            if rows is not None:
+                state = record_departures(x, before, state)
+                x = gather_tokens(x, rows)
+        elif self._plain is None:
+            a = p.attn(y)  # nothing to expose or bias: the module itself, untouched
+        else:
+            a = self._plain(p.attn, y, state, ctx)
+        del y
+        x = x + (a if p.post1 is None else p.post1(a))
+        del a
+        n_q = state.token_counts(x) if counting else None
+        if reducer.acts_after(i):
+            before = state
+            x_in, (x, state) = x, reducer.after_attention(i, x, signals, state)
+            state = record_departures(x_in, before, state)
+        m = p.mlp(p.norm2(x))
+        x = x + (m if p.post2 is None else p.post2(m))
+        if counting:
+            state.recorder.record_block(i, **self._macs(p, n_kv, n_q, state.token_counts(x),
+                                                        signals))
+        return x, state
+
+    def _attention(self, attn: nn.Module, i: int, y: Tensor, state: TokenState,
+                   reducer: Reducer, ctx: Any
+                   ) -> tuple[Tensor, Optional[Signals], Optional[Tensor], TokenState]:
+        """The attention on ``y`` ``[B, N, C]`` with q/k/v exposed to the method, in the
+        module's op order (bit-identical where the method changes nothing). Returns (output
+        ``[B, K, C]``, signals, selected query rows ``[B, K]`` or ``None``, state)."""
+        if has_contract(attn):
+            return contract_attention(attn, i, y, state, reducer)
+        q, k, v, gate = self._qkv(attn, y)
+        biases: tuple = ()
+        if self._position is not None:
+            q, k, biases = self._position(attn, q, k, v, state, ctx)
+        if k.shape[1] != q.shape[1]:  # grouped-query: K/V heads repeated after norm and rotation
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        extra = attention_bias(state, q.dtype)  # [B, 1, 1, N]: log(size), -inf padding
+        scale, fused, dropout = self._params(attn)
+        signals = Signals(q, k, v, scale, _class_row(biases, extra) if biases else extra)
+        rows = None
+        if reducer.selects_queries(i):
+            rows, state = reducer.select_queries(i, signals, state)
+            if rows is not None:
+                if state.mask is not None:
+                    raise ValueError("query selection and a training keep-mask cannot be "
+                                     "combined")
+                gate = None if gate is None else gather_tokens(gate, rows)
+                q = select_rows(q, rows)
+                biases = tuple(_bias_rows(b, rows) for b in biases)
+        # fused SDPA unless a keep-mask needs the explicit fp32 form (or the module is set to
+        # the explicit path); biases added in the module's order, then log(size) / padding
+        out = attention(q, k, v, scale, bias=(*biases, extra) if biases else extra,
+                        keep=state.mask, fused=fused, dropout=dropout)
+        return self._output(attn, out, gate), signals, rows, state
+
+    # -- MACs
+    def block_macs(self, blk: nn.Module, n_kv: Tensor, n_q: Tensor, n_mlp: Tensor,
+                   signals: Optional[Signals]) -> dict[str, Tensor]:
+        """Per-image MACs of one block from the token counts it saw (``[B]`` each: keys/values
+        entering, query rows computed, tokens through the MLP): ``MacRecorder.record_block``'s
+        keyword arguments. Position lookups, norms and softmax are not counted."""
+        return self._macs(self._parts(blk), n_kv, n_q, n_mlp, signals)
+
+    def _macs(self, p: BlockParts, n_kv, n_q, n_mlp, signals) -> dict[str, Tensor]:
+        attn = p.attn
+        if has_contract(attn):  # the module counts itself (e.g. hallucinated heads)
+            macs = attn.leanvit_macs(n_q, n_kv)
+        else:
+            macs = self._attention_macs(attn, n_kv, n_q)
+        sig = float(signals.macs) if signals is not None else 0.0
+        return dict(tokens_in=n_kv, tokens_out=n_mlp, attention=macs,
+                    mlp=n_mlp * self._mlp_macs(p.block), signals=torch.full_like(n_kv, sig))
+
+    # -- head
+    def forward_head(self, model: nn.Module, x: Tensor, state: TokenState,
+                     pre_logits: bool = False, recorder: Optional[MacRecorder] = None
+                     ) -> Tensor:
+        """Pooling (merged tokens weighted by size, padding and masked-out tokens left out)
+        and classifier; the model's own head when no token is merged, padded or masked.
+        ``recorder``: records the head's MACs (pooling modules and classifier)."""
+        if recorder is not None:
+            recorder.record_head(self.spec.head_macs(model, x, state, pre_logits))
+        if state.size is None and state.valid is None and state.mask is None:
+            return self.spec.plain_head(model, x, pre_logits)
+        return self.spec.head(model, x, state, pre_logits)
+
+
+def _class_row(biases: tuple, extra: Optional[Tensor]) -> Optional[Tensor]:
+    """The class token's row of everything added to the logits (the signals' bias)."""
+    out = None
+    for b in [b[..., :1, :] for b in biases if b is not None] + [extra]:
+        if b is not None:
+            out = b if out is None else out + b
+    return out
+
+
+def has_contract(attn: nn.Module) -> bool:
+    """Whether ``attn``'s class runs itself under the engine (e.g. leanvit.compact's hMHSA).
+
+    The contract: ``attn.leanvit_forward(y, bias, keep, select) -> (out [B, K, C], signals,
+    rows)`` where ``bias`` is the attention bias ``[B, 1, 1, N]`` or ``None``, ``keep`` the
+    training keep-mask ``[B, N]`` or ``None``, ``select(signals) -> rows [B, K] | None`` the
+    method's query selection (``None`` when the method selects none); and
+    ``attn.leanvit_macs(n_q, n_kv)`` its MACs per image (projections included).
+    """
+    cls = type(attn)
+    return callable(getattr(cls, "leanvit_forward", None)) and callable(
+        getattr(cls, "leanvit_macs", None))
+
+
+def contract_attention(attn, i, y, state, reducer):
+    """:meth:`TokenEngine._attention` for a module with the contract (:func:`has_contract`)."""
+    bias = attention_bias(state, y.dtype)
+    box = [state]
+
+    def select(signals: Signals) -> Optional[Tensor]:
+        rows, box[0] = reducer.select_queries(i, signals, box[0])
+        return rows
+
+    out, signals, rows = attn.leanvit_forward(
+        y, bias, state.mask, select if reducer.selects_queries(i) else None)
+    return out, signals, rows, box[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Pooling by token weights
+
+
+def token_weights(state: TokenState, x: Tensor) -> Tensor:
+    """Pooling weight of each token, ``[B, N]`` in ``x``'s dtype: how many patches it stands
+    for (1 before any merge), 0 for padding, times the training keep-mask (dropped tokens stay
+    in place during training but are not pooled)."""
+    w = state.sizes_like(x)
+    if state.valid is not None:
+        w = w * state.valid.to(w.dtype)
+    if state.mask is not None:
+        w = w * state.mask.to(w.dtype)
+    return w
+
+
+def pool_tokens(x: Tensor, state: TokenState, kind: str, start: int) -> Tensor:
+    """``avg`` / ``max`` / ``avgmax`` of the tokens ``x[:, start:]`` ``[B, N, C]`` -> ``[B, C]``:
+    the mean weighted by :func:`token_weights`, the max over real (non-padding) tokens."""
+    xs = x[:, start:]
+    w = token_weights(state, x)[:, start:]
+    avg = (xs * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True)
+    if kind == "avg":
+        return avg
+    if state.valid is not None:
+        xs = xs.masked_fill(~state.valid[:, start:, None], float("-inf"))
+    mx = xs.amax(dim=1)
+    return mx if kind == "max" else 0.5 * (mx + avg)
+
+
+def loss_tokens(model: nn.Module, x: Tensor, state: Optional[TokenState]
+                ) -> tuple[Tensor, Optional[Tensor]]:
+    """Tokens for the token-distillation loss: the final normed tokens ``x`` ``[B, N, C]`` as
+    they are, and the training keep-mask ``[B, N]`` (``None``: every token counts)."""
+    return x, None if state is None else state.mask
+
+
+def check_images(x: Any, in_chans: Optional[int], size: Optional[tuple[int, int]],
+                 hint: str = "") -> None:
+    """One-line ``TypeError``/``ValueError`` for images ``x`` a model cannot take: not a
+    tensor, not ``[B, C, H, W]``, not ``in_chans`` channels, not ``size`` ``(H, W)`` (``None``:
+    any); ``hint`` (``{size}`` replaced by the images' width) says how to use another size."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"images must be [B, C, H, W], got shape {tuple(x.shape)}")
+    if in_chans is not None and x.shape[1] != in_chans:
+        raise ValueError(f"model takes {in_chans}-channel images, got {x.shape[1]} channels")
+    if size is not None and tuple(x.shape[-2:]) != tuple(size):
+        raise ValueError(f"model was built for {size[0]}x{size[1]} images, got "
+                         f"{x.shape[-2]}x{x.shape[-1]}" + hint.replace("{size}",
+                                                                     str(x.shape[-1])))
