@@ -35,9 +35,10 @@ from torch import Tensor, nn
 from leanvit.adapters.base import patched_mixin
 from leanvit.adapters.vit import check_input, loss_tokens, token_weights
 from leanvit.ops.attention import attention
+from leanvit.ops.tokens import gather_tokens
 from leanvit.registry import ModelInfo, Reducer
 from leanvit.signals import Signals
-from leanvit.state import TokenState, attention_bias, gather_tokens, record_departures
+from leanvit.state import TokenState, attention_bias, record_departures
 
 FAMILY = "beit"
 KIND = "tokens"

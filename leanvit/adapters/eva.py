@@ -56,9 +56,10 @@ from leanvit.adapters.base import patched_mixin
 from leanvit.adapters.attention_pool import attention_pool_forward, attention_pool_macs
 from leanvit.adapters.vit import check_input, token_weights  # noqa: F401 (the contract's)
 from leanvit.ops.attention import attention
+from leanvit.ops.tokens import gather_tokens
 from leanvit.registry import ModelInfo, Reducer
 from leanvit.signals import Signals
-from leanvit.state import TokenState, attention_bias, gather_tokens, record_departures
+from leanvit.state import TokenState, attention_bias, record_departures
 
 FAMILY = "eva"
 KIND = "tokens"

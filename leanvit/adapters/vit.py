@@ -25,9 +25,10 @@ from leanvit.adapters.attention_pool import (attention_pool_forward, attention_p
 from leanvit.adapters.base import CompactionSites, Site, patched_mixin
 from leanvit.ops.attention import attention, attention_logits
 from leanvit.ops.precision import check_input_dtype
+from leanvit.ops.tokens import gather_tokens
 from leanvit.registry import ModelInfo, Reducer
 from leanvit.signals import Signals
-from leanvit.state import TokenState, attention_bias, gather_tokens, record_departures
+from leanvit.state import TokenState, attention_bias, record_departures
 
 FAMILY = "vit"
 KIND = "tokens"

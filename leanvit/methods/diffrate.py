@@ -33,10 +33,11 @@ import torch
 from torch import Tensor
 
 from leanvit.ops.diffrate import merge_tail, sort_order, ste_ceil, ste_min  # noqa: F401
+from leanvit.ops.tokens import gather_tokens
 from leanvit.registry import Method, ModelInfo, Reducer, check_bool, register
 from leanvit.schedule import Schedule, as_schedule, effective_counts
 from leanvit.signals import Signals
-from leanvit.state import TokenState, gather_tokens
+from leanvit.state import TokenState
 
 # --------------------------------------------------------------------------------------------
 # Deploy

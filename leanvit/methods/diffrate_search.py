@@ -20,10 +20,11 @@ from torch import Tensor, nn
 
 from leanvit.ops.diffrate import masked_cls_attn as _masked_cls_attn
 from leanvit.ops.diffrate import merge_tail, sort_order, ste_ceil, ste_min
+from leanvit.ops.tokens import gather_tokens
 from leanvit.registry import Method, ModelInfo, Reducer, check_number, register
 from leanvit.schedule import Schedule, effective_counts
 from leanvit.signals import Signals
-from leanvit.state import TokenState, gather_tokens
+from leanvit.state import TokenState
 
 
 def default_granularity(num_patches: int) -> int:

@@ -16,7 +16,7 @@ from torch import Tensor
 from leanvit.ops.attention import attention_logits, masked_softmax
 from leanvit.ops.merge import first_best
 from leanvit.signals import Signals
-from leanvit.state import remap_where
+from leanvit.ops.tokens import remap_where
 
 
 def sort_order(cls_attn: Tensor, prefix: int, k: int, alive: Optional[Tensor] = None
