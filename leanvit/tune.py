@@ -72,8 +72,8 @@ SEARCHED = ("diffrate",)
 #: images; ``max_seconds`` (9 min) keeps the search to a part of a run of minutes; batch 16
 #: gives twice the steps of 32 in that time. ``select_every=50``: snapshots scored on
 #: held-out images, the best one within the MAC tolerance returned (``docs/diffrate.md``):
-#: without it the search's last step ended 3.3% over a 4.0 G budget in the measured tune run,
-#: a setting tune then cannot choose.
+#: the search's last step can end over the budget, a setting tune then cannot choose
+#: (``docs/tune.md``).
 SEARCH_DEFAULTS: dict[str, Any] = {"num_images": 1000, "batch_size": 16, "max_seconds": 540.0,
                                    "select_every": 50}
 #: Arguments of :func:`leanvit.search.diffrate.search` that tune sets itself (or that are not

@@ -69,7 +69,7 @@ def merge_tail(x: Tensor, size: Tensor, prefix: int, k: int, end: Optional[int] 
         best = sim.gather(-1, idx.unsqueeze(-1)).squeeze(-1) / norms[:, k:end]
         idx = idx + prefix
         # one-hot assignment [B, S, k]: the sums become one small batched matmul
-        # (index_add / scatter_add are an order of magnitude slower on CPU here)
+        # (index_add / scatter_add serialise their atomic adds on CPU)
         onehot = (idx[..., None] == torch.arange(k, device=x.device)).to(x.dtype)
         count = onehot.sum(1).add_(1.0)  # [B, k]: the destination itself plus its sources
     merged = torch.baddbmm(dst, onehot.transpose(1, 2), src).div_(count[..., None])

@@ -20,10 +20,10 @@ def _flat_rows(index: Tensor, n: int) -> Tensor:
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     """``x[b, index[b, k]]`` for ``x`` of shape ``[B, N, ...]`` and ``index`` ``[B, K]``.
 
-    A contiguous ``x`` is read as ``[B * N, ...]`` rows with one ``index_select`` (on CPU
-    20-40x faster at batch 1 than ``gather`` with an index expanded over the channels, which
-    reads one index per element; 1.8x at batch 64); others (e.g. an expanded ``source`` map)
-    use ``gather``, which reads them without a copy. Same values either way.
+    A contiguous ``x`` is read as ``[B * N, ...]`` rows with one ``index_select`` (it reads
+    one index per row, where ``gather`` with an index expanded over the channels reads one per
+    element; timings in ``docs/gpu.md``); others (e.g. an expanded ``source`` map) use
+    ``gather``, which reads them without a copy. Same values either way.
     """
     if x.dim() >= 2 and x.is_contiguous():
         B, N = x.shape[:2]
