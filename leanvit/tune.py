@@ -592,7 +592,7 @@ def _search_diffrate(model, target, search_images, batches, options, out, progre
     """One DiffRate search to ``target`` GMACs; returns (setting, schedule) or (None, why)."""
     import tempfile
 
-    from leanvit.schedule import save_schedule
+    from leanvit.methods.diffrate.schedule import save_schedule
 
     from leanvit.search.diffrate import TOLERANCE, search
     imgs = search_images if search_images is not None else torch.cat([x for x, _ in batches])
@@ -642,7 +642,7 @@ def write_tune_outputs(result: TuneResult, model: nn.Module, out_dir: Union[str,
 
     from leanvit._files import atomic_write_text
     from leanvit.compare import markdown_table, write_outputs
-    from leanvit.schedule import save_schedule
+    from leanvit.methods.diffrate.schedule import save_schedule
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

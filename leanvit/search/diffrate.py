@@ -1,6 +1,6 @@
 """DiffRate's rate search: train the per-block kept-count logits of the ``diffrate-search``
-mode (:mod:`leanvit.methods.diffrate_search`) on a frozen model to a MAC target, and return a
-deployable :class:`leanvit.schedule.Schedule` for the ``diffrate`` method
+mode (:mod:`leanvit.methods.diffrate.search_mode`) on a frozen model to a MAC target, and return a
+deployable :class:`leanvit.methods.diffrate.schedule.Schedule` for the ``diffrate`` method
 (:mod:`leanvit.methods.diffrate`). Used by ``leanvit search``.
 """
 from __future__ import annotations
@@ -19,10 +19,11 @@ from torch import Tensor, nn
 
 from leanvit.adapters import find_adapter
 from leanvit.macs import count_macs
-from leanvit.methods.diffrate_search import DiffRateSearchReducer
+from leanvit.methods.diffrate.budget import HANDSET_KINDS, fit_handset, schedule_macs
+from leanvit.methods.diffrate.schedule import Schedule
+from leanvit.methods.diffrate.search_mode import DiffRateSearchReducer
 from leanvit.patching import is_patched, patch, unpatch
 from leanvit.registry import check_number
-from leanvit.schedule import HANDSET_KINDS, Schedule, fit_handset, schedule_macs
 from leanvit.state import TokenState
 
 # --------------------------------------------------------------------------------------------
@@ -205,8 +206,8 @@ def search(
             ``"both"``, the authors' space; ``"merge"`` or ``"prune"`` for one operation).
         init: the logits' start. ``"warm"`` (default): the hand-set schedule that merges the
             same number of tokens in every block and meets the target (``"merge-uniform"``
-            of :func:`handset_schedule`; any of :data:`leanvit.schedule.HANDSET_KINDS` may
-            be named instead), so the search starts on its budget and every block gets task
+            of :func:`handset_schedule`; any of
+            :data:`leanvit.methods.diffrate.budget.HANDSET_KINDS` may be named instead), so the search starts on its budget and every block gets task
             gradient from the first step; ``"zero"``: the authors' zero logits (every block
             at the same, middle count).
         init_spread: width of the warm start's distributions, in candidates
@@ -568,10 +569,11 @@ INITS = ("warm", "zero") + HANDSET_KINDS
 
 def handset_schedule(model: nn.Module, kind: str, target_gmacs: float, *, first_block: int = 1,
                      coeffs: Optional[dict] = None, measure: bool = True) -> Schedule:
-    """The hand-set schedule of DiffRate's space of ``kind`` (:data:`leanvit.schedule.
-    HANDSET_KINDS`: the same number of tokens merged or pruned in every block from
-    ``first_block`` on, or three EViT-like stages) whose MACs come closest to ``target_gmacs``
-    (:func:`leanvit.schedule.fit_handset` with ``model``'s coefficients, :func:`mac_model`).
+    """The hand-set schedule of DiffRate's space of ``kind``
+    (:data:`leanvit.methods.diffrate.budget.HANDSET_KINDS`: the same number of tokens merged
+    or pruned in every block from ``first_block`` on, or three EViT-like stages) whose MACs
+    come closest to ``target_gmacs`` (:func:`leanvit.methods.diffrate.budget.fit_handset`
+    with ``model``'s coefficients, :func:`mac_model`).
 
     ``schedule.gmacs`` is measured by :func:`leanvit.count_macs` with the schedule deployed
     (``measure=False``: left ``None``; the estimate is in ``obtained["estimated_gmacs"]``).

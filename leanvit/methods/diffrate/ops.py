@@ -2,8 +2,7 @@
 sort, the merge of a sorted tail into its head, the straight-through estimators of the rate
 search, and the class-token attention row under a soft keep-mask.
 
-Used by :mod:`leanvit.methods.diffrate` (deploy) and :mod:`leanvit.methods.diffrate_search`
-(the search mode). Source: Chen et al., "DiffRate: Differentiable Compression Rate for
+Used by :mod:`leanvit.methods.diffrate.deploy` and :mod:`leanvit.methods.diffrate.search_mode`. Source: Chen et al., "DiffRate: Differentiable Compression Rate for
 Efficient Vision Transformers", ICCV 2023 (OpenGVLab/DiffRate).
 """
 from __future__ import annotations
@@ -15,8 +14,8 @@ from torch import Tensor
 
 from leanvit.ops.attention import attention_logits, masked_softmax
 from leanvit.ops.merge import first_best
-from leanvit.signals import Signals
 from leanvit.ops.tokens import remap_where
+from leanvit.signals import Signals
 
 
 def sort_order(cls_attn: Tensor, prefix: int, k: int, alive: Optional[Tensor] = None
