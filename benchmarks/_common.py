@@ -83,7 +83,7 @@ def resolve(options: dict) -> dict:
     sched = options.get("schedule")
     if not (isinstance(sched, str) and sched.startswith("authors:")):
         return options
-    from leanvit.schedule import read_authors_schedule
+    from leanvit.methods.diffrate import read_authors_schedule
 
     require(AUTHORS_DIFFRATE)
     _, model_key, target = sched.split(":")

@@ -106,7 +106,7 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="JSON results (rows appended per run)")
     args = ap.parse_args()
 
-    from leanvit.schedule import save_schedule
+    from leanvit.methods.diffrate import save_schedule
     from leanvit.search import diffrate as dr
 
     torch.manual_seed(0)
@@ -127,7 +127,7 @@ def main() -> int:
         out.write_text(json.dumps(results, indent=1) + "\n")
 
     if args.handset:
-        from leanvit.schedule import HANDSET_KINDS
+        from leanvit.methods.diffrate import HANDSET_KINDS
 
         for kind in HANDSET_KINDS:
             t0 = time.perf_counter()

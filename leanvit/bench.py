@@ -21,7 +21,7 @@ import time
 from typing import Any, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -216,16 +216,7 @@ def run_benchmark(
     from leanvit.macs import count_macs
 
     options = dict(options or {})
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"device must be cpu or cuda, got {device!r}")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but CUDA is not available here")
-    for name, v in (("batch_size", batch_size), ("repeats", repeats), ("iters", iters)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    dev = _check_run(dtype, device, batch_size=batch_size, repeats=repeats, iters=iters)
 
     base = _build(model, None, {}, img_size, checkpoint, num_classes, head)
     patched = apply_method(copy.deepcopy(base), method, options).eval()
@@ -255,26 +246,12 @@ def run_benchmark(
                          desc=f"bench {model} / {method}" if progress else None)
     times = {"baseline": rounds["baseline"], "patched": rounds["candidate"]}
     spread = {k: round_spread(v) for k, v in times.items()}
-    worst = max(spread, key=spread.get)
-    if spread[worst] > SPREAD_WARNING:
-        import warnings
-
-        load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") \
-            else "n/a"
-        warnings.warn(f"the {worst} model's timing rounds spread by {spread[worst]:.0%} of their "
-                      f"median (> {SPREAD_WARNING:.0%}): another process probably competed for "
-                      f"the cores (load average {load}); the speedup is unreliable", UserWarning,
-                      stacklevel=2)
+    _warn_spread(spread)
 
     peak: dict[str, Optional[float]] = {"baseline": None, "patched": None}
     if memory:
         if dev.type == "cuda":
-            with torch.inference_mode():
-                for key, m in runners.items():
-                    torch.cuda.reset_peak_memory_stats(dev)
-                    m(x)
-                    torch.cuda.synchronize(dev)
-                    peak[key] = torch.cuda.max_memory_allocated(dev) / 2**20
+            peak = _cuda_peak_memory_mb(runners, x, dev)
         else:
             for key, meth in (("baseline", None), ("patched", method)):
                 peak[key] = _cpu_peak_memory_mb(dict(
@@ -303,6 +280,50 @@ def run_benchmark(
     result["speedup"] = result["patched"]["images_per_s"] / result["baseline"]["images_per_s"]
     result["mac_ratio"] = gmacs_base / gmacs_patched
     return result
+
+
+def _check_run(dtype: str, device: str, **counts: int) -> torch.device:
+    """The device of a :func:`run_benchmark` run, after checking its dtype, device and
+    positive-int counts (one-line ``ValueError`` naming the bad one)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but CUDA is not available here")
+    for name, v in counts.items():
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return dev
+
+
+def _warn_spread(spread: dict[str, float]) -> None:
+    """Warn (to :func:`run_benchmark`'s caller) when a model's timing rounds spread by more
+    than :data:`SPREAD_WARNING` of their median: the speedup is then unreliable."""
+    worst = max(spread, key=spread.get)
+    if spread[worst] > SPREAD_WARNING:
+        import warnings
+
+        load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") \
+            else "n/a"
+        warnings.warn(f"the {worst} model's timing rounds spread by {spread[worst]:.0%} of their "
+                      f"median (> {SPREAD_WARNING:.0%}): another process probably competed for "
+                      f"the cores (load average {load}); the speedup is unreliable", UserWarning,
+                      stacklevel=3)
+
+
+def _cuda_peak_memory_mb(runners: dict[str, nn.Module], x: Tensor, dev: torch.device
+                         ) -> dict[str, Optional[float]]:
+    """Peak allocated CUDA memory (MB) of one forward pass of each runner on ``x``."""
+    peak: dict[str, Optional[float]] = {}
+    with torch.inference_mode():
+        for key, m in runners.items():
+            torch.cuda.reset_peak_memory_stats(dev)
+            m(x)
+            torch.cuda.synchronize(dev)
+            peak[key] = torch.cuda.max_memory_allocated(dev) / 2**20
+    return peak
 
 
 def _jsonable(options: dict) -> dict:

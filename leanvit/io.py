@@ -14,7 +14,7 @@ Metadata (safetensors' string map):
   indices, of the option values that were tuples: JSON has only lists, and a tuple can mean
   something else than a list, e.g. ToMe's ``r=(2, -1.0)`` vs ``r=[2, 1]``). Options are
   stored self-contained: a DiffRate ``schedule`` given as a file (or a
-  :class:`leanvit.schedule.Schedule`) is stored as the schedule itself (its JSON object), so
+  :class:`leanvit.methods.diffrate.Schedule`) is stored as the schedule itself (its JSON object), so
   editing or deleting the file later does not change what :func:`load` gives; any other
   option whose value is a file is refused by :func:`save` (its content would not be kept);
 - the architecture the file was made on: ``architecture`` (timm model name, else the class

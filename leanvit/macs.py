@@ -9,6 +9,7 @@ tokens and width C: ``4NC^2 + 2N^2C`` (attention) + ``8NC^2`` (MLP, ratio 4).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -128,7 +129,11 @@ def forward_with_macs(model: nn.Module, images: Tensor) -> tuple[Tensor, MacRepo
     """The model's output on ``images`` and its :class:`MacReport`, from ONE forward pass.
 
     As :func:`count_macs` (same conditions), for evaluation loops that need the predictions
-    and the MACs of the same images without running the model twice.
+    and the MACs of the same images without running the model twice. A family that runs as
+    itself (PVTv2, NextViT, plain or compacted: :mod:`leanvit.adapters.layer_macs`) is counted
+    layer by layer (stem, one entry per block, ``attention``: its attention module, ``mlp``:
+    the rest of the block, layers between blocks, head); the others through their adapter,
+    an unpatched model patched with ``none`` for the pass.
     """
     from leanvit import adapters
     from leanvit.patching import patch, unpatch
@@ -136,35 +141,32 @@ def forward_with_macs(model: nn.Module, images: Tensor) -> tuple[Tensor, MacRepo
     check_images(images)
 
     layers = adapters.layer_map(model)
-    if layers is not None:  # PVTv2, NextViT (plain or compacted): counted layer by layer
-        return _forward_with_layer_macs(model, images, layers)
+    if layers is not None:
+        from leanvit.adapters.layer_macs import forward_with_layer_macs
+
+        return _counted_forward(
+            model, images, lambda x, rec: forward_with_layer_macs(model, x, layers, rec))
     adapter = adapters.find_adapter(model)
+
+    def run(x: Tensor, recorder: MacRecorder) -> Tensor:
+        y, state = adapter.forward_features(model, x, recorder=recorder)
+        return adapter.forward_head(model, y, state, recorder=recorder)
+
     was_patched = adapters.is_patched(model)
     if not was_patched:
         patch(model, "none")
-    was_training = model.training
     try:
-        model.eval()
-        p = next(model.parameters(), None)
-        if p is not None:
-            images = images.to(device=p.device, dtype=p.dtype)
-        recorder = MacRecorder()
-        with torch.no_grad():
-            x, state = adapter.forward_features(model, images, recorder=recorder)
-            out = adapter.forward_head(model, x, state, recorder=recorder)
-        return out, report_from(recorder, images.shape[0])
+        return _counted_forward(model, images, run)
     finally:
-        model.train(was_training)
         if not was_patched:
             unpatch(model)
 
 
-def _forward_with_layer_macs(model: nn.Module, images: Tensor, layers) -> tuple[Tensor, MacReport]:
-    """:func:`forward_with_macs` for a family that runs as itself
-    (:mod:`leanvit.adapters.layer_macs`): stem, one entry per block (``attention``: its
-    attention module, ``mlp``: the rest of the block), layers between blocks, head."""
-    from leanvit.adapters.layer_macs import forward_with_layer_macs
-
+def _counted_forward(model: nn.Module, images: Tensor,
+                     run: Callable[[Tensor, MacRecorder], Tensor]) -> tuple[Tensor, MacReport]:
+    """``run(images, recorder)`` in eval mode without gradients, ``images`` moved to the
+    model's device and dtype; its output and the :class:`MacReport` of what it recorded. The
+    model's train/eval mode is restored."""
     was_training = model.training
     try:
         model.eval()
@@ -173,7 +175,7 @@ def _forward_with_layer_macs(model: nn.Module, images: Tensor, layers) -> tuple[
             images = images.to(device=p.device, dtype=p.dtype)
         recorder = MacRecorder()
         with torch.no_grad():
-            out = forward_with_layer_macs(model, images, layers, recorder)
+            out = run(images, recorder)
         return out, report_from(recorder, images.shape[0])
     finally:
         model.train(was_training)

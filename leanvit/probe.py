@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -334,6 +334,35 @@ def _check_enough_images(dataset, classes: Sequence[str], where: str) -> None:
                          "held-out 20% of each class): use more images (a larger --limit)")
 
 
+def _dense_probe_setup(threshold: Optional[float], model: nn.Module
+                       ) -> tuple[Callable, str, dict[str, Any]]:
+    """A dense probe's batch function (patch features and foreground targets), its feature
+    name for the cache key and the head's extra metadata; ``threshold`` ``None``:
+    :data:`leanvit.dense.FOREGROUND_THRESHOLD`."""
+    from leanvit.dense import FOREGROUND_THRESHOLD, dense_batch_fn
+
+    threshold = FOREGROUND_THRESHOLD if threshold is None else float(threshold)
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"threshold must be a pixel intensity in [0, 1), got {threshold}")
+    extra = dict(dense=True, threshold=threshold, width=model.embed_dim,
+                 feature="final-norm patch token (leanvit.dense_features)")
+    return dense_batch_fn(threshold), f"dense foreground>{threshold!r} v1", extra
+
+
+def _score_probe(head: nn.Module, features: Tensor, labels: Tensor,
+                 dense_extra: Optional[dict] = None) -> float:
+    """Accuracy (%) of ``head`` on ``features`` ``[M, C]`` against ``labels`` ``[M]``; for a
+    dense probe also the foreground/background mIoU, written to ``dense_extra["val_miou"]``."""
+    with torch.no_grad():
+        pred = head(features).argmax(1)
+        acc = 100.0 * float((pred == labels).double().mean())
+    if dense_extra is not None:
+        from leanvit.dense import confusion_matrix, segmentation_scores
+
+        dense_extra["val_miou"] = segmentation_scores(confusion_matrix(pred, labels, 2))["miou"]
+    return acc
+
+
 def probe_folder(
     model_name: str,
     data: str | Path,
@@ -394,18 +423,11 @@ def probe_folder(
     if checkpoint is not None:  # by content, as the images
         ck = [str(Path(checkpoint).resolve()), file_digest(checkpoint)]
     seconds: dict[str, float] = {}
-    feats = {}
     fn, feature, extra = None, "cls+mean v1", {}
     if dense:
-        from leanvit.dense import FOREGROUND_THRESHOLD, dense_batch_fn
-
-        threshold = FOREGROUND_THRESHOLD if threshold is None else float(threshold)
-        if not 0.0 <= threshold < 1.0:
-            raise ValueError(f"threshold must be a pixel intensity in [0, 1), got {threshold}")
-        fn, classes = dense_batch_fn(threshold), ["background", "foreground"]
-        feature = f"dense foreground>{threshold!r} v1"
-        extra = dict(dense=True, threshold=threshold, width=model.embed_dim,
-                     feature="final-norm patch token (leanvit.dense_features)")
+        fn, feature, extra = _dense_probe_setup(threshold, model)
+        classes = ["background", "foreground"]
+    feats = {}
     for split, ds in (("train", train), ("val", val)):
         key = {"model": model_name, "checkpoint": ck, "img_size": list(model.patch_embed.img_size),
                "images": dataset_key(ds), "feature": feature}
@@ -423,14 +445,7 @@ def probe_folder(
     info: dict[str, Any] = {}
     head = fit_probe(*feats["train"], num_classes=len(classes), info=info)
     seconds["fit"] = time.perf_counter() - t0
-    with torch.no_grad():
-        fv, yv = feats["val"]
-        pred = head(fv).argmax(1)
-        val_acc = 100.0 * float((pred == yv).double().mean())
-    if dense:
-        from leanvit.dense import confusion_matrix, segmentation_scores
-
-        extra["val_miou"] = segmentation_scores(confusion_matrix(pred, yv, 2))["miou"]
+    val_acc = _score_probe(head, *feats["val"], extra if dense else None)
     save_head(head, out, backbone=model, model=model_name,
               img_size=list(model.patch_embed.img_size),
               classes=classes, checkpoint=None if checkpoint is None else Path(checkpoint).name,

@@ -62,7 +62,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from leanvit._files import atomic_path
-from leanvit.data import fix_randaugment_posterize
+from leanvit.data import data_config, fix_randaugment_posterize
 from leanvit.evaluate import evaluate
 from leanvit.losses import LossWeights, Output, total_loss
 
@@ -247,16 +247,6 @@ def _count_classes(root: str) -> int:
     return len(classes)
 
 
-def _data_config(model: nn.Module) -> dict:
-    from timm.data import resolve_data_config
-
-    cfg = resolve_data_config({}, model=model)
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if size is not None:  # a model built with img_size=S: its pretrained_cfg still says 224
-        cfg["input_size"] = (3, *size)
-    return cfg
-
-
 def _datasets(cfg: TrainConfig, model: nn.Module):
     from timm.data import create_transform
     from leanvit.data import ImageFolder
@@ -266,7 +256,7 @@ def _datasets(cfg: TrainConfig, model: nn.Module):
         if not (root / split).is_dir():
             raise ValueError(f"--data {root}: no {split}/ folder (expected an ImageFolder "
                              f"layout: {root}/train/<class>/*.png and {root}/val/<class>/*)")
-    dc = _data_config(model)
+    dc = data_config(model)
     fix_randaugment_posterize()  # DeiT's "-inc1" policy crashed on Pillow 12+ otherwise
     extra = {} if cfg.crop_scale is None else {"scale": tuple(cfg.crop_scale)}
     train_tf = create_transform(
@@ -633,103 +623,139 @@ def train(config: TrainConfig | dict, model: Optional[nn.Module] = None,
         teacher: the distillation teacher (frozen, eval mode); default: a copy of the model
             before compaction and patching. Ignored when ``config.distill`` is False.
     """
-    from timm.data import Mixup
+    return Trainer(config, model, teacher).run()
 
-    from leanvit.io import save
-    from leanvit.models import create_model
-    from leanvit.patching import patch
 
-    cfg = config if isinstance(config, TrainConfig) else TrainConfig(**config)
-    if not cfg.data:
-        raise ValueError("config.data must name an ImageFolder root (with train/ and val/)")
-    world, rank, device = _setup_distributed(cfg)
-    amp, amp_dtype = _autocast(cfg, device)
-    # the data first: a wrong --data must not leave an empty output folder behind
-    num_classes = cfg.num_classes if cfg.num_classes is not None else _count_classes(cfg.data)
-    out = Path(cfg.output)
-    _check_output(cfg, out)  # on every rank, before rank 0 writes there
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
-        _prepare_output(out, overwrite=cfg.overwrite)
-    log = _Logger(out / "log.jsonl" if rank == 0 else None)
+class Trainer:
+    """One training run over a :class:`TrainConfig`, in phases: :meth:`setup` (output folder,
+    data, model, teacher, method, optimizer), :meth:`resume`, :meth:`epoch` (of
+    :meth:`train_step` s), :meth:`evaluate`, :meth:`checkpoint` and :meth:`finish`;
+    :meth:`run` calls them in order. :func:`train` is ``Trainer(config, model, teacher).run()``.
+    """
 
-    # -- model, teacher, method (the same seed on every rank and on resume)
-    _seed_all(cfg.seed)
-    if model is None:
-        model = create_model(cfg.model, img_size=cfg.img_size, checkpoint=cfg.checkpoint,
-                             num_classes=0 if cfg.probe_head else num_classes,
-                             **cfg.model_kwargs)
-    elif not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    else:
-        from leanvit.adapters import is_patched
+    def __init__(self, config: TrainConfig | dict, model: Optional[nn.Module] = None,
+                 teacher: Optional[nn.Module] = None) -> None:
+        self.cfg = config if isinstance(config, TrainConfig) else TrainConfig(**config)
+        self.setup(model, teacher)
 
-        if is_patched(model):
-            raise ValueError("model is patched; pass an unpatched model (the trainer patches "
-                             f"it with config.method={cfg.method!r})")
-    train_set, val_set, data_cfg = _datasets(cfg, model)
-    if cfg.probe_head is not None:  # a headless backbone made a classifier by a fitted probe
-        from leanvit.heads import attach_head, load_head
+    # -- setup --------------------------------------------------------------------------------
 
-        attach_head(model, load_head(cfg.probe_head))
-    if not cfg.distill:
-        teacher = None
-    elif teacher is None:
-        teacher = copy.deepcopy(model)
-    if teacher is not None:
-        teacher = teacher.eval().requires_grad_(False).to(device)
-    if cfg.compact is not None:
-        from leanvit.compaction import compact
+    def setup(self, model: Optional[nn.Module], teacher: Optional[nn.Module]) -> None:
+        """Check the output folder and the data, build the model, teacher and method, then
+        the optimizer and the loaders (:meth:`_setup_optimization`)."""
+        from leanvit.models import create_model
+        from leanvit.patching import patch
 
-        images = (_calibration_images(cfg, data_cfg, cfg.compact_images)
-                  if cfg.compact_images else None)
-        compact(model, **{**cfg.compact, "images": images})
-    patch(model, cfg.method, **cfg.options)
-    model.to(device).train()
-    target_keep = getattr(model.leanvit.options, "keep_rate", None)
-    if cfg.keep_rate_warmup_epochs > 0 and target_keep is None:
-        raise ValueError(f"keep_rate_warmup_epochs needs a method with a keep_rate option; "
-                         f"{cfg.method!r} has none")
-    has_method_params = any(True for _ in model.leanvit.parameters())
-    res = _resolve(cfg, has_method_params, world)
-    if res["global_batch"] > len(train_set):
-        raise ValueError(f"global batch {res['global_batch']} is larger than the training set "
-                         f"({len(train_set)} images)")
-    # the method's own default weights (e.g. dynamicvit on ConvNeXt/Swin: ratio 10), then the
-    # user's
-    weights = LossWeights(**{**getattr(model.leanvit, "default_loss_weights", {}), **cfg.loss})
-    keep_targets = getattr(model.leanvit, "keep_targets", lambda: [])()
+        cfg = self.cfg
+        if not cfg.data:
+            raise ValueError("config.data must name an ImageFolder root (with train/ and val/)")
+        self.world, self.rank, self.device = _setup_distributed(cfg)
+        world, rank, device = self.world, self.rank, self.device
+        self.amp, self.amp_dtype = _autocast(cfg, device)
+        # the data first: a wrong --data must not leave an empty output folder behind
+        self.num_classes = (cfg.num_classes if cfg.num_classes is not None
+                            else _count_classes(cfg.data))
+        out = self.out = Path(cfg.output)
+        _check_output(cfg, out)  # on every rank, before rank 0 writes there
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            _prepare_output(out, overwrite=cfg.overwrite)
+        self.log = _Logger(out / "log.jsonl" if rank == 0 else None)
 
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=res["lr"],
-                                  weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-    ema = None
-    if cfg.ema:
-        from timm.utils import ModelEmaV3
+        # -- model, teacher, method (the same seed on every rank and on resume)
+        _seed_all(cfg.seed)
+        if model is None:
+            model = create_model(cfg.model, img_size=cfg.img_size, checkpoint=cfg.checkpoint,
+                                 num_classes=0 if cfg.probe_head else self.num_classes,
+                                 **cfg.model_kwargs)
+        elif not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        else:
+            from leanvit.adapters import is_patched
 
-        ema = ModelEmaV3(model, decay=cfg.ema_decay)
-    step_module = _TrainStep(model)
-    runner: nn.Module = step_module
-    if world > 1:
-        runner = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device.index] if device.type == "cuda" else None)
-    mixup = None
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
-                      label_smoothing=cfg.smoothing, num_classes=num_classes)
-    val_loader = torch.utils.data.DataLoader(
-        val_set, batch_size=cfg.batch_size, num_workers=cfg.workers,
-        sampler=(torch.utils.data.distributed.DistributedSampler(val_set, world, rank,
-                                                                 shuffle=False)
-                 if world > 1 else None))
+            if is_patched(model):
+                raise ValueError("model is patched; pass an unpatched model (the trainer "
+                                 f"patches it with config.method={cfg.method!r})")
+        self.train_set, self.val_set, self.data_cfg = _datasets(cfg, model)
+        if cfg.probe_head is not None:  # a headless backbone made a classifier by a probe
+            from leanvit.heads import attach_head, load_head
 
-    # -- resume
-    start_epoch, start_step, global_step, best = 0, 0, 0, None
-    resume = cfg.resume
-    if resume == "auto":
-        resume = str(out / "last.pt") if (out / "last.pt").is_file() else None
-    if resume:
+            attach_head(model, load_head(cfg.probe_head))
+        if not cfg.distill:
+            teacher = None
+        elif teacher is None:
+            teacher = copy.deepcopy(model)
+        if teacher is not None:
+            teacher = teacher.eval().requires_grad_(False).to(device)
+        self.teacher = teacher
+        if cfg.compact is not None:
+            from leanvit.compaction import compact
+
+            images = (_calibration_images(cfg, self.data_cfg, cfg.compact_images)
+                      if cfg.compact_images else None)
+            compact(model, **{**cfg.compact, "images": images})
+        patch(model, cfg.method, **cfg.options)
+        model.to(device).train()
+        self.model = model
+        self._setup_optimization()
+
+    def _setup_optimization(self) -> None:
+        """Loss weights, optimizer, scaler, EMA, the (DDP) step module, mixup, val loader."""
+        from timm.data import Mixup
+
+        cfg, model, world, rank, device = self.cfg, self.model, self.world, self.rank, self.device
+        self.target_keep = getattr(model.leanvit.options, "keep_rate", None)
+        if cfg.keep_rate_warmup_epochs > 0 and self.target_keep is None:
+            raise ValueError(f"keep_rate_warmup_epochs needs a method with a keep_rate option; "
+                             f"{cfg.method!r} has none")
+        has_method_params = any(True for _ in model.leanvit.parameters())
+        res = self.res = _resolve(cfg, has_method_params, world)
+        if res["global_batch"] > len(self.train_set):
+            raise ValueError(f"global batch {res['global_batch']} is larger than the training "
+                             f"set ({len(self.train_set)} images)")
+        # the method's own default weights (e.g. dynamicvit on ConvNeXt/Swin: ratio 10), then
+        # the user's
+        self.weights = LossWeights(**{**getattr(model.leanvit, "default_loss_weights", {}),
+                                      **cfg.loss})
+        self.keep_targets = getattr(model.leanvit, "keep_targets", lambda: [])()
+        self.optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=res["lr"],
+                                           weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
+        self.ema = None
+        if cfg.ema:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(model, decay=cfg.ema_decay)
+        step_module = _TrainStep(model)
+        self.runner: nn.Module = step_module
+        if world > 1:
+            self.runner = nn.parallel.DistributedDataParallel(
+                step_module, device_ids=[device.index] if device.type == "cuda" else None)
+        self.mixup = None
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
+                               label_smoothing=cfg.smoothing, num_classes=self.num_classes)
+        self.val_loader = torch.utils.data.DataLoader(
+            self.val_set, batch_size=cfg.batch_size, num_workers=cfg.workers,
+            sampler=(torch.utils.data.distributed.DistributedSampler(self.val_set, world, rank,
+                                                                     shuffle=False)
+                     if world > 1 else None))
+        self.start_epoch, self.start_step, self.global_step, self.best = 0, 0, 0, None
+        self.steps_per_epoch = len(self.train_set) // res["global_batch"]
+        self.steps_this_run, self.stopped, self.metrics = 0, False, {}
+
+    # -- resume and checkpoint ----------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Continue from ``config.resume`` (``"auto"``: ``OUTPUT/last.pt`` when there is one):
+        model, optimizer, scaler, EMA, position and RNG states."""
+        cfg, out, model = self.cfg, self.out, self.model
+        resume = cfg.resume
+        if resume == "auto":
+            resume = str(out / "last.pt") if (out / "last.pt").is_file() else None
+        if not resume:
+            return
         ck = _read_training_checkpoint(Path(resume))
         _check_resumed_config(cfg, ck.get("config"), resume)
         try:
@@ -739,142 +765,186 @@ def train(config: TrainConfig | dict, model: Optional[nn.Module] = None,
 
             raise ValueError(f"cannot resume from {resume}: the model differs from the one "
                              f"trained there ({load_error_summary(e)})") from None
-        optimizer.load_state_dict(ck["optimizer"])
-        if scaler is not None and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        if ema is not None and ck.get("ema") is not None:
-            ema.load_state_dict(ck["ema"])
-        start_epoch, start_step, global_step = ck["epoch"], ck["step"], ck["global_step"]
-        best = ck.get("best")
+        self.optimizer.load_state_dict(ck["optimizer"])
+        if self.scaler is not None and ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
+        if self.ema is not None and ck.get("ema") is not None:
+            self.ema.load_state_dict(ck["ema"])
+        self.start_epoch, self.start_step = ck["epoch"], ck["step"]
+        self.global_step = ck["global_step"]
+        self.best = ck.get("best")
+        rank = self.rank
         _set_rng_states(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
-        log(event="resume", checkpoint=str(resume), epoch=start_epoch, step=start_step)
+        self.log(event="resume", checkpoint=str(resume), epoch=self.start_epoch,
+                 step=self.start_step)
 
-    def save_checkpoint(epoch: int, step: int) -> None:
+    def checkpoint(self, epoch: int, step: int) -> None:
+        """Write ``OUTPUT/last.pt`` atomically (rank 0; every rank's RNG states gathered):
+        the run resumes at step ``step`` of epoch ``epoch``."""
+        world = self.world
         states = [None] * world
         if world > 1:
             dist.all_gather_object(states, _rng_states())
         else:
             states = [_rng_states()]
-        if rank == 0:
+        if self.rank == 0:
             _atomic_torch_save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "ema": ema.state_dict() if ema is not None else None,
-                "epoch": epoch, "step": step, "global_step": global_step, "best": best,
-                "rng": states, "config": dataclasses.asdict(cfg), "world_size": world,
-            }, out / "last.pt")
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "epoch": epoch, "step": step, "global_step": self.global_step,
+                "best": self.best, "rng": states, "config": dataclasses.asdict(self.cfg),
+                "world_size": world,
+            }, self.out / "last.pt")
 
-    steps_per_epoch = len(train_set) // res["global_batch"]
-    log(event="start", rank_count=world, device=str(device), amp=amp, config=dataclasses.asdict(cfg),
-        resolved=res, steps_per_epoch=steps_per_epoch, data_config={k: list(v) if isinstance(
-            v, tuple) else v for k, v in data_cfg.items()}, num_classes=num_classes)
-    bar = None
-    if cfg.progress and rank == 0:
-        from tqdm.auto import tqdm
+    # -- the loop -----------------------------------------------------------------------------
 
-        bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=global_step, unit="step",
-                   desc=f"train {cfg.model} / {cfg.method}")
-    last_ckpt = time.monotonic()
-    steps_this_run = 0
-    stopped = False
-    metrics: dict = {}
-    epochs_done = start_epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        train_set.epoch = epoch
-        batches = _epoch_batches(len(train_set), epoch, cfg.seed, res["global_batch"], world,
-                                 rank)
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches[start_step:],
+    def run(self) -> dict:
+        """Resume if asked, train the remaining epochs, save the result; the summary dict."""
+        cfg = self.cfg
+        self.resume()
+        self.log(event="start", rank_count=self.world, device=str(self.device), amp=self.amp,
+                 config=dataclasses.asdict(cfg), resolved=self.res,
+                 steps_per_epoch=self.steps_per_epoch,
+                 data_config={k: list(v) if isinstance(v, tuple) else v
+                              for k, v in self.data_cfg.items()},
+                 num_classes=self.num_classes)
+        self.bar = None
+        if cfg.progress and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=cfg.epochs * self.steps_per_epoch, initial=self.global_step,
+                            unit="step", desc=f"train {cfg.model} / {cfg.method}")
+        self.last_ckpt = time.monotonic()
+        self.epochs_done = self.start_epoch
+        for epoch in range(self.start_epoch, cfg.epochs):
+            if not self.epoch(epoch):
+                break
+        if self.bar is not None:
+            self.bar.close()
+        return self.finish()
+
+    def epoch(self, epoch: int) -> bool:
+        """Train one epoch (from ``start_step`` on a resumed one), then evaluate and
+        checkpoint; False when the run stops here (``max_steps``)."""
+        cfg, world = self.cfg, self.world
+        self.train_set.epoch = epoch
+        batches = _epoch_batches(len(self.train_set), epoch, cfg.seed, self.res["global_batch"],
+                                 world, self.rank)
+        loader = torch.utils.data.DataLoader(self.train_set,
+                                             batch_sampler=batches[self.start_step:],
                                              num_workers=cfg.workers)
         t0, seen = time.perf_counter(), 0
-        for step, (x, y) in enumerate(loader, start=start_step):
-            progress = epoch + step / steps_per_epoch
-            lr = _set_lrs(optimizer, progress, epoch, cfg, res)
-            if target_keep is not None and cfg.keep_rate_warmup_epochs > 0:
-                _set_keep_rate(model, _keep_rate_at(progress, cfg, target_keep))
-            _seed_all(_mix(cfg.seed, epoch, step, rank, 3))  # mixup, Gumbel noise, drop-path
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if mixup is not None:
-                x, y = mixup(x, y)
-            elif cfg.smoothing > 0:  # timm's label smoothing without mixup
-                off = cfg.smoothing / num_classes
-                y = torch.full((y.shape[0], num_classes), off, device=device).scatter_(
-                    1, y[:, None], 1.0 - cfg.smoothing + off)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits, tokens, keep, decisions = runner(x)
-                t_out = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_out = _teacher_forward(teacher, x)
-            loss, parts = total_loss(Output(logits, tokens, keep, decisions), y, t_out,
-                                     weights, keep_targets,
-                                     prefix=model.leanvit.info.num_prefix_tokens)
-            if not torch.isfinite(loss.detach()):
-                raise FloatingPointError(f"loss is {float(loss.detach())} at epoch {epoch} step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if cfg.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            if ema is not None:
-                ema.update(model, step=global_step)
-            global_step += 1
-            steps_this_run += 1
+        for step, (x, y) in enumerate(loader, start=self.start_step):
+            loss, parts, lr = self.train_step(x, y, epoch, step)
             seen += x.shape[0] * world
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{lr:.2e}")
-            if step % cfg.log_every == 0 or step == steps_per_epoch - 1:
-                log(event="step", epoch=epoch, step=step, global_step=global_step, lr=lr,
-                    loss=float(loss.detach()), **{f"loss_{k}": v for k, v in parts.items()},
-                    images_per_s=seen / max(time.perf_counter() - t0, 1e-9))
-            stop = cfg.max_steps is not None and steps_this_run >= cfg.max_steps
-            last_in_epoch = step == steps_per_epoch - 1
-            due = time.monotonic() - last_ckpt >= cfg.checkpoint_interval_s
+            if step % cfg.log_every == 0 or step == self.steps_per_epoch - 1:
+                self.log(event="step", epoch=epoch, step=step, global_step=self.global_step,
+                         lr=lr, loss=float(loss.detach()),
+                         **{f"loss_{k}": v for k, v in parts.items()},
+                         images_per_s=seen / max(time.perf_counter() - t0, 1e-9))
+            stop = cfg.max_steps is not None and self.steps_this_run >= cfg.max_steps
+            last_in_epoch = step == self.steps_per_epoch - 1
+            due = time.monotonic() - self.last_ckpt >= cfg.checkpoint_interval_s
             if world > 1:  # every rank must agree (the checkpoint gathers RNG states)
                 flag = torch.tensor([float(due)])
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 due = bool(flag.item())
             if (due or stop) and not last_in_epoch:
-                save_checkpoint(epoch, step + 1)
-                last_ckpt = time.monotonic()
+                self.checkpoint(epoch, step + 1)
+                self.last_ckpt = time.monotonic()
             if stop and not last_in_epoch:
-                stopped = True
-                break
-        if stopped:
-            break
-        start_step = 0
+                self.stopped = True
+                return False
+        self.start_step = 0
         if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            metrics = _validate(model, val_loader, amp_dtype)
-            if ema is not None:
-                metrics["ema_top1"] = _validate(ema.module, val_loader, amp_dtype)["top1"]
-            best = max(best or 0.0, metrics["top1"])
-            log(event="eval", epoch=epoch, **metrics)
-        save_checkpoint(epoch + 1, 0)
-        last_ckpt = time.monotonic()
-        epochs_done = epoch + 1
-        if cfg.max_steps is not None and steps_this_run >= cfg.max_steps:
-            stopped = epoch + 1 < cfg.epochs
-            break
-    if bar is not None:
-        bar.close()
-    summary = {"epochs_done": epochs_done, "global_step": global_step, "stopped_early": stopped,
-               "best_top1": best, **{f"last_{k}": v for k, v in metrics.items()},
-               "checkpoint": str(out / "last.pt")}
-    if not stopped and rank == 0:
-        summary["weights"] = str(save(model, out / "final.safetensors", backbone=True))
-        if ema is not None:
-            ema_model = ema.module
-            summary["ema_weights"] = str(save(ema_model, out / "final_ema.safetensors",
-                                              backbone=True))
-    log(event="end", **summary)
-    if world > 1:
-        dist.barrier()
-    return summary
+            self.evaluate(epoch)
+        self.checkpoint(epoch + 1, 0)
+        self.last_ckpt = time.monotonic()
+        self.epochs_done = epoch + 1
+        if cfg.max_steps is not None and self.steps_this_run >= cfg.max_steps:
+            self.stopped = epoch + 1 < cfg.epochs
+            return False
+        return True
+
+    def train_step(self, x: Tensor, y: Tensor, epoch: int, step: int
+                   ) -> tuple[Tensor, dict, float]:
+        """One optimizer step on the batch ``x`` ``[B, 3, H, W]``, ``y`` ``[B]``; returns the
+        loss, its parts and the lr used."""
+        cfg, model, device = self.cfg, self.model, self.device
+        optimizer, scaler, amp_dtype = self.optimizer, self.scaler, self.amp_dtype
+        progress = epoch + step / self.steps_per_epoch
+        lr = _set_lrs(optimizer, progress, epoch, cfg, self.res)
+        if self.target_keep is not None and cfg.keep_rate_warmup_epochs > 0:
+            _set_keep_rate(model, _keep_rate_at(progress, cfg, self.target_keep))
+        _seed_all(_mix(cfg.seed, epoch, step, self.rank, 3))  # mixup, Gumbel noise, drop-path
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if self.mixup is not None:
+            x, y = self.mixup(x, y)
+        elif cfg.smoothing > 0:  # timm's label smoothing without mixup
+            off = cfg.smoothing / self.num_classes
+            y = torch.full((y.shape[0], self.num_classes), off, device=device).scatter_(
+                1, y[:, None], 1.0 - cfg.smoothing + off)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits, tokens, keep, decisions = self.runner(x)
+            t_out = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    t_out = _teacher_forward(self.teacher, x)
+        loss, parts = total_loss(Output(logits, tokens, keep, decisions), y, t_out,
+                                 self.weights, self.keep_targets,
+                                 prefix=model.leanvit.info.num_prefix_tokens)
+        if not torch.isfinite(loss.detach()):
+            raise FloatingPointError(f"loss is {float(loss.detach())} at epoch {epoch} "
+                                     f"step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if cfg.clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if self.ema is not None:
+            self.ema.update(model, step=self.global_step)
+        self.global_step += 1
+        self.steps_this_run += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{lr:.2e}")
+        return loss, parts, lr
+
+    def evaluate(self, epoch: int) -> dict:
+        """Top-1 on the validation set (and of the EMA weights), logged; keeps the best."""
+        metrics = _validate(self.model, self.val_loader, self.amp_dtype)
+        if self.ema is not None:
+            metrics["ema_top1"] = _validate(self.ema.module, self.val_loader,
+                                            self.amp_dtype)["top1"]
+        self.best = max(self.best or 0.0, metrics["top1"])
+        self.log(event="eval", epoch=epoch, **metrics)
+        self.metrics = metrics
+        return metrics
+
+    def finish(self) -> dict:
+        """Save the final weights (rank 0, unless stopped early) and log the summary."""
+        from leanvit.io import save
+
+        out = self.out
+        summary = {"epochs_done": self.epochs_done, "global_step": self.global_step,
+                   "stopped_early": self.stopped, "best_top1": self.best,
+                   **{f"last_{k}": v for k, v in self.metrics.items()},
+                   "checkpoint": str(out / "last.pt")}
+        if not self.stopped and self.rank == 0:
+            summary["weights"] = str(save(self.model, out / "final.safetensors", backbone=True))
+            if self.ema is not None:
+                summary["ema_weights"] = str(save(self.ema.module,
+                                                  out / "final_ema.safetensors", backbone=True))
+        self.log(event="end", **summary)
+        if self.world > 1:
+            dist.barrier()
+        return summary

@@ -77,8 +77,8 @@ SEARCHED = ("diffrate",)
 #: images; ``max_seconds`` (9 min) keeps the search to a part of a run of minutes; batch 16
 #: gives twice the steps of 32 in that time. ``select_every=50``: snapshots scored on
 #: held-out images, the best one within the MAC tolerance returned (``docs/diffrate.md``):
-#: without it the search's last step ended 3.3% over a 4.0 G budget in the measured tune run,
-#: a setting tune then cannot choose.
+#: the search's last step can end over the budget, a setting tune then cannot choose
+#: (``docs/tune.md``).
 SEARCH_DEFAULTS: dict[str, Any] = {"num_images": 1000, "batch_size": 16, "max_seconds": 540.0,
                                    "select_every": 50}
 #: Arguments of :func:`leanvit.search.diffrate.search` that tune sets itself (or that are not
@@ -485,26 +485,61 @@ def tune(
     center = b.gmacs if b.gmacs is not None else dense / b.speedup
     targets = [center * f for f in fractions]
 
-    names: Optional[list[str]] = None
-    explicit: list[Setting] = []
-    if methods is not None:
-        names = []
-        for m in methods:
-            if isinstance(m, Setting):
-                explicit.append(m)
-            elif isinstance(m, str):
-                names.append(m)
-            else:
-                raise TypeError(f"methods takes names and Settings, got {m!r}")
+    names, explicit = _split_methods(methods)
     say(f"tune: budget {b.describe()}; unmodified model {dense:.3f} GMACs; grid targets "
         + ", ".join(f"{t:.2f}" for t in targets) + " GMACs")
     settings, est, skipped = grid(model, targets, sample, names)
     # a setting that removes nothing (e.g. tome r=0) is the unmodified model again
     settings = [s for s in settings if est[s.label] < dense * (1 - 1e-9)]
-    want_search = [m for m in SEARCHED if (names is None and m in _registered()) or
-                   (names is not None and m in names)]
     for s in explicit:
         est.setdefault(s.label, _estimate(model, s, sample))
+    schedules = _searched_settings(model, names, center, dense, search_images, batches,
+                                   search_options, out, progress, say, settings, est, skipped)
+    all_settings = [Setting("none")] + settings + explicit
+    for s in all_settings:
+        if s.label not in est:
+            est[s.label] = dense
+    rows = _evaluate_settings(model, all_settings, batches, est, repeats, progress, say)
+    for r in rows:
+        r["within_budget"] = b.fits(r)
+    choice = choose(rows, b)
+    result = TuneResult(budget=b, rows=rows, front=front_of(rows, b), choice=choice,
+                        settings=all_settings, schedules=schedules, skipped=skipped,
+                        seconds=time.perf_counter() - t_start)
+    if choice is None:
+        say(f"tune: no setting is within the budget ({b.describe()})")
+    else:
+        say(f"tune: chosen {choice['label']}: top-1 {choice['top1']:.2f}% at "
+            f"{choice['gmacs']:.3f} GMACs, {choice['speedup']:.2f}x ({_dur(result.seconds)})")
+    return result
+
+
+def _split_methods(methods: Optional[Sequence[Union[str, Setting]]]
+                   ) -> tuple[Optional[list[str]], list[Setting]]:
+    """``tune``'s ``methods`` as (method names, or ``None`` for every registered one;
+    explicit :class:`Setting` objects)."""
+    if methods is None:
+        return None, []
+    names: list[str] = []
+    explicit: list[Setting] = []
+    for m in methods:
+        if isinstance(m, Setting):
+            explicit.append(m)
+        elif isinstance(m, str):
+            names.append(m)
+        else:
+            raise TypeError(f"methods takes names and Settings, got {m!r}")
+    return names, explicit
+
+
+def _searched_settings(model: nn.Module, names: Optional[list[str]], center: float,
+                       dense: float, search_images, batches, search_options, out, progress,
+                       say, settings: list[Setting], est: dict, skipped: list) -> dict:
+    """Run the searches of :data:`SEARCHED` that ``names`` asks for to ``center`` GMACs:
+    each found setting is appended to ``settings`` (its GMACs to ``est``), each search that
+    cannot run to ``skipped``; returns the schedules by setting label."""
+    want_search = [m for m in SEARCHED if (names is None and m in _registered()) or
+                   (names is not None and m in names)]
     schedules: dict[str, Any] = {}
     for m in want_search:
         if center >= dense:
@@ -519,12 +554,13 @@ def tune(
         schedules[s.label] = schedule
         settings.append(s)
         est[s.label] = schedule.gmacs
-    all_settings = [Setting("none")] + settings + explicit
-    for s in all_settings:
-        if s.label not in est:
-            est[s.label] = dense
+    return schedules
 
-    # evaluate (the unmodified model first), with what is left shown after each setting
+
+def _evaluate_settings(model: nn.Module, all_settings: list[Setting], batches, est: dict,
+                       repeats: int, progress: bool, say) -> list[dict]:
+    """Evaluate every setting (the unmodified model first) with :func:`run_compare`, saying
+    what is left (by the settings' estimated GMACs ``est``) after each."""
     images = sum(int(x.shape[0]) for x, _ in batches)
     total_cost = sum(est[s.label] for s in all_settings)
     clock = {"done": 0.0, "t0": time.perf_counter()}
@@ -541,20 +577,8 @@ def tune(
             "left")
 
     say(f"tune: evaluating {len(all_settings)} settings on {images} images")
-    rows = run_compare(model, all_settings, batches, progress=progress, repeats=repeats,
+    return run_compare(model, all_settings, batches, progress=progress, repeats=repeats,
                        callback=show)
-    for r in rows:
-        r["within_budget"] = b.fits(r)
-    choice = choose(rows, b)
-    result = TuneResult(budget=b, rows=rows, front=front_of(rows, b), choice=choice,
-                        settings=all_settings, schedules=schedules, skipped=skipped,
-                        seconds=time.perf_counter() - t_start)
-    if choice is None:
-        say(f"tune: no setting is within the budget ({b.describe()})")
-    else:
-        say(f"tune: chosen {choice['label']}: top-1 {choice['top1']:.2f}% at "
-            f"{choice['gmacs']:.3f} GMACs, {choice['speedup']:.2f}x ({_dur(result.seconds)})")
-    return result
 
 
 def _registered() -> set[str]:
@@ -573,7 +597,7 @@ def _search_diffrate(model, target, search_images, batches, options, out, progre
     """One DiffRate search to ``target`` GMACs; returns (setting, schedule) or (None, why)."""
     import tempfile
 
-    from leanvit.schedule import save_schedule
+    from leanvit.methods.diffrate.schedule import save_schedule
 
     from leanvit.search.diffrate import TOLERANCE, search
     imgs = search_images if search_images is not None else torch.cat([x for x, _ in batches])
@@ -623,7 +647,7 @@ def write_tune_outputs(result: TuneResult, model: nn.Module, out_dir: Union[str,
 
     from leanvit._files import atomic_write_text
     from leanvit.compare import markdown_table, write_outputs
-    from leanvit.schedule import save_schedule
+    from leanvit.methods.diffrate.schedule import save_schedule
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -250,7 +250,7 @@ def visualize(model: nn.Module, image_path: str | os.PathLike, out: str | os.Pat
 
 
 # --------------------------------------------------------------------------------------------
-# Dense-feature PCA (issue 15)
+# Dense-feature PCA
 
 
 def pca_rgb(features: Sequence[Tensor], fit_on: int = 0) -> list[np.ndarray]:

@@ -205,7 +205,7 @@ def _deit(seed=0):
 def test_a_diffrate_file_embeds_its_schedule(tmp_path):
     """Editing or deleting the schedule file after saving changes nothing in what load
     gives: the file holds the schedule itself."""
-    from leanvit.schedule import Schedule, save_schedule
+    from leanvit.methods.diffrate.schedule import Schedule, save_schedule
 
     sched = Schedule("deit_tiny_patch16_224", (64, 64), 17, 1, [17, 14, 9], [17, 12, 5])
     json_path = save_schedule(sched, tmp_path / "s.json")

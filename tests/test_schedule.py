@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from leanvit.schedule import (FORMAT, FORMAT_VERSION, Schedule, ScheduleError, effective_counts,
-                              load_schedule, read_authors_schedule, save_schedule)
+from leanvit.methods.diffrate.authors import read_authors_schedule
+from leanvit.methods.diffrate.schedule import (FORMAT, FORMAT_VERSION, Schedule, ScheduleError,
+                                               effective_counts, load_schedule, save_schedule)
 from tests.conftest import SHARED
 
 AUTHORS = SHARED / "reference" / "diffrate_compression_rate.json"
@@ -41,7 +42,7 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("leanvit.schedule.os.replace", boom)
+    monkeypatch.setattr("leanvit.methods.diffrate.schedule.os.replace", boom)
     with pytest.raises(OSError):
         save_schedule(make(prune_kept=[197, 180, 150]), path)
     assert path.read_text() == before
@@ -146,7 +147,7 @@ _COEFFS = {"constant": 0.0, "attn_token": 1.0, "attn_pair": 1.0, "mlp_token": 1.
 def test_fit_handset_refuses_a_target_it_cannot_fit(target):
     """A NaN target compares false with every estimate: the bisection returned a schedule
     fitted to nothing, without a word."""
-    from leanvit.schedule import fit_handset
+    from leanvit.methods.diffrate.budget import fit_handset
 
     with pytest.raises(ValueError, match="target_gmacs must be a positive finite number"):
         fit_handset("merge-uniform", target, 17, 1, 2, _COEFFS)
@@ -160,7 +161,7 @@ def test_fit_handset_refuses_a_target_it_cannot_fit(target):
 ])
 def test_handset_counts_refuse_options_out_of_range(kw, msg):
     """A 3-stage fraction of 5 was clamped to 1, a negative first block compressed block 0."""
-    from leanvit.schedule import handset_counts
+    from leanvit.methods.diffrate.budget import handset_counts
 
     args = dict(kind="merge-uniform", strength=1.0, num_tokens=17, prefix_tokens=1, depth=4)
     args.update(kw)

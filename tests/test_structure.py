@@ -24,7 +24,7 @@ PKG = "leanvit"
 LAYERS = (
     ("pure ops/state/signals", ("leanvit._files", "leanvit.recorder", "leanvit.state",
                                 "leanvit.signals", "leanvit.ops", "leanvit.ops.",
-                                "leanvit.schedule", "leanvit.losses",
+                                "leanvit.losses",
                                 "leanvit.compaction.modules")),
     ("registry", ("leanvit.registry",)),
     ("adapters", ("leanvit.adapters", "leanvit.adapters.")),
@@ -36,11 +36,9 @@ LAYERS = (
     ("cli", ("leanvit.cli", "leanvit.cli.", "leanvit.__main__")),
 )
 
-#: upward imports kept on purpose, each inside a function (resolved on first use only):
-#: ``from leanvit.methods.diffrate import search`` (the documented old home of DiffRate's
-#: search loop) is served by the deploy module's ``__getattr__``.
-ALLOWED_UPWARD = {("leanvit.methods.diffrate", "leanvit.search.diffrate"),
-                  ("leanvit.methods.diffrate", "leanvit.search")}
+#: upward imports kept on purpose (none: DiffRate's search loop lives in the applications'
+#: ``leanvit.search.diffrate`` and is imported from there, not through the method package).
+ALLOWED_UPWARD: set[tuple[str, str]] = set()
 
 
 def modules() -> dict[str, Path]:
@@ -132,7 +130,7 @@ def test_the_checker_finds_a_cycle_and_the_layers_are_ordered():
     assert layer("leanvit.macs") < layer("leanvit.train") < layer("leanvit.cli.train")
     # the reader sees imports inside functions and under TYPE_CHECKING
     g = graph()
-    assert "leanvit.search.diffrate" in g["leanvit.methods.diffrate"]  # inside __getattr__
+    assert "leanvit.search.diffrate" in g["leanvit.tune"]  # inside search_option_types
     assert "leanvit.adapters" in g["leanvit.macs"]  # inside forward_with_macs
 
 

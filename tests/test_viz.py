@@ -9,7 +9,7 @@ import torch
 
 import leanvit
 from leanvit.registry import Reducer
-from leanvit.state import gather_tokens
+from leanvit.ops.tokens import gather_tokens
 from leanvit.viz import BLANK, Stage, render, stage_image, trace_stages
 
 torch.set_num_threads(1)

@@ -81,10 +81,11 @@ from torch import Tensor, nn
 
 from leanvit.adapters.base import patched_mixin
 from leanvit.ops.attention import attention, select_rows
+from leanvit.ops.tokens import gather_tokens
 from leanvit.recorder import MacRecorder
 from leanvit.registry import Reducer
 from leanvit.signals import Signals
-from leanvit.state import TokenState, attention_bias, gather_tokens, record_departures
+from leanvit.state import TokenState, attention_bias, record_departures
 
 OnBlock = Optional[Callable[[int, Tensor, TokenState], None]]
 

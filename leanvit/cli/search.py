@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from leanvit.cli.common import Out, check_paths
     from leanvit.search.diffrate import search
     from leanvit.models import create_model
-    from leanvit.schedule import save_schedule
+    from leanvit.methods.diffrate.schedule import save_schedule
 
     check_paths(args, Out("--out", args.out))  # before the search, not after it
 

@@ -7,8 +7,7 @@ Each file holds the method's options dataclass (defaults with their source) and 
 from leanvit.methods import none  # noqa: F401
 from leanvit.methods import random_keep  # noqa: F401  (method "random")
 from leanvit.methods import ats  # noqa: F401
-from leanvit.methods import diffrate  # noqa: F401
-from leanvit.methods import diffrate_search  # noqa: F401
+from leanvit.methods import diffrate  # noqa: F401  (package: "diffrate", "diffrate-search")
 from leanvit.methods import dynamicvit  # noqa: F401
 from leanvit.methods import evit  # noqa: F401
 from leanvit.methods import mctf  # noqa: F401

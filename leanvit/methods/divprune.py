@@ -23,9 +23,10 @@ import torch
 from torch import Tensor
 
 from leanvit.methods.evit import check_locations_type, resolve_locations
+from leanvit.ops.tokens import gather_tokens
 from leanvit.registry import Method, ModelInfo, Reducer, check_number, register
 from leanvit.signals import Signals
-from leanvit.state import TokenState, gather_tokens
+from leanvit.state import TokenState
 
 
 def num_diverse(keep_rate: float, n: int) -> int:

@@ -9,9 +9,8 @@ in front and survivors keep their order. Draws come from a generator seeded with
 when the method is patched in, so a patched model gives the same sequence of selections
 every run (and a different selection at each forward pass).
 
-Used as the random-keep control of ``benchmarks/dynamicvit_fashion_mnist.py`` (70.5 % held
-out on DINOv2 + Fashion-MNIST at DynamicViT's counts, against 72.4 % for the trained
-predictors and 53-55 % for class-attention top-k / EViT).
+Used as the random-keep control of ``benchmarks/dynamicvit_fashion_mnist.py`` (results in
+``docs/dynamicvit.md``).
 """
 from __future__ import annotations
 

@@ -31,9 +31,10 @@ from torch import Tensor
 from leanvit.methods.tome import RSpec, _check_r, plan, schedule
 from leanvit.ops.merge import (Matching, bipartite_soft_matching, max_merges, merge_source,
                               merge_wavg, merge_where)
+from leanvit.ops.tokens import gather_tokens
 from leanvit.registry import (Method, ModelInfo, Reducer, check_bool, check_number, register)
 from leanvit.signals import Signals
-from leanvit.state import TokenState, gather_tokens
+from leanvit.state import TokenState
 
 
 def default_prune_blocks(depth: int) -> int:

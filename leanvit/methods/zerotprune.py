@@ -34,9 +34,10 @@ from torch import Tensor
 
 from leanvit.methods.tome import RSpec, _check_r, plan, schedule
 from leanvit.ops.merge import max_merges
+from leanvit.ops.tokens import gather_tokens
 from leanvit.registry import Method, ModelInfo, Reducer, check_bool, check_number, register
 from leanvit.signals import Signals
-from leanvit.state import TokenState, gather_tokens
+from leanvit.state import TokenState
 
 #: WPR iterations in the first three, the middle and the last three blocks: the lower ends of
 #: the paper's 30-50, 5-10 and 1 (enough to converge there, by the authors' ablation).

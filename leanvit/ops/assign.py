@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from leanvit.state import add_tokens_, remap_where
+from leanvit.ops.tokens import add_tokens_, remap_where
 
 
 class Assignment(NamedTuple):

@@ -91,13 +91,12 @@ def masked_softmax(logits: Tensor, keep: Tensor, eps: float = 1e-6,
 
 
 #: Largest attention map, in bytes (``B * H * Nq * N`` elements), that compiled CPU code
-#: computes explicitly instead of with the fused SDPA kernel (issue 16). At this size the map
+#: computes explicitly instead of with the fused SDPA kernel. At this size the map
 #: stays in a core's L2 cache, so writing it costs little, and inductor fuses the scale, bias and
 #: softmax into one pass between two batched matrix products; the CPU flash kernel instead pays
-#: a fixed cost per block of 32 queries that dominates at short sequences. Measured on DeiT-S,
-#: 2 cores (``docs/gpu.md``): ToMe r=13 at batch 1 (maps of 6 x 184^2 down to 6 x 54^2 floats,
-#: 0.8 MB to 0.07 MB) 2.1% faster end to end with the explicit form; batch 8 the same; batch 64
-#: 5% slower (those maps are 8x and 64x larger and use the kernel).
+#: a fixed cost per block of 32 queries that dominates at short sequences. One image of
+#: DeiT-S (6 x 197^2 floats) fits; batch 8 and 64 maps do not and use the kernel. Timings in
+#: ``docs/gpu.md``.
 EXPLICIT_MAX_BYTES = 1 << 20
 
 

@@ -48,7 +48,7 @@ def mix_logits(logits: Tensor, weight: Tensor) -> Tensor:
         ``[B, Hh, Nq, Nk]``. Cost: ``Hh * Hc * Nq * Nk`` MACs per image.
     """
     B, _, nq, nk = logits.shape
-    # one broadcast matmul over the flattened maps: 7x faster than einsum on CPU here
+    # one broadcast matmul over the flattened maps (einsum takes a slower path on CPU)
     return (weight @ logits.reshape(B, logits.shape[1], nq * nk)).view(B, -1, nq, nk)
 
 
@@ -230,14 +230,14 @@ def truncated_svd_factors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     ``second`` ``[out, rank]`` (the best rank-``rank`` approximation, Eckart-Young), the
     singular values split evenly (``sqrt(S)`` on each side) so both factors are balanced."""
     # through the eigendecomposition of the smaller Gram matrix (in float64): the same factors
-    # as an SVD, several times faster for the wide FFN matrices of large models
+    # as an SVD, and cheaper for the wide FFN matrices of large models
     w = weight.double()
     out, inp = w.shape
     r = min(rank, out, inp)
     gram = w @ w.T if out <= inp else w.T @ w
     threads = torch.get_num_threads()
-    try:  # LAPACK's eigh on ~1k matrices: one thread is fast (0.25 s) and immune to the
-        torch.set_num_threads(1)  # oversubscription that made it 50x slower on shared CPUs
+    try:  # LAPACK's eigh on ~1k matrices: one thread is fast and immune to the thread
+        torch.set_num_threads(1)  # oversubscription that stalls it on shared CPUs
         evals, evecs = torch.linalg.eigh(gram)  # ascending
     finally:
         torch.set_num_threads(threads)

@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from leanvit.state import add_tokens_, gather_tokens, remap_where
+from leanvit.ops.tokens import add_tokens_, gather_tokens, remap_where
 
 
 class Matching(NamedTuple):

@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from leanvit.state import gather_tokens
+from leanvit.ops.tokens import gather_tokens
 
 
 class TopK(NamedTuple):

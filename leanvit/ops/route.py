@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from leanvit.state import gather_tokens
+from leanvit.ops.tokens import gather_tokens
 
 
 def split_by_score(score: Tensor, keep: int) -> tuple[Tensor, Tensor]:

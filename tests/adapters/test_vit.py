@@ -7,7 +7,7 @@ import torch
 
 import leanvit
 from leanvit.registry import Method, Reducer
-from leanvit.state import gather_tokens
+from leanvit.ops.tokens import gather_tokens
 from tests.conftest import tiny_vit
 
 

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from leanvit.cli import main
-from leanvit.schedule import load_schedule
+from leanvit.methods.diffrate.schedule import load_schedule
 
 
 def _folder(root, n=4):

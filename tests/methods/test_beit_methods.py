@@ -10,7 +10,7 @@ import torch
 
 import leanvit
 from leanvit.adapters import beit as beit_adapter
-from leanvit.state import gather_tokens
+from leanvit.ops.tokens import gather_tokens
 from tests.methods._beit_reference import forward_image, head, tiny_beit
 from tests.methods.test_ats import ref_sample
 from tests.methods.test_dynamicvit import _ref_predictor

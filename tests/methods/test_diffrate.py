@@ -12,9 +12,9 @@ import torch
 import leanvit
 from leanvit.adapters import vit as vit_adapter
 from leanvit.methods.diffrate import merge_tail
-from leanvit.methods.diffrate_search import DiffRateSearchReducer
+from leanvit.methods.diffrate.search_mode import DiffRateSearchReducer
 from leanvit.search.diffrate import search
-from leanvit.schedule import Schedule, ScheduleError, read_authors_schedule, save_schedule
+from leanvit.methods.diffrate import Schedule, ScheduleError, read_authors_schedule, save_schedule
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 AUTHORS = SHARED / "reference" / "diffrate_compression_rate.json"

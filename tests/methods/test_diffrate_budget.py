@@ -11,8 +11,9 @@ import timm
 import torch
 
 import leanvit
-from leanvit.ops.diffrate import sort_order
-from leanvit.schedule import HANDSET_KINDS, effective_counts, handset_counts, schedule_macs
+from leanvit.methods.diffrate.ops import sort_order
+from leanvit.methods.diffrate.budget import HANDSET_KINDS, handset_counts, schedule_macs
+from leanvit.methods.diffrate.schedule import effective_counts
 from leanvit.search.diffrate import handset_schedule, mac_model, search
 
 
@@ -114,7 +115,7 @@ def test_warm_start_meets_the_target_at_step_0():
 
 
 def test_warm_start_counts_are_the_schedule():
-    from leanvit.methods.diffrate_search import DiffRateSearchOptions, DiffRateSearchReducer
+    from leanvit.methods.diffrate.search_mode import DiffRateSearchOptions, DiffRateSearchReducer
     from leanvit.adapters import find_adapter
 
     m = _tiny()

@@ -189,7 +189,7 @@ def test_diffrate_search_masked_equals_deploy_removed(kind):
 
 
 def test_diffrate_search_runs_on_eva_and_deploys():
-    from leanvit.methods.diffrate import search
+    from leanvit.search.diffrate import search
 
     model = ref.tiny_eva("pe_core").float()
     images = _images(model, batch=8).float()

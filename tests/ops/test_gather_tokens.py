@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from leanvit.state import add_tokens_, gather_tokens
+from leanvit.ops.tokens import add_tokens_, gather_tokens
 
 
 def test_gather_tokens_equals_indexing_per_image():

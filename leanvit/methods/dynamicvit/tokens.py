@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leanvit.methods.dynamicvit.predictor import DECISION, KEPT, Predictor
+from leanvit.ops.tokens import gather_tokens
 from leanvit.registry import ModelInfo, Reducer, check_locations, check_number
-from leanvit.state import TokenState, gather_tokens
+from leanvit.state import TokenState
 
 @dataclass(frozen=True)
 class DynamicViTOptions:

@@ -1,6 +1,6 @@
 """``diffrate-search``: DiffRate's training-time rate-search mode (Chen et al., ICCV 2023), the
 reducer :func:`leanvit.search.diffrate.search` trains. The deploy method is
-:mod:`leanvit.methods.diffrate`; both share :mod:`leanvit.ops.diffrate`.
+:mod:`leanvit.methods.diffrate.deploy`; both share :mod:`leanvit.methods.diffrate.ops`.
 
 Per compressible block and per operation, learnable logits over candidate kept counts
 (``P, P-g, ..., > 0`` patches, granularity ``g`` = 4 for DeiT at 224: the authors' default),
@@ -18,12 +18,13 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from leanvit.ops.diffrate import masked_cls_attn as _masked_cls_attn
-from leanvit.ops.diffrate import merge_tail, sort_order, ste_ceil, ste_min
+from leanvit.methods.diffrate.ops import masked_cls_attn as _masked_cls_attn
+from leanvit.methods.diffrate.ops import merge_tail, sort_order, ste_ceil, ste_min
+from leanvit.methods.diffrate.schedule import Schedule, effective_counts
+from leanvit.ops.tokens import gather_tokens
 from leanvit.registry import Method, ModelInfo, Reducer, check_number, register
-from leanvit.schedule import Schedule, effective_counts
 from leanvit.signals import Signals
-from leanvit.state import TokenState, gather_tokens
+from leanvit.state import TokenState
 
 
 def default_granularity(num_patches: int) -> int:

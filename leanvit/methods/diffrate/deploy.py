@@ -1,8 +1,9 @@
 """``diffrate``: sort by class attention, prune the tail, merge the rest of the tail, with
 per-block counts searched to a MAC budget (DiffRate, Chen et al., ICCV 2023). This file is the
-deploy method; the search mode is :mod:`leanvit.methods.diffrate_search`, the search loop
-:func:`leanvit.search.diffrate.search`, the schedule format :mod:`leanvit.schedule`, the
-tensor arithmetic :mod:`leanvit.ops.diffrate`.
+deploy method; the search mode is :mod:`leanvit.methods.diffrate.search_mode`, the search loop
+:func:`leanvit.search.diffrate.search`, the schedule format
+:mod:`leanvit.methods.diffrate.schedule`, the tensor arithmetic
+:mod:`leanvit.methods.diffrate.ops`.
 
 Deploy (``leanvit.patch(model, "diffrate", schedule=...)``). In every block whose schedule
 changes the token count, after the attention residual and before the MLP:
@@ -32,11 +33,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from leanvit.ops.diffrate import merge_tail, sort_order, ste_ceil, ste_min  # noqa: F401
+from leanvit.methods.diffrate.ops import merge_tail, sort_order
+from leanvit.methods.diffrate.schedule import Schedule, as_schedule, effective_counts
+from leanvit.ops.tokens import gather_tokens
 from leanvit.registry import Method, ModelInfo, Reducer, check_bool, register
-from leanvit.schedule import Schedule, as_schedule, effective_counts
 from leanvit.signals import Signals
-from leanvit.state import TokenState, gather_tokens
+from leanvit.state import TokenState
 
 # --------------------------------------------------------------------------------------------
 # Deploy
@@ -47,7 +49,7 @@ class DiffRateOptions:
     """Options of ``diffrate`` (deploy a schedule).
 
     Attributes:
-        schedule: a schedule file's path, a :class:`leanvit.schedule.Schedule`, or a pair of
+        schedule: a schedule file's path, a :class:`leanvit.methods.diffrate.Schedule`, or a pair of
             per-block lists ``(prune_kept, merge_kept)`` (prefix tokens included). Required.
             Its counts are for the model's input size: on a ``dynamic_img_size`` model, an
             input giving another token count is refused (:func:`check_token_count`).
@@ -160,22 +162,3 @@ METHOD = register(Method(
     "diffrate", DiffRateOptions, _build, families=("tokens",),
     summary="DiffRate: searched per-block prune+merge counts (schedule=FILE)"))
 
-
-# --------------------------------------------------------------------------------------------
-# Names that lived here before the split (kept importable: ``from leanvit.methods.diffrate
-# import search`` is documented). Resolved on first use, so that this deploy module does not
-# load the search loop (and the applications it uses) on ``import leanvit``.
-
-_SEARCH_LOOP = ("search", "SearchResult", "mac_model", "OBJECTIVES")
-_SEARCH_MODE = ("DiffRateSearchReducer", "DiffRateSearchOptions", "default_granularity",
-                "SEARCH_METHOD")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _SEARCH_LOOP:
-        import leanvit.search.diffrate as where
-    elif name in _SEARCH_MODE:
-        import leanvit.methods.diffrate_search as where
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(where, name)

@@ -1,7 +1,8 @@
-"""Token schedules: how many tokens each block keeps, as a versioned, human-readable JSON file.
+"""DiffRate's token schedules: how many tokens each block keeps, as a versioned,
+human-readable JSON file.
 
 A schedule is what a DiffRate search produces and what the ``"diffrate"`` method deploys
-(:mod:`leanvit.methods.diffrate`). Per block ``i`` it gives two kept-token counts, prefix
+(:mod:`leanvit.methods.diffrate.deploy`). Per block ``i`` it gives two kept-token counts, prefix
 tokens (class, distillation, register tokens) included:
 
 - ``prune_kept[i]``: tokens kept after sorting by class attention and dropping the tail;
@@ -31,12 +32,11 @@ Counts must never increase along the sequence ``prune_kept[0] >= merge_kept[0] >
 prune_kept[1] >= ...``, lie in ``[prefix_tokens + 1, num_tokens]``, and there must be one per
 block. The authors' published lists (``compression_rate.json`` of OpenGVLab/DiffRate) contain
 counts larger than the tokens already present, which change nothing at run time;
-:func:`read_authors_schedule` stores their effective values (a running minimum) and records
+:func:`leanvit.methods.diffrate.authors.read_authors_schedule` stores their effective values (a running minimum) and records
 which blocks it changed.
 """
 from __future__ import annotations
 
-import ast
 import json
 import math
 import os
@@ -232,99 +232,6 @@ def effective_counts(prune_kept: Sequence[int], merge_kept: Sequence[int], num_t
 
 
 
-# -- hand-set schedules ----------------------------------------------------------------------
-
-#: Hand-set shapes of DiffRate's schedule space (:func:`handset_counts`): the same number of
-#: tokens merged / pruned in every block from ``first_block`` on, or EViT-like three stages
-#: (blocks ``d//4, d//2, 3d//4``) each keeping the same fraction, by merging or by pruning.
-HANDSET_KINDS = ("merge-uniform", "prune-uniform", "merge-3stage", "prune-3stage")
-
-
-def schedule_macs(prune_kept: Sequence[int], merge_kept: Sequence[int], num_tokens: int,
-                  coeffs: dict) -> float:
-    """MACs per image (in 1e9) of a schedule on a plain ViT with per-image coefficients
-    ``coeffs`` (``constant``, ``attn_token``, ``attn_pair``, ``mlp_token``: see
-    :func:`leanvit.search.diffrate.mac_model`): each block's attention at the tokens entering
-    it, its MLP at the tokens left after pruning and merging (the merge similarities and the
-    class-attention row, < 0.1% of a block, are left out)."""
-    n, total = num_tokens, float(coeffs["constant"])
-    for m in effective_counts(prune_kept, merge_kept, num_tokens)[1]:
-        total += n * coeffs["attn_token"] + n * n * coeffs["attn_pair"]
-        n = m
-        total += n * coeffs["mlp_token"]
-    return total / 1e9
-
-
-def handset_counts(kind: str, strength: float, num_tokens: int, prefix_tokens: int, depth: int,
-                   first_block: int = 1) -> tuple[list[int], list[int]]:
-    """``(prune_kept, merge_kept)`` of a hand-set schedule (prefix tokens included).
-
-    Args:
-        kind: one of :data:`HANDSET_KINDS`.
-        strength: ``*-uniform``: tokens removed per block from ``first_block`` on (a float:
-            block ``i`` keeps ``round(P - strength * (i - first_block + 1))`` of the ``P``
-            patches); ``*-3stage``: the fraction of the present patches each of the blocks
-            ``depth // 4, depth // 2, 3 * depth // 4`` keeps (``ceil``), in ``[0, 1]``.
-        first_block: first block that may compress, in ``0..depth - 1`` (DiffRate leaves
-            block 0 alone: 1).
-    """
-    if kind not in HANDSET_KINDS:
-        raise ValueError(f"kind must be one of {', '.join(HANDSET_KINDS)}, got {kind!r}")
-    if not math.isfinite(strength) or strength < 0:
-        raise ValueError(f"strength must be a finite number >= 0, got {strength!r}")
-    if kind.endswith("3stage") and strength > 1:
-        raise ValueError(f"strength of {kind} is the fraction of tokens each stage keeps, in "
-                         f"[0, 1]; got {strength!r}")
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"depth must be a positive int, got {depth!r}")
-    if isinstance(first_block, bool) or not isinstance(first_block, int) or \
-            not 0 <= first_block < depth:
-        raise ValueError(f"first_block must be a block index in 0..{depth - 1}, got "
-                         f"{first_block!r}")
-    patches = num_tokens - prefix_tokens
-    stages = (depth // 4, depth // 2, 3 * depth // 4)
-    present, prune, merge = patches, [], []
-    for i in range(depth):
-        kept = present
-        if kind.endswith("uniform") and i >= first_block:
-            kept = round(patches - strength * (i - first_block + 1))
-        elif kind.endswith("3stage") and i in stages:
-            kept = math.ceil(strength * present)
-        kept = max(1, min(present, kept))
-        prune.append(prefix_tokens + (kept if kind.startswith("prune") else present))
-        merge.append(prefix_tokens + kept)
-        present = kept
-    return prune, merge
-
-
-def fit_handset(kind: str, target_gmacs: float, num_tokens: int, prefix_tokens: int,
-                depth: int, coeffs: dict, first_block: int = 1
-                ) -> tuple[list[int], list[int], float, float]:
-    """The hand-set schedule of ``kind`` whose :func:`schedule_macs` is closest to
-    ``target_gmacs``: bisection on its strength. Returns ``(prune_kept, merge_kept, strength,
-    gmacs)``."""
-    if isinstance(target_gmacs, bool) or not isinstance(target_gmacs, (int, float)) or \
-            not math.isfinite(target_gmacs) or target_gmacs <= 0:
-        # a NaN target compares false with every estimate: the bisection would return a
-        # schedule fitted to nothing
-        raise ValueError(f"target_gmacs must be a positive finite number, got {target_gmacs!r}")
-    uniform = kind.endswith("uniform")
-    lo, hi = (0.0, float(num_tokens)) if uniform else (0.0, 1.0)
-    best = None
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        p, m = handset_counts(kind, mid, num_tokens, prefix_tokens, depth, first_block)
-        g = schedule_macs(p, m, num_tokens, coeffs)
-        if best is None or abs(g - target_gmacs) < abs(best[3] - target_gmacs):
-            best = (p, m, mid, g)
-        # uniform: a larger strength removes more (fewer MACs); 3stage: a larger keep fraction
-        # removes less
-        if (g > target_gmacs) == uniform:
-            lo = mid
-        else:
-            hi = mid
-    return best
-
 # -- files ---------------------------------------------------------------------------------
 
 def save_schedule(schedule: Schedule, path: Union[str, os.PathLike]) -> Path:
@@ -346,14 +253,15 @@ def load_schedule(path: Union[str, os.PathLike]) -> Schedule:
     """Read a schedule file written by :func:`save_schedule`; clear errors otherwise.
 
     A file in the authors' format (``model -> target -> {prune_kept_num, merge_kept_num}``)
-    is recognised and the error says to use :func:`read_authors_schedule`.
+    is recognised and the error says to use
+    :func:`leanvit.methods.diffrate.authors.read_authors_schedule`.
     """
     path = Path(path)
     d = _read_json(path, "schedule file")
     if isinstance(d, dict) and "format" not in d and any(k in AUTHORS_MODELS for k in d):
         raise ScheduleError(
             f"{path} is in the DiffRate authors' format (model -> target GMACs); read it with "
-            "leanvit.schedule.read_authors_schedule(path, model_key, target)")
+            "leanvit.methods.diffrate.read_authors_schedule(path, model_key, target)")
     return Schedule.from_dict(d, where=f"schedule file {path}")
 
 
@@ -365,77 +273,6 @@ def _read_json(path: Path, what: str):
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ScheduleError(f"{what} {path} is not valid JSON: {e}") from None
-
-
-def read_authors_schedule(path: Union[str, os.PathLike], model_key: str,
-                          target: Union[str, float]) -> Schedule:
-    """One schedule from the authors' ``compression_rate.json`` (OpenGVLab/DiffRate).
-
-    Their format: ``{model_key: {target_gmacs_string: {"prune_kept_num": "[197, ...]",
-    "merge_kept_num": "[...]"}}}`` with stringified lists, class token included. The keys are
-    the search targets, not measured results. Counts larger than the tokens present change
-    nothing, so their effective values (a running minimum) are stored; ``obtained`` lists the
-    blocks where that changed a number.
-
-    Args:
-        path: the authors' JSON file.
-        model_key: e.g. ``"ViT-S-DeiT"`` (see :data:`AUTHORS_MODELS`).
-        target: e.g. ``"2.9"`` or ``2.9``.
-    """
-    path = Path(path)
-    data = _read_json(path, "file")
-    if not isinstance(data, dict):
-        raise ScheduleError(f"{path}: expected a JSON object of models")
-    if model_key not in data:
-        raise ScheduleError(f"{path} has no model {model_key!r}; it has: {', '.join(data)}")
-    if model_key not in AUTHORS_MODELS:
-        raise ScheduleError(f"{model_key!r} is not a ViT schedule leanvit can deploy; "
-                            f"supported: {', '.join(AUTHORS_MODELS)}")
-    entries = data[model_key]
-    key = target if isinstance(target, str) else _target_key(target, entries)
-    if not isinstance(entries, dict) or key not in entries:
-        have = ", ".join(entries) if isinstance(entries, dict) else "(none)"
-        raise ScheduleError(f"{path}: {model_key} has no target {target!r}; targets: {have}")
-    entry = entries[key]
-    lists = {}
-    for name in ("prune_kept_num", "merge_kept_num"):
-        raw = entry.get(name) if isinstance(entry, dict) else None
-        try:
-            value = ast.literal_eval(raw) if isinstance(raw, str) else raw
-        except (ValueError, SyntaxError):
-            value = None
-        if not isinstance(value, list):
-            raise ScheduleError(f"{path}: {model_key}/{key}/{name} is not a list of counts "
-                                f"(got {raw!r})")
-        lists[name] = value
-    prune, merge = lists["prune_kept_num"], lists["merge_kept_num"]
-    if len(prune) != len(merge):
-        raise ScheduleError(f"{path}: {model_key}/{key}: prune_kept_num has {len(prune)} blocks, "
-                            f"merge_kept_num {len(merge)}")
-    num_tokens = int(prune[0]) if prune else 0
-    p_eff, m_eff = effective_counts(prune, merge, num_tokens)
-    changed = [i for i in range(len(prune)) if (p_eff[i], m_eff[i]) != (prune[i], merge[i])]
-    name, size = AUTHORS_MODELS[model_key]
-    obtained = {"how": "authors", "source": "OpenGVLab/DiffRate compression_rate.json",
-                "model_key": model_key, "target_gmacs": float(key),
-                "published_prune_kept": list(prune), "published_merge_kept": list(merge),
-                "blocks_with_no_op_counts": changed}
-    try:
-        return Schedule(model=name, img_size=(size, size), num_tokens=num_tokens, prefix_tokens=1,
-                        prune_kept=p_eff, merge_kept=m_eff, obtained=obtained)
-    except ScheduleError as e:
-        raise ScheduleError(f"{path}: {model_key}/{key}: {e}") from None
-
-
-def _target_key(target: float, entries: Any) -> str:
-    if isinstance(entries, dict):
-        for k in entries:
-            try:
-                if math.isclose(float(k), float(target)):
-                    return k
-            except ValueError:
-                continue
-    return str(target)
 
 
 def as_schedule(value: Any, *, model: str = "", img_size: Optional[Sequence[int]] = None,
@@ -457,5 +294,6 @@ def as_schedule(value: Any, *, model: str = "", img_size: Optional[Sequence[int]
         return Schedule(model=model, img_size=tuple(img_size),
                         num_tokens=num_tokens, prefix_tokens=prefix_tokens,
                         prune_kept=value[0], merge_kept=value[1])
-    raise TypeError("schedule must be a path to a schedule file, a leanvit.schedule.Schedule, or "
+    raise TypeError("schedule must be a path to a schedule file, a "
+                    "leanvit.methods.diffrate.Schedule, or "
                     f"a pair of per-block lists (prune_kept, merge_kept); got {value!r}")

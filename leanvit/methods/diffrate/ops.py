@@ -2,8 +2,7 @@
 sort, the merge of a sorted tail into its head, the straight-through estimators of the rate
 search, and the class-token attention row under a soft keep-mask.
 
-Used by :mod:`leanvit.methods.diffrate` (deploy) and :mod:`leanvit.methods.diffrate_search`
-(the search mode). Source: Chen et al., "DiffRate: Differentiable Compression Rate for
+Used by :mod:`leanvit.methods.diffrate.deploy` and :mod:`leanvit.methods.diffrate.search_mode`. Source: Chen et al., "DiffRate: Differentiable Compression Rate for
 Efficient Vision Transformers", ICCV 2023 (OpenGVLab/DiffRate).
 """
 from __future__ import annotations
@@ -15,8 +14,8 @@ from torch import Tensor
 
 from leanvit.ops.attention import attention_logits, masked_softmax
 from leanvit.ops.merge import first_best
+from leanvit.ops.tokens import remap_where
 from leanvit.signals import Signals
-from leanvit.state import remap_where
 
 
 def sort_order(cls_attn: Tensor, prefix: int, k: int, alive: Optional[Tensor] = None
@@ -69,7 +68,7 @@ def merge_tail(x: Tensor, size: Tensor, prefix: int, k: int, end: Optional[int] 
         best = sim.gather(-1, idx.unsqueeze(-1)).squeeze(-1) / norms[:, k:end]
         idx = idx + prefix
         # one-hot assignment [B, S, k]: the sums become one small batched matmul
-        # (index_add / scatter_add are an order of magnitude slower on CPU here)
+        # (index_add / scatter_add serialise their atomic adds on CPU)
         onehot = (idx[..., None] == torch.arange(k, device=x.device)).to(x.dtype)
         count = onehot.sum(1).add_(1.0)  # [B, k]: the destination itself plus its sources
     merged = torch.baddbmm(dst, onehot.transpose(1, 2), src).div_(count[..., None])
