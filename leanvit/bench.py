@@ -155,7 +155,12 @@ def _cpu_peak_memory_mb(spec: dict) -> Optional[float]:
     if not os.path.exists("/proc/self/clear_refs"):
         return None
     cmd = [sys.executable, "-m", "leanvit.bench", json.dumps(spec)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    # glibc: a fixed mmap threshold serves every large tensor by mmap and returns it to the
+    # system when freed, so the peak resident size follows the live tensors; its default
+    # dynamic threshold keeps freed blocks in the heap and the peak then varies from run to
+    # run with the allocation order (other C libraries ignore these variables)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"memory probe failed: {out.stderr.strip()[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]

@@ -452,11 +452,16 @@ class TokenEngine:
             before = state
             x_in, (x, state) = x, reducer.after_attention(i, x, signals, state)
             state = record_departures(x_in, before, state)
+            del x_in, before
+        # the signals hold q, k, v (and any map): free them before the MLP, the block's peak
+        sig_macs = 0.0 if signals is None else float(signals.macs)
+        del signals
         m = p.mlp(p.norm2(x))
         x = x + (m if p.post2 is None else p.post2(m))
+        del m
         if counting:
             state.recorder.record_block(i, **self._macs(p, n_kv, n_q, state.token_counts(x),
-                                                        signals))
+                                                        sig_macs))
         return x, state
 
     def _attention(self, attn: nn.Module, i: int, y: Tensor, state: TokenState,
@@ -499,17 +504,17 @@ class TokenEngine:
         """Per-image MACs of one block from the token counts it saw (``[B]`` each: keys/values
         entering, query rows computed, tokens through the MLP): ``MacRecorder.record_block``'s
         keyword arguments. Position lookups, norms and softmax are not counted."""
-        return self._macs(self._parts(blk), n_kv, n_q, n_mlp, signals)
+        sig_macs = 0.0 if signals is None else float(signals.macs)
+        return self._macs(self._parts(blk), n_kv, n_q, n_mlp, sig_macs)
 
-    def _macs(self, p: BlockParts, n_kv, n_q, n_mlp, signals) -> dict[str, Tensor]:
+    def _macs(self, p: BlockParts, n_kv, n_q, n_mlp, sig_macs: float) -> dict[str, Tensor]:
         attn = p.attn
         if has_contract(attn):  # the module counts itself (e.g. hallucinated heads)
             macs = attn.leanvit_macs(n_q, n_kv)
         else:
             macs = self._attention_macs(attn, n_kv, n_q)
-        sig = float(signals.macs) if signals is not None else 0.0
         return dict(tokens_in=n_kv, tokens_out=n_mlp, attention=macs,
-                    mlp=n_mlp * self._mlp_macs(p.block), signals=torch.full_like(n_kv, sig))
+                    mlp=n_mlp * self._mlp_macs(p.block), signals=torch.full_like(n_kv, sig_macs))
 
     # -- head
     def forward_head(self, model: nn.Module, x: Tensor, state: TokenState,
