@@ -68,6 +68,24 @@ def find_family(model: nn.Module, *, compaction: bool = False) -> Family:
     raise ValueError(f"unsupported model type {base.__name__}; supported families: {supported}")
 
 
+def image_tower(model: nn.Module) -> nn.Module:
+    """The module leanvit patches, counts and saves for ``model``: ``model`` itself, or the
+    image tower a family's optional ``image_tower(model)`` hook finds inside a wrapper (open_clip:
+    a CLIP model's ``visual``, a ``TimmModel``'s timm ``trunk``), followed down to the module
+    no hook wraps."""
+    for _ in range(8):  # a wrapper of a wrapper (CLIP -> TimmModel -> trunk); no cycles
+        inner = None
+        for fam in FAMILIES.values():
+            hook = getattr(fam.adapter, "image_tower", None)
+            inner = hook(model) if hook is not None else None
+            if inner is not None:
+                break
+        if inner is None:
+            return model
+        model = inner
+    return model
+
+
 def layer_map(model: nn.Module):
     """The :class:`~leanvit.adapters.layer_macs.LayerMap` of ``model``'s family when it runs
     no methods but :func:`leanvit.count_macs` counts it layer by layer (PVTv2, NextViT, plain
@@ -111,5 +129,5 @@ def patched_class(adapter: ModuleType, cls: type) -> type:
 
 
 __all__ = ["KINDS", "Backbone", "TokenBackbone", "Family", "CompactionSites", "Site", "FAMILIES",
-           "register_family", "family_names", "find_family", "find_adapter", "layer_map",
+           "register_family", "family_names", "find_family", "image_tower", "find_adapter", "layer_map",
            "is_patched", "original_class", "patched_class"]

@@ -259,3 +259,18 @@ def _head_macs(model: nn.Module, x: Tensor, state: TokenState, pre_logits: bool)
 
 ENGINE = TokenEngine(OpenClipSpec(), "_PatchedOpenClip")
 forward_features, forward_head, embed, run_blocks, block_macs, PATCHED = ENGINE.exports()
+
+
+# --------------------------------------------------------------------------------------------
+# What leanvit.dense_features reads of a token family beyond the contract
+
+
+def final_norm(model: nn.Module) -> Optional[nn.Module]:
+    """The norm :func:`forward_features` ends with (``ln_post`` where the model applies it to
+    every token, else ``None``)."""
+    return _final_norm(model)
+
+
+def patch_grid(model: nn.Module, images: Tensor) -> tuple[int, int]:
+    """The patch grid ``(rows, cols)`` of the images the tower takes (its fixed size)."""
+    return int(model.grid_size[0]), int(model.grid_size[1])
