@@ -129,5 +129,5 @@ def patched_class(adapter: ModuleType, cls: type) -> type:
 
 
 __all__ = ["KINDS", "Backbone", "TokenBackbone", "Family", "CompactionSites", "Site", "FAMILIES",
-           "register_family", "family_names", "find_family", "image_tower", "find_adapter", "layer_map",
-           "is_patched", "original_class", "patched_class"]
+           "register_family", "family_names", "find_family", "image_tower", "find_adapter",
+           "layer_map", "is_patched", "original_class", "patched_class"]

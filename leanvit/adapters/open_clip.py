@@ -97,8 +97,8 @@ def describe(model: nn.Module) -> ModelInfo:
     pool = "map" if model.attn_pool is not None else _POOL_NAMES.get(model.pool_type,
                                                                        model.pool_type)
     grid = tuple(model.grid_size)
-    return ModelInfo(family=FAMILY, kind=KIND, depth=len(blocks), embed_dim=model.conv1.out_channels,
-                     num_heads=blocks[0].attn.num_heads, num_prefix_tokens=1,
+    return ModelInfo(family=FAMILY, kind=KIND, depth=len(blocks),
+                     embed_dim=model.conv1.out_channels, num_heads=blocks[0].attn.num_heads, num_prefix_tokens=1,
                      has_class_token=True, num_patches=grid[0] * grid[1], global_pool=pool,
                      img_size=tuple(model.image_size))
 
