@@ -35,10 +35,7 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    tower = adapters.image_tower(model)
-    if tower is not model:
-        patch(tower, method, **options)
-        return model
+    outer, model = model, adapters.image_tower(model)  # the model itself unless a wrapper
     if adapters.is_patched(model):
         current = getattr(model, ATTR, None)
         name = getattr(current, "method_name", "?")
@@ -66,7 +63,7 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
     reducer.train(model.training)  # a fresh module is in train mode; follow the model's mode
     model.add_module(ATTR, reducer)
     model.__class__ = adapters.patched_class(adapter, type(model))
-    return model
+    return outer
 
 
 #: what a method serving a kind needs, and what a model of that kind is (error messages)
