@@ -220,3 +220,24 @@ def test_dense_features_save_and_load(tmp_path):
                                     tmp_path / "evit.safetensors"))
     assert leanvit.patched_method(clip.visual)[0] == "evit"
     assert leanvit.dense_features(clip, x).shape == (2, 4, 4, 32)
+
+
+def test_compare_tune_and_bench_run_on_the_tower():
+    """Smoke: the tower's embeddings scored as 16-way logits (random labels)."""
+    import copy
+
+    from leanvit.bench import time_models
+    from leanvit.compare import parse_methods, run_compare
+    from leanvit.tune import tune
+
+    model, x = tiny(), images(4)
+    loader = [(x, torch.arange(4))]
+    rows = run_compare(model, parse_methods("tome r=2"), loader, progress=False, repeats=1)
+    assert [r["method"] for r in rows] == ["none", "tome"] and rows[1]["gmacs"] < rows[0]["gmacs"]
+    result = tune(model, loader, {"gmacs": 0.9 * rows[0]["gmacs"]}, methods=["tome"],
+                  fractions=(1.0,), repeats=1, progress=False, log=None)
+    assert result.choice is not None and result.choice["gmacs"] <= 0.9 * rows[0]["gmacs"]
+    assert type(model) is VisionTransformer  # tune leaves the model as it was
+    times = time_models(model, leanvit.patch(copy.deepcopy(model), "tome", r=2), x,
+                        warmup=1, repeats=2)
+    assert len(times["baseline"]) == len(times["candidate"]) == 2
