@@ -121,7 +121,14 @@ def patched_class(adapter: ModuleType, cls: type) -> type:
     """The patched subclass of ``cls`` (made once, registered in this module so that
     ``pickle``/``torch.save`` of a whole patched model can find it)."""
     if cls not in _PATCHED_CLASSES:
-        name = f"LeanVit{cls.__name__}"
+        # timm's classes keep their name; another library's are named with it too (open_clip's
+        # VisionTransformer -> LeanVitOpenClipVisionTransformer), so that two classes of one
+        # name never share a name here (pickle finds the class by it)
+        package = cls.__module__.split(".")[0]
+        library = "" if package == "timm" else "".join(w.title() for w in package.split("_"))
+        name = f"LeanVit{library}{cls.__name__}"
+        if getattr(sys.modules[__name__], name, None) is not None:
+            raise RuntimeError(f"two model classes would be patched as {name}")  # pragma: no cover
         new = type(name, (adapter.PATCHED, cls), {"__module__": __name__})
         setattr(sys.modules[__name__], name, new)
         _PATCHED_CLASSES[cls] = new

@@ -37,7 +37,8 @@ KEEP_ALL = [
     ("tofu", dict(r=0)), ("zerotprune", dict(r=0)), ("evit", dict(keep_rate=1.0)),
     ("topk", dict(keep_rate=1.0)), ("random", dict(keep_rate=1.0)),
     ("divprune", dict(keep_rate=1.0, locations=(1, 2))),
-    ("dynamicvit", dict(keep_rate=1.0, locations=(1, 2))), ("diffrate", dict(schedule=([17] * 3, [17] * 3))),
+    ("dynamicvit", dict(keep_rate=1.0, locations=(1, 2))),
+    ("diffrate", dict(schedule=([17] * 3, [17] * 3))),
 ]
 
 
@@ -150,7 +151,8 @@ def test_clip_model_patches_its_image_tower_only(via):
         want_img, want_txt = clip.encode_image(x), clip.encode_text(text)
         want = clip(x, text)
         assert leanvit.patch(clip, "tome", r=3) is clip
-        assert type(clip) is CLIP and type(clip.visual).__name__ == "LeanVitVisionTransformer"
+        assert type(clip) is CLIP
+        assert type(clip.visual).__name__ == "LeanVitOpenClipVisionTransformer"
         assert leanvit.is_patched(clip) and leanvit.patched_method(clip)[0] == "tome"
         reduced = clip.encode_image(x)
         torch.testing.assert_close(reduced, clip.visual(x))  # forward runs the patched tower
@@ -241,3 +243,21 @@ def test_compare_tune_and_bench_run_on_the_tower():
     times = time_models(model, leanvit.patch(copy.deepcopy(model), "tome", r=2), x,
                         warmup=1, repeats=2)
     assert len(times["baseline"]) == len(times["candidate"]) == 2
+
+
+def test_patched_tower_pickles_next_to_a_patched_timm_vit():
+    """timm's and open_clip's VisionTransformer are patched as two classes of two names."""
+    import copy
+    import io
+
+    from tests.conftest import tiny_vit
+
+    timm_vit, model, x = leanvit.patch(tiny_vit(), "tome", r=1), tiny(), images()
+    leanvit.patch(model, "tome", r=2)
+    assert type(model).__name__ != type(timm_vit).__name__
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x)) and torch.equal(copy.deepcopy(model)(x), model(x))
