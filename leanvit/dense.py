@@ -78,22 +78,31 @@ def dense_features(model: nn.Module, images: Tensor) -> Tensor:
         TypeError / ValueError: not a model, a hierarchical family, or images the model
             cannot take (the adapter's one-line errors).
     """
+    model = adapters.image_tower(model)  # open_clip's CLIP: its image tower
     adapter = _token_adapter(model)
     adapter.check_input(model, images)
-    gh, gw = _grid(model, images)
-    prefix = model.num_prefix_tokens
+    gh, gw = _grid(adapter, model, images)
+    prefix = adapter.describe(model).num_prefix_tokens
     if not adapters.is_patched(model):
+        if not hasattr(model, "forward_features"):  # e.g. open_clip: its modules via "none"
+            from leanvit.patching import patch, unpatch
+
+            patch(model, "none")
+            try:
+                return dense_features(model, images)
+            finally:
+                unpatch(model)
         x = model.forward_features(images)[:, prefix:]
         return x.reshape(x.shape[0], gh, gw, x.shape[-1])
     x, state = adapter.forward_features(model, images, trace_where=True)
-    out = _scatter(model, x, state)[:, prefix:]
+    out = _scatter(adapter, model, x, state)[:, prefix:]
     if out.shape[1] != gh * gw:
         raise ValueError(f"the model has {out.shape[1]} patch tokens, not the {gh}x{gw} grid "
                          "of its patch embedding")
     return out.reshape(x.shape[0], gh, gw, x.shape[-1])
 
 
-def _scatter(model: nn.Module, x: Tensor, state) -> Tensor:
+def _scatter(adapter, model: nn.Module, x: Tensor, state) -> Tensor:
     """``[B, N0, C]``: each original token's features from the token that holds it at the end
     (``x`` ``[B, N, C]``, normed), or its features when it left (normed here)."""
     B, C = x.shape[0], x.shape[-1]
@@ -101,7 +110,7 @@ def _scatter(model: nn.Module, x: Tensor, state) -> Tensor:
     missing = ~present(state)
     if state.left:
         flat = torch.cat([i for i, _ in state.left])
-        feats = model.norm(torch.cat([f for _, f in state.left]))
+        feats = _final_norm(adapter, model)(torch.cat([f for _, f in state.left]))
         # in place: ``out`` is the gather's own new tensor (no second full-grid copy)
         out.view(B * state.n0, C).index_put_((flat,), feats.to(out.dtype))
         missing = missing.reshape(-1).index_put((flat,), torch.tensor(False)).reshape(B, -1)
@@ -120,8 +129,22 @@ def _token_adapter(model: nn.Module):
     return adapter
 
 
-def _grid(model: nn.Module, images: Tensor) -> tuple[int, int]:
-    """Patch grid ``(rows, cols)`` of ``images`` for ``model``'s patch embedding."""
+def _final_norm(adapter, model: nn.Module):
+    """The norm ``forward_features`` ends with: the family's optional ``final_norm(model)``
+    hook (``None``: none, identity), else timm's ``model.norm``."""
+    hook = getattr(adapter, "final_norm", None)
+    if hook is None:
+        return model.norm
+    norm = hook(model)
+    return (lambda t: t) if norm is None else norm
+
+
+def _grid(adapter, model: nn.Module, images: Tensor) -> tuple[int, int]:
+    """Patch grid ``(rows, cols)`` of ``images`` for ``model``'s patch embedding (the family's
+    optional ``patch_grid(model, images)`` hook, else timm's ``patch_embed``)."""
+    hook = getattr(adapter, "patch_grid", None)
+    if hook is not None:
+        return hook(model, images)
     pe = model.patch_embed
     if getattr(model, "dynamic_img_size", False):
         return tuple(pe.dynamic_feat_size(tuple(images.shape[-2:])))
@@ -141,6 +164,7 @@ def dense_with_macs(model: nn.Module, images: Tensor):
     from leanvit.recorder import MacRecorder
     from leanvit.patching import patch, unpatch
 
+    model = adapters.image_tower(model)  # open_clip's CLIP: its image tower
     adapter = _token_adapter(model)
     was_patched, was_training = adapters.is_patched(model), model.training
     if not was_patched:
@@ -151,12 +175,13 @@ def dense_with_macs(model: nn.Module, images: Tensor):
         if p is not None:
             images = images.to(device=p.device, dtype=p.dtype)
         adapter.check_input(model, images)
-        gh, gw = _grid(model, images)
+        gh, gw = _grid(adapter, model, images)
         recorder = MacRecorder()
         with torch.no_grad():
             x, state = adapter.forward_features(model, images, recorder=recorder,
                                                 trace_where=True)
-            out = _scatter(model, x, state)[:, model.num_prefix_tokens:]
+            prefix = adapter.describe(model).num_prefix_tokens
+            out = _scatter(adapter, model, x, state)[:, prefix:]
         return out.reshape(x.shape[0], gh, gw, x.shape[-1]), report_from(recorder,
                                                                           images.shape[0])
     finally:

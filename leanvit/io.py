@@ -85,7 +85,7 @@ def _adapter_and_info(model: nn.Module):
 
 def _architecture(model: nn.Module) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    return str(cfg.get("architecture") or type(model).__name__)
+    return str(cfg.get("architecture") or _model_class(model))  # no timm name: the class
 
 
 def _model_class(model: nn.Module) -> str:
@@ -289,10 +289,13 @@ def save(model: nn.Module, path: str | os.PathLike, *, backbone: bool = False) -
 
     import leanvit
     from leanvit.compaction import compaction_spec
+    from leanvit import adapters
     from leanvit.patching import ATTR, is_patched
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if adapters.image_tower(model) is not model:  # open_clip's CLIP: its patched image tower
+        return save(adapters.image_tower(model), path, backbone=backbone)
     spec = compaction_spec(model)
     patched = is_patched(model)
     if not patched and spec is None:
@@ -404,11 +407,15 @@ def load(model: nn.Module, path: str | os.PathLike, **options: Any) -> nn.Module
             model. The model is left as it was (unpatched, not compacted, same weights) when
             loading fails.
     """
+    from leanvit import adapters
     from leanvit.compaction import compaction_spec
     from leanvit.patching import is_patched
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if adapters.image_tower(model) is not model:  # open_clip's CLIP: its image tower
+        load(adapters.image_tower(model), path, **options)
+        return model
     if is_patched(model):
         raise ValueError("model is already patched; leanvit.load patches an unpatched model "
                          "(call leanvit.unpatch(model) first)")

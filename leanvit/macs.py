@@ -139,6 +139,7 @@ def forward_with_macs(model: nn.Module, images: Tensor) -> tuple[Tensor, MacRepo
     from leanvit.patching import patch, unpatch
 
     check_images(images)
+    model = adapters.image_tower(model)  # open_clip's CLIP: its image tower
 
     layers = adapters.layer_map(model)
     if layers is not None:

@@ -29,9 +29,13 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
         ValueError: unknown method or option, option out of range, unsupported model, or a
             model that is already patched (call :func:`unpatch` first). Nothing is changed.
         TypeError: an option of the wrong type.
+
+    A multimodal model whose image tower a family knows (open_clip's CLIP: ``model.visual``)
+    has that tower patched (:func:`leanvit.adapters.image_tower`); ``model`` is returned.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    outer, model = model, adapters.image_tower(model)  # the model itself unless a wrapper
     if adapters.is_patched(model):
         current = getattr(model, ATTR, None)
         name = getattr(current, "method_name", "?")
@@ -59,7 +63,7 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
     reducer.train(model.training)  # a fresh module is in train mode; follow the model's mode
     model.add_module(ATTR, reducer)
     model.__class__ = adapters.patched_class(adapter, type(model))
-    return model
+    return outer
 
 
 #: what a method serving a kind needs, and what a model of that kind is (error messages)
@@ -97,8 +101,12 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Restore ``model``'s original class and behaviour, in place; returns ``model``.
 
     Modules the method added (``model.leanvit``) are removed. ``ValueError`` if the model is
-    not patched.
+    not patched. A multimodal model: its image tower (as :func:`patch`).
     """
+    tower = adapters.image_tower(model)
+    if tower is not model:
+        unpatch(tower)
+        return model
     if not adapters.is_patched(model):
         raise ValueError("model is not patched by leanvit")
     model.__class__ = adapters.original_class(model)
@@ -107,12 +115,14 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def is_patched(model: nn.Module) -> bool:
-    """Whether ``model`` currently has a leanvit method on."""
-    return adapters.is_patched(model)
+    """Whether ``model`` (or its image tower, :func:`patch`) currently has a leanvit method
+    on."""
+    return adapters.is_patched(adapters.image_tower(model))
 
 
 def patched_method(model: nn.Module) -> tuple[str, Any] | None:
-    """``(method name, options)`` of a patched model, or ``None``."""
+    """``(method name, options)`` of a patched model (or image tower), or ``None``."""
+    model = adapters.image_tower(model)
     if not adapters.is_patched(model):
         return None
     reducer = getattr(model, ATTR)

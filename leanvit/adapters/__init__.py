@@ -16,7 +16,7 @@ from typing import Optional
 
 from torch import nn
 
-from leanvit.adapters import beit, convnext, eva, nextvit, pvt_v2, swin, vit
+from leanvit.adapters import beit, convnext, eva, nextvit, open_clip, pvt_v2, swin, vit
 from leanvit.adapters.base import KINDS, Backbone, CompactionSites, Family, Site, TokenBackbone
 
 FAMILIES: dict[str, Family] = {}
@@ -39,6 +39,7 @@ register_family(convnext)
 register_family(swin)
 register_family(pvt_v2)
 register_family(nextvit)
+register_family(open_clip)
 
 _PATCHED_CLASSES: dict[type, type] = {}
 
@@ -65,6 +66,24 @@ def find_family(model: nn.Module, *, compaction: bool = False) -> Family:
         raise ValueError(f"leanvit.compact supports {supported} models, not {base.__name__}")
     supported = "; ".join(f.description for f in FAMILIES.values() if f.adapter is not None)
     raise ValueError(f"unsupported model type {base.__name__}; supported families: {supported}")
+
+
+def image_tower(model: nn.Module) -> nn.Module:
+    """The module leanvit patches, counts and saves for ``model``: ``model`` itself, or the
+    image tower a family's optional ``image_tower(model)`` hook finds inside a wrapper (open_clip:
+    a CLIP model's ``visual``, a ``TimmModel``'s timm ``trunk``), followed down to the module
+    no hook wraps."""
+    for _ in range(8):  # a wrapper of a wrapper (CLIP -> TimmModel -> trunk); no cycles
+        inner = None
+        for fam in FAMILIES.values():
+            hook = getattr(fam.adapter, "image_tower", None)
+            inner = hook(model) if hook is not None else None
+            if inner is not None:
+                break
+        if inner is None:
+            return model
+        model = inner
+    return model
 
 
 def layer_map(model: nn.Module):
@@ -102,7 +121,14 @@ def patched_class(adapter: ModuleType, cls: type) -> type:
     """The patched subclass of ``cls`` (made once, registered in this module so that
     ``pickle``/``torch.save`` of a whole patched model can find it)."""
     if cls not in _PATCHED_CLASSES:
-        name = f"LeanVit{cls.__name__}"
+        # timm's classes keep their name; another library's are named with it too (open_clip's
+        # VisionTransformer -> LeanVitOpenClipVisionTransformer), so that two classes of one
+        # name never share a name here (pickle finds the class by it)
+        package = cls.__module__.split(".")[0]
+        library = "" if package == "timm" else "".join(w.title() for w in package.split("_"))
+        name = f"LeanVit{library}{cls.__name__}"
+        if getattr(sys.modules[__name__], name, None) is not None:
+            raise RuntimeError(f"two model classes would be patched as {name}")  # pragma: no cover
         new = type(name, (adapter.PATCHED, cls), {"__module__": __name__})
         setattr(sys.modules[__name__], name, new)
         _PATCHED_CLASSES[cls] = new
@@ -110,5 +136,5 @@ def patched_class(adapter: ModuleType, cls: type) -> type:
 
 
 __all__ = ["KINDS", "Backbone", "TokenBackbone", "Family", "CompactionSites", "Site", "FAMILIES",
-           "register_family", "family_names", "find_family", "find_adapter", "layer_map",
-           "is_patched", "original_class", "patched_class"]
+           "register_family", "family_names", "find_family", "image_tower", "find_adapter",
+           "layer_map", "is_patched", "original_class", "patched_class"]

@@ -34,6 +34,13 @@ Kinds, and which methods serve a family (a method's ``families`` names families 
   through :func:`leanvit.adapters.stages.run_stage` (the reducer's ``acts_on_stage`` /
   ``run_stage``), with blocks split into :class:`leanvit.adapters.stages.BlockParts`.
 
+Optional module-level hooks a family file may add (read with ``getattr``; timm's names are
+the defaults): ``image_tower(model) -> module | None``, the module to patch inside a wrapper
+(open_clip: a CLIP model's ``visual``; :func:`leanvit.adapters.image_tower`);
+``final_norm(model)`` (the norm ``forward_features`` ends with, ``None``: none) and
+``patch_grid(model, images) -> (rows, cols)``, for :func:`leanvit.dense_features` on a model
+without timm's ``norm`` / ``patch_embed``.
+
 Shapes: ``B`` batch, ``N`` tokens now present (prefix included), ``N0`` tokens entering the
 first block, ``C`` width, ``K`` selected query rows.
 """
