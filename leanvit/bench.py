@@ -166,6 +166,25 @@ def _cpu_peak_memory_mb(spec: dict) -> Optional[float]:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
 
 
+def cpu_peak_memory_mb(model: str, method: Optional[str] = None, options: Optional[dict] = None,
+                       *, batch_size: int = 64, img_size: Optional[int] = None,
+                       dtype: str = "fp32", threads: Optional[int] = None) -> Optional[float]:
+    """Peak resident memory (MB) one CPU forward pass of ``model`` adds, in a fresh process:
+    the model unmodified (``method=None``, timm's own forward) or with ``method`` and its
+    ``options`` on; random weights, ``batch_size`` random images at the model's input size
+    (or ``img_size``). What :func:`run_benchmark` reports as ``peak_mem_mb`` on CPU. ``None``
+    where the system has no ``/proc/self/clear_refs`` (not Linux)."""
+    from leanvit.models import input_size
+
+    probe = _build(model, None, {}, img_size, None, None)
+    h, w = input_size(probe)
+    del probe
+    return _cpu_peak_memory_mb(dict(
+        model=model, method=method, options=options or {}, img_size=img_size, checkpoint=None,
+        num_classes=None, head=None, batch_size=batch_size, height=h, width=w, dtype=dtype,
+        threads=threads or torch.get_num_threads()))
+
+
 def _read_status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
