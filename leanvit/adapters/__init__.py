@@ -16,7 +16,7 @@ from typing import Optional
 
 from torch import nn
 
-from leanvit.adapters import beit, convnext, eva, nextvit, pvt_v2, swin, vit
+from leanvit.adapters import beit, convnext, eva, hf_clip, nextvit, pvt_v2, swin, vit
 from leanvit.adapters.base import KINDS, Backbone, CompactionSites, Family, Site, TokenBackbone
 
 FAMILIES: dict[str, Family] = {}
@@ -39,6 +39,7 @@ register_family(convnext)
 register_family(swin)
 register_family(pvt_v2)
 register_family(nextvit)
+register_family(hf_clip)
 
 _PATCHED_CLASSES: dict[type, type] = {}
 
