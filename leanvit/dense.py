@@ -80,28 +80,39 @@ def dense_features(model: nn.Module, images: Tensor) -> Tensor:
     """
     adapter = _token_adapter(model)
     adapter.check_input(model, images)
-    gh, gw = _grid(model, images)
-    prefix = model.num_prefix_tokens
+    gh, gw = _grid(adapter, model, images)
+    prefix = adapter.describe(model).num_prefix_tokens
     if not adapters.is_patched(model):
+        if not hasattr(model, "forward_features"):  # e.g. transformers: through "none"
+            from leanvit.patching import patch, unpatch
+
+            patch(model, "none")
+            try:
+                return dense_features(model, images)
+            finally:
+                unpatch(model)
         x = model.forward_features(images)[:, prefix:]
         return x.reshape(x.shape[0], gh, gw, x.shape[-1])
     x, state = adapter.forward_features(model, images, trace_where=True)
-    out = _scatter(model, x, state)[:, prefix:]
+    out = _scatter(adapter, model, x, state)[:, prefix:]
     if out.shape[1] != gh * gw:
         raise ValueError(f"the model has {out.shape[1]} patch tokens, not the {gh}x{gw} grid "
                          "of its patch embedding")
     return out.reshape(x.shape[0], gh, gw, x.shape[-1])
 
 
-def _scatter(model: nn.Module, x: Tensor, state) -> Tensor:
+def _scatter(adapter, model: nn.Module, x: Tensor, state) -> Tensor:
     """``[B, N0, C]``: each original token's features from the token that holds it at the end
-    (``x`` ``[B, N, C]``, normed), or its features when it left (normed here)."""
+    (``x`` ``[B, N, C]``, normed), or its features when it left (normed here: the adapter's
+    ``final_norm(model)`` when it has one (``None``: no norm), else timm's ``model.norm``)."""
     B, C = x.shape[0], x.shape[-1]
     out = x.gather(1, state.where.clamp_min(0)[..., None].expand(-1, -1, C))
     missing = ~present(state)
     if state.left:
         flat = torch.cat([i for i, _ in state.left])
-        feats = model.norm(torch.cat([f for _, f in state.left]))
+        norm = adapter.final_norm(model) if hasattr(adapter, "final_norm") else model.norm
+        feats = torch.cat([f for _, f in state.left])
+        feats = feats if norm is None else norm(feats)
         # in place: ``out`` is the gather's own new tensor (no second full-grid copy)
         out.view(B * state.n0, C).index_put_((flat,), feats.to(out.dtype))
         missing = missing.reshape(-1).index_put((flat,), torch.tensor(False)).reshape(B, -1)
@@ -120,8 +131,11 @@ def _token_adapter(model: nn.Module):
     return adapter
 
 
-def _grid(model: nn.Module, images: Tensor) -> tuple[int, int]:
-    """Patch grid ``(rows, cols)`` of ``images`` for ``model``'s patch embedding."""
+def _grid(adapter, model: nn.Module, images: Tensor) -> tuple[int, int]:
+    """Patch grid ``(rows, cols)`` of ``images`` for ``model``'s patch embedding (the adapter's
+    ``patch_grid(model, images)`` when it has one, else timm's ``patch_embed``)."""
+    if hasattr(adapter, "patch_grid"):
+        return adapter.patch_grid(model, images)
     pe = model.patch_embed
     if getattr(model, "dynamic_img_size", False):
         return tuple(pe.dynamic_feat_size(tuple(images.shape[-2:])))
@@ -151,12 +165,13 @@ def dense_with_macs(model: nn.Module, images: Tensor):
         if p is not None:
             images = images.to(device=p.device, dtype=p.dtype)
         adapter.check_input(model, images)
-        gh, gw = _grid(model, images)
+        gh, gw = _grid(adapter, model, images)
+        prefix = adapter.describe(model).num_prefix_tokens
         recorder = MacRecorder()
         with torch.no_grad():
             x, state = adapter.forward_features(model, images, recorder=recorder,
                                                 trace_where=True)
-            out = _scatter(model, x, state)[:, model.num_prefix_tokens:]
+            out = _scatter(adapter, model, x, state)[:, prefix:]
         return out.reshape(x.shape[0], gh, gw, x.shape[-1]), report_from(recorder,
                                                                           images.shape[0])
     finally:

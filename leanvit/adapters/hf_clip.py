@@ -318,5 +318,18 @@ def _output(model: nn.Module, x: Tensor, pooled: Optional[Tensor]):
     return CLIPVisionModelOutput(image_embeds=proj(pooled), last_hidden_state=x)
 
 
+def final_norm(model: nn.Module) -> Optional[nn.Module]:
+    """The norm on the final tokens (:func:`leanvit.dense_features` applies it to tokens that
+    left early): SigLIP's ``post_layernorm``; ``None`` for CLIP (``last_hidden_state`` is the
+    encoder's output, ``post_layernorm`` normalises the pooled class token only)."""
+    return ENGINE.spec.final_norm(model)
+
+
+def patch_grid(model: nn.Module, images: Tensor) -> tuple[int, int]:
+    """Patch grid ``(rows, cols)`` of ``images`` ``[B, C, H, W]`` (for dense features)."""
+    p = tower(model).config.patch_size
+    return images.shape[-2] // p, images.shape[-1] // p
+
+
 ENGINE = TokenEngine(HFClipSpec(), "_PatchedHFClip")
 forward_features, forward_head, embed, run_blocks, block_macs, PATCHED = ENGINE.exports()
