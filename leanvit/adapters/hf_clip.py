@@ -100,7 +100,12 @@ def describe(model: nn.Module) -> ModelInfo:
                      embed_dim=cfg.hidden_size, num_heads=cfg.num_attention_heads,
                      num_prefix_tokens=int(clip), has_class_token=clip,
                      num_patches=emb.num_patches, global_pool=pool,
-                     name=type(model).__name__, img_size=(side, side))
+                     name=_model_class(model).__name__, img_size=(side, side))
+
+
+def _model_class(model: nn.Module) -> type:
+    """The transformers class of ``model`` (patched or not: the patched class subclasses it)."""
+    return next(c for c in type(model).__mro__ if c.__module__.startswith("transformers."))
 
 
 def check_input(model: nn.Module, x: Any) -> None:
