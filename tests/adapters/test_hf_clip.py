@@ -227,3 +227,25 @@ def test_whole_clip_model_vision_tower_patches_and_text_is_untouched():
     want = getattr(want, "pooler_output", want)
     got = getattr(got, "pooler_output", got)
     assert torch.equal(got, want)
+
+
+def test_compare_tune_and_bench_timing_run_on_a_tower():
+    """Smoke: ``run_compare``, ``tune`` and the benchmark's paired timing take the towers
+    (their "logits" are the pooled output / image embeddings: no classifier here)."""
+    from leanvit.bench import time_models
+    from leanvit.compare import Setting, run_compare
+    from leanvit.tune import tune
+
+    loader = [(images(4), torch.arange(4))]
+    rows = run_compare(build("siglip"), [Setting("tome", {"r": 2})], loader, progress=False,
+                       warmup=0, repeats=1)
+    assert [r["method"] for r in rows] == ["none", "tome"]
+    assert rows[1]["gmacs"] < rows[0]["gmacs"]
+    with pytest.warns(UserWarning, match="clamped"):  # tune's grid asks for large r
+        result = tune(build("clip_proj"), loader, {"speedup": 1.1}, methods=["tome"],
+                      repeats=1, progress=False, log=None)
+    assert result.rows and result.rows[0]["method"] == "none"
+    base = build("clip")
+    timed = time_models(base, leanvit.patch(build("clip"), "tome", r=3), images(2), warmup=0,
+                        repeats=1)
+    assert all(len(v) == 1 and v[0] > 0 for v in timed.values())
