@@ -61,8 +61,8 @@ def _transformers_classes(names: tuple[str, ...]) -> tuple[type, ...]:
 def matches(cls: type) -> bool:
     """Whether a model class (unpatched) is one of the towers (or a whole CLIP/SigLIP model,
     refused by :func:`check_supported` with a pointer to its image tower)."""
-    if not cls.__module__.startswith("transformers."):
-        return False
+    if not any(c.__module__.startswith("transformers.") for c in cls.__mro__):
+        return False  # not a transformers model: no need to import it
     return issubclass(cls, _transformers_classes(_TOWERS + _WHOLE))
 
 
