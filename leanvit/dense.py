@@ -84,7 +84,7 @@ def dense_features(model: nn.Module, images: Tensor) -> Tensor:
     gh, gw = _grid(adapter, model, images)
     prefix = adapter.describe(model).num_prefix_tokens
     if not adapters.is_patched(model):
-        if not hasattr(model, "forward_features"):  # e.g. open_clip: its modules via "none"
+        if not hasattr(model, "forward_features"):  # open_clip, transformers: through "none"
             from leanvit.patching import patch, unpatch
 
             patch(model, "none")
@@ -104,7 +104,8 @@ def dense_features(model: nn.Module, images: Tensor) -> Tensor:
 
 def _scatter(adapter, model: nn.Module, x: Tensor, state) -> Tensor:
     """``[B, N0, C]``: each original token's features from the token that holds it at the end
-    (``x`` ``[B, N, C]``, normed), or its features when it left (normed here)."""
+    (``x`` ``[B, N, C]``, normed), or its features when it left (normed here: the adapter's
+    ``final_norm(model)`` when it has one (``None``: no norm), else timm's ``model.norm``)."""
     B, C = x.shape[0], x.shape[-1]
     out = x.gather(1, state.where.clamp_min(0)[..., None].expand(-1, -1, C))
     missing = ~present(state)

@@ -16,7 +16,7 @@ from typing import Optional
 
 from torch import nn
 
-from leanvit.adapters import beit, convnext, eva, nextvit, open_clip, pvt_v2, swin, vit
+from leanvit.adapters import beit, convnext, eva, hf_clip, nextvit, open_clip, pvt_v2, swin, vit
 from leanvit.adapters.base import KINDS, Backbone, CompactionSites, Family, Site, TokenBackbone
 
 FAMILIES: dict[str, Family] = {}
@@ -40,6 +40,7 @@ register_family(swin)
 register_family(pvt_v2)
 register_family(nextvit)
 register_family(open_clip)
+register_family(hf_clip)
 
 _PATCHED_CLASSES: dict[type, type] = {}
 
