@@ -35,6 +35,11 @@ METHODS = [
     ("tome r=13", "tome", {"r": 13}, 1.56),
     ("diffrate 2.9G", "diffrate", {"schedule": "authors:ViT-S-DeiT:2.9"}, 1.31),
     ("dynamicvit 0.7", "dynamicvit", {"keep_rate": 0.7, "locations": (3, 6, 9)}, 1.49),
+    ("pitome r=13", "pitome", {"r": 13}, None),
+    ("mctf r=16", "mctf", {"r": 16}, None),
+    ("tofu r=13", "tofu", {"r": 13}, None),
+    ("zerotprune r=11", "zerotprune", {"r": 11}, None),
+    ("divprune 0.7", "divprune", {"keep_rate": 0.7}, None),
 ]
 
 #: a method's measured speedup must reach this fraction of its MAC ratio (issue 4)

@@ -70,6 +70,14 @@ class Reducer(nn.Module):
         """Whether :meth:`after_attention` runs in block ``i`` (after the attention residual)."""
         return False
 
+    def needs_attention_map(self, i: int) -> bool:
+        """Whether block ``i``'s method reads the whole post-softmax map
+        (:attr:`leanvit.signals.Signals.attn`): the engine then computes the block's attention
+        explicitly and hands its map over, instead of the fused kernel plus a second ``q k^T``
+        for the signal (float32/float64 only; in half precision the signal keeps its own
+        float32 map)."""
+        return False
+
     def needs_signals(self, i: int) -> bool:
         """Whether block ``i`` must compute :class:`Signals` (its q, k, v are then exposed)."""
         return self.acts_after(i) or self.selects_queries(i)

@@ -35,6 +35,9 @@ class Signals:
         self._keys: Optional[Tensor] = None
         self._value_norm: Optional[Tensor] = None
         self._attn_received: Optional[Tensor] = None
+        #: the whole map; the engine fills it from the block's own attention when the method
+        #: asks for it (Reducer.needs_attention_map), so reading it then costs nothing
+        self._attn: Optional[Tensor] = None
 
     @property
     def num_tokens(self) -> int:
@@ -90,11 +93,12 @@ class Signals:
     @property
     def attn(self) -> Tensor:
         """Post-softmax attention map of every query, ``[B, H, N, N]``, at least float32 (all
-        keys; rows sum to 1): the attention graph Zero-TPrune ranks tokens on. ``O(N^2 C)``:
-        ``q k^T`` once more, since the main attention stays fused and keeps no map."""
-        cached = getattr(self, "_attn", None)
-        if cached is not None:
-            return cached
+        keys; rows sum to 1): the attention graph Zero-TPrune ranks tokens on. Free when the
+        engine filled it from the block's own explicit attention (the method's
+        ``needs_attention_map``); otherwise ``q k^T`` once more (``O(N^2 C)``, counted), since
+        the main attention stays fused and keeps no map."""
+        if self._attn is not None:
+            return self._attn
         dtype = torch.promote_types(self.q.dtype, torch.float32)
         bias = self.bias if self.full_bias is None else self.full_bias
         if isinstance(bias, Tensor):
@@ -113,8 +117,8 @@ class Signals:
         (:attr:`attn`) averaged over heads and over ALL query rows (MCTF's informativeness,
         ``attn.mean(dim=[1, 2])`` in the authors' code).
 
-        Reads the whole ``[B, H, N, N]`` map (``H N^2 D`` MACs per image, counted once with
-        :attr:`attn`), so a method that reads this pays one more ``q k^T`` product.
+        Reads the whole ``[B, H, N, N]`` map (:attr:`attn`: free when the engine handed over
+        the block's own map, else one more ``q k^T`` product, counted).
         """
         if self._attn_received is None:
             self._attn_received = self.attn.mean(dim=(1, 2))

@@ -76,21 +76,10 @@ def _images(n=2, h=64, w=64, seed=0):
     return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
-def _skip_unserved(method, family):
-    """zerotprune needs the full attention map, which the BEiT adapter does not pass yet."""
-    if method == "zerotprune" and family == "beit":
-        pytest.skip("zerotprune refuses BEiT (no per-row relative position bias in its signals)")
-
-
 @pytest.mark.parametrize("family", BUILDERS)
 @pytest.mark.parametrize("method,opts", KEEP_ALL, ids=[m for m, _ in KEEP_ALL])
 def test_keep_all_equals_unpatched_patch_tokens(method, opts, family):
-    _skip_unserved(method, family)
     model = BUILDERS[family]()
-    if (method, family) == ("mctf", "beit"):  # needs the whole attention map: refused
-        with pytest.raises(ValueError, match="relative position bias"):
-            leanvit.patch(model, method, **opts)
-        return
     x = _inputs(model)
     with torch.no_grad():
         ref = model.forward_features(x)[:, model.num_prefix_tokens:].reshape(2, 4, 4, -1)
@@ -136,10 +125,6 @@ def _source_groups_check(model, x, prefix):
 def test_merging_every_patch_of_a_group_gets_the_group_features(family, method):
     model = BUILDERS[family]()
     x = _inputs(model)
-    if (method, family) == ("mctf", "beit"):  # needs the whole attention map: refused
-        with pytest.raises(ValueError, match="relative position bias"):
-            leanvit.patch(model, method, r=2)
-        return
     leanvit.patch(model, method, r=2, trace_source=True)
     covered = _source_groups_check(model, x, prefix=model.num_prefix_tokens)
     assert covered.all()  # merging only: every patch is in exactly one group
@@ -263,7 +248,6 @@ PRUNING = [
 @pytest.mark.parametrize("family", BUILDERS)
 @pytest.mark.parametrize("method,opts", PRUNING, ids=[m for m, _ in PRUNING])
 def test_pruned_patch_keeps_its_features_from_where_it_left(method, opts, family):
-    _skip_unserved(method, family)
     model = BUILDERS[family]()
     x = _inputs(model, 3)
     if method == "diffrate":  # the schedule counts the prefix tokens

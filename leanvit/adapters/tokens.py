@@ -482,6 +482,8 @@ class TokenEngine:
         extra = attention_bias(state, q.dtype)  # [B, 1, 1, N]: log(size), -inf padding
         scale, fused, dropout = self._params(attn)
         signals = Signals(q, k, v, scale, _class_row(biases, extra) if biases else extra)
+        if biases:  # a bias per query row (relative position): the full map needs them all
+            signals.full_bias = (*biases, extra)
         rows = None
         if reducer.selects_queries(i):
             rows, state = reducer.select_queries(i, signals, state)
@@ -494,8 +496,15 @@ class TokenEngine:
                 biases = tuple(_bias_rows(b, rows) for b in biases)
         # fused SDPA unless a keep-mask needs the explicit fp32 form (or the module is set to
         # the explicit path); biases added in the module's order, then log(size) / padding
-        out = attention(q, k, v, scale, bias=(*biases, extra) if biases else extra,
-                        keep=state.mask, fused=fused, dropout=dropout)
+        bias = (*biases, extra) if biases else extra
+        if (rows is None and state.mask is None and q.dtype in _MAP_DTYPES
+                and reducer.needs_attention_map(i)):
+            # the method reads the whole map: one explicit attention gives output and map
+            out, signals._attn = attention(q, k, v, scale, bias=bias, fused=False,
+                                           dropout=dropout, return_weights=True)
+        else:
+            out = attention(q, k, v, scale, bias=bias, keep=state.mask, fused=fused,
+                            dropout=dropout)
         return self._output(attn, out, gate), signals, rows, state
 
     # -- MACs
@@ -528,6 +537,11 @@ class TokenEngine:
         if state.size is None and state.valid is None and state.mask is None:
             return self.spec.plain_head(model, x, pre_logits)
         return self.spec.head(model, x, state, pre_logits)
+
+
+#: dtypes in which the attention's own map serves as :attr:`Signals.attn` (which is at least
+#: float32: a half-precision map would rank tokens on 2-3 significant digits)
+_MAP_DTYPES = (torch.float32, torch.float64)
 
 
 def _class_row(biases: tuple, extra: Optional[Tensor]) -> Optional[Tensor]:

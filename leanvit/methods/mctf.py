@@ -27,8 +27,9 @@ with the values, so here the block's attention runs on the unfused tokens and th
 from its MLP on (``docs/token_reduction.md``, section MCTF, lists every deviation).
 
 Needs no training (the authors fine-tune for their best numbers); ``r=0`` changes nothing
-(bit-identical). The attention map costs one extra ``q k^T`` product per fusing block, counted
-in the MACs (``signals``), as is the ``A x B`` similarity product (``similarity``).
+(bit-identical). In float32/float64 a fusing block's attention is computed explicitly and its
+map read for free (``needs_attention_map``); in half precision the map is formed once more in
+float32 (counted in ``signals``). The ``A x B`` similarity product is counted (``similarity``).
 """
 from __future__ import annotations
 
@@ -205,6 +206,9 @@ class MCTF(Reducer):
     def acts_after(self, i: int) -> bool:
         return self.r_per_block[i] > 0
 
+    def needs_attention_map(self, i: int) -> bool:
+        return self.r_per_block[i] > 0
+
     def init_state(self, state: TokenState, x: Tensor) -> TokenState:
         state = state.replace(prop_attn=self.options.prop_attn)
         if self.options.trace_source and state.source is None:
@@ -242,11 +246,6 @@ class MCTF(Reducer):
 
 
 def build(options: MCTFOptions, info: ModelInfo) -> Reducer:
-    if info.family == "beit":
-        raise ValueError(
-            "mctf reads the whole attention map (the attention each token receives), but the "
-            "beit adapter gives methods only the class token's row of BEiT's relative position "
-            "bias; use 'pitome' or 'tome' on BEiT")
     return MCTF(options, info)
 
 

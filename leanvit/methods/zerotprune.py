@@ -42,9 +42,6 @@ from leanvit.state import TokenState
 #: WPR iterations in the first three, the middle and the last three blocks: the lower ends of
 #: the paper's 30-50, 5-10 and 1 (enough to converge there, by the authors' ablation).
 AUTHORS_ITERATIONS = (30, 5, 1)
-#: Families whose adapter does not yet pass the bias of every query row to the signals (BEiT:
-#: only the class row of its relative position bias), so the full map cannot be formed.
-NO_FULL_MAP = ("beit",)
 
 
 def default_iterations(depth: int) -> list[int]:
@@ -159,7 +156,7 @@ class ZeroTPruneOptions:
     Attributes:
         r: tokens pruned per block (an int, an ``(r, inflect)`` schedule or a per-block list, as
             ToMe's ``r``: :func:`leanvit.methods.tome.schedule`; clamped with a warning to half
-            the non-prefix tokens). Default 12: on DeiT-S the MACs closest to the paper's
+            the non-prefix tokens). Default 11: on DeiT-S the MACs closest to the paper's
             setting of 34.7% fewer FLOPs; the paper gives no rate per block.
         similarity_share: fraction of each block's ``r`` pruned by the S-stage (rounded), the
             rest by the I-stage. 0.5 by default: the paper uses both stages in every pruning
@@ -171,7 +168,7 @@ class ZeroTPruneOptions:
             "Zero-TPrune"; ``False``: its "Zero-TPrune-uni"). No effect without a class token.
     """
 
-    r: RSpec = 12
+    r: RSpec = 11
     similarity_share: float = 0.5
     iterations: IterSpec = None
     cls_boost: bool = True
@@ -217,6 +214,9 @@ class ZeroTPrune(Reducer):
     def acts_after(self, i: int) -> bool:
         return self.r_per_block[i] > 0
 
+    def needs_attention_map(self, i: int) -> bool:
+        return self.r_per_block[i] > 0
+
     def after_attention(self, i: int, x: Tensor, signals: Optional[Signals],
                         state: TokenState) -> tuple[Tensor, TokenState]:
         """``x`` ``[B, N, C]`` -> ``[B, N - r, C]``."""
@@ -248,11 +248,6 @@ class ZeroTPrune(Reducer):
 
 
 def build(options: ZeroTPruneOptions, info: ModelInfo) -> Reducer:
-    if info.family in NO_FULL_MAP:
-        raise ValueError(
-            f"zerotprune ranks tokens on the full attention map, but the {info.family} adapter "
-            "passes the methods only the class row of its relative position bias (the bias of "
-            "every row is needed: leanvit.signals.Signals.full_bias); use 'tome' or 'tofu'")
     return ZeroTPrune(options, info)
 
 

@@ -169,9 +169,20 @@ def test_eva_matches_reference(kind):
     assert state.size.sum(1).eq(16 + p).all()
 
 
-def test_beit_is_refused_with_the_reason():
-    with pytest.raises(ValueError, match="relative position bias"):
-        leanvit.patch(tiny_beit(), "mctf")
+@pytest.mark.parametrize("variant", ["own", "shared"])
+def test_beit_matches_reference(variant):
+    """BEiT: the informativeness reads the whole map, relative position bias of every row
+    included (the engine passes all of it)."""
+    from tests.methods._beit_reference import forward_image
+    from tests.methods.test_beit_methods import MODELS, _check
+
+    model = tiny_beit(**MODELS[variant])
+    sched = ref_plan(3, range(1, 4), 4, 17, 1)
+    leanvit.patch(model, "mctf", r=3)
+    ref = lambda im: forward_image(model, im, eva_reduce(sched, AUTHORS),  # noqa: E731
+                                   prop_attn=True)
+    state = _check(model, _images(model), ref, sized=True)
+    assert state.positions.shape[1] == 17 - sum(sched)
 
 
 def test_r_zero_is_bit_identical_and_unpatch_restores():
@@ -210,8 +221,8 @@ def test_r_too_large_is_clamped_with_a_warning():
 
 
 def test_count_macs_matches_the_flop_counter():
-    """Blocks at their token counts plus the attention map of each fusing block (H N^2 D) and
-    the A x B cosines of the hidden states, against PyTorch's own count."""
+    """Blocks at their token counts plus the A x B cosines of the hidden states, against
+    PyTorch's own count (the fusing blocks' attention map is the attention's own)."""
     import timm
 
     torch.manual_seed(0)
@@ -220,7 +231,8 @@ def test_count_macs_matches_the_flop_counter():
     x = torch.randn(2, 3, 96, 96)
     report = leanvit.count_macs(model, x)
     assert [b.tokens_out for b in report.per_block] == [37, 29, 21]
-    assert report.per_block[1].signals == 3 * 37 * 37 * 64  # the attention map, 3 heads
+    # the map is the block's own attention, computed once explicitly: no second q k^T
+    assert report.per_block[1].signals == 0
     assert report.extra["similarity"] == 19 * 18 * 192 + 15 * 14 * 192
     for blk in model.blocks:
         blk.attn.fused_attn = False

@@ -94,9 +94,16 @@ def test_eva_matches_reference(kind):
     assert x.shape[1] == 16 + model.num_prefix_tokens - 9
 
 
-def test_beit_is_refused_until_its_adapter_passes_the_full_bias():
-    with pytest.raises(ValueError, match="class row of its relative position bias"):
-        leanvit.patch(tiny_beit(), "zerotprune", r=2)
+@pytest.mark.parametrize("variant", ["own", "shared"])
+def test_beit_matches_reference(variant):
+    """BEiT: the attention graph includes the relative position bias of every query row."""
+    from tests.methods._reduce_families import check_beit
+    from tests.methods.test_beit_methods import MODELS
+
+    model = tiny_beit(**MODELS[variant])
+    state = check_beit(model, "zerotprune", dict(r=2),
+                       zerotprune_core([2] * 4, default_iterations(4), boost=True), sized=True)
+    assert state.positions.shape[1] == 17 - 4 * 2
 
 
 def test_default_iterations_follow_the_paper():
@@ -148,4 +155,5 @@ def test_count_macs_equals_flop_counter():
         model(x)
     assert report.total == pytest.approx(counter.get_total_flops() / 2, rel=1e-9)
     assert report.extra["pagerank"] > 0 and report.extra["similarity"] > 0
-    assert sum(b.signals for b in report.per_block) > 0  # the maps
+    # the map is the attention's own (computed explicitly once): no second q k^T
+    assert sum(b.signals for b in report.per_block) == 0
