@@ -81,9 +81,11 @@ def dense_features(model: nn.Module, images: Tensor) -> Tensor:
     adapter = _token_adapter(model)
     adapter.check_input(model, images)
     gh, gw = _grid(model, images)
-    prefix = model.num_prefix_tokens
+    prefix = _prefix(model)
     if not adapters.is_patched(model):
-        x = model.forward_features(images)[:, prefix:]
+        plain = getattr(adapter, "plain_tokens", None)  # families without timm's names
+        x = (model.forward_features(images) if plain is None else plain(model, images))
+        x = x[:, prefix:]
         return x.reshape(x.shape[0], gh, gw, x.shape[-1])
     x, state = adapter.forward_features(model, images, trace_where=True)
     out = _scatter(model, x, state)[:, prefix:]
@@ -101,7 +103,9 @@ def _scatter(model: nn.Module, x: Tensor, state) -> Tensor:
     missing = ~present(state)
     if state.left:
         flat = torch.cat([i for i, _ in state.left])
-        feats = model.norm(torch.cat([f for _, f in state.left]))
+        norm = getattr(adapters.find_adapter(model), "final_norm", None)  # else timm's
+        norm = model.norm if norm is None else norm(model)
+        feats = norm(torch.cat([f for _, f in state.left]))
         # in place: ``out`` is the gather's own new tensor (no second full-grid copy)
         out.view(B * state.n0, C).index_put_((flat,), feats.to(out.dtype))
         missing = missing.reshape(-1).index_put((flat,), torch.tensor(False)).reshape(B, -1)
@@ -120,8 +124,20 @@ def _token_adapter(model: nn.Module):
     return adapter
 
 
+def _prefix(model: nn.Module) -> int:
+    """Prefix tokens in front of the patches: the adapter's ``prefix_tokens(model)`` where
+    the family has one (a model without timm's attribute names), else timm's
+    ``model.num_prefix_tokens``."""
+    fn = getattr(adapters.find_adapter(model), "prefix_tokens", None)
+    return model.num_prefix_tokens if fn is None else fn(model)
+
+
 def _grid(model: nn.Module, images: Tensor) -> tuple[int, int]:
-    """Patch grid ``(rows, cols)`` of ``images`` for ``model``'s patch embedding."""
+    """Patch grid ``(rows, cols)`` of ``images`` for ``model``'s patch embedding (the
+    adapter's ``patch_grid(model, images)`` where the family has one)."""
+    fn = getattr(adapters.find_adapter(model), "patch_grid", None)
+    if fn is not None:
+        return tuple(fn(model, images))
     pe = model.patch_embed
     if getattr(model, "dynamic_img_size", False):
         return tuple(pe.dynamic_feat_size(tuple(images.shape[-2:])))
@@ -156,7 +172,7 @@ def dense_with_macs(model: nn.Module, images: Tensor):
         with torch.no_grad():
             x, state = adapter.forward_features(model, images, recorder=recorder,
                                                 trace_where=True)
-            out = _scatter(model, x, state)[:, model.num_prefix_tokens:]
+            out = _scatter(model, x, state)[:, _prefix(model):]
         return out.reshape(x.shape[0], gh, gw, x.shape[-1]), report_from(recorder,
                                                                           images.shape[0])
     finally:
