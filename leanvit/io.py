@@ -85,7 +85,7 @@ def _adapter_and_info(model: nn.Module):
 
 def _architecture(model: nn.Module) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    return str(cfg.get("architecture") or type(model).__name__)
+    return str(cfg.get("architecture") or _model_class(model))  # the unpatched class's name
 
 
 def _model_class(model: nn.Module) -> str:

@@ -140,7 +140,8 @@ def check_input(model: nn.Module, x: Any) -> None:
     positions to any multiple of the patch), wrong dtype."""
     base = encoder(model)
     pe = base.embeddings.patch_embeddings
-    interpolates = "dinov2" in type(base).__module__
+    # ViT/DeiT embeddings keep image_size and refuse others; DINOv2's interpolate positions
+    interpolates = not hasattr(base.embeddings, "image_size")
     check_images(x, pe.num_channels, None if interpolates else tuple(pe.image_size),
                  "; build it with image_size={size} in its config to use another size")
     if interpolates and (x.shape[-2] % pe.patch_size[0] or x.shape[-1] % pe.patch_size[1]):
@@ -316,7 +317,7 @@ def _outputs(model: nn.Module, x: Tensor, state: TokenState, forward_head, label
     kind = head_kind(model)
     out = forward_head(model, x, state)
     if kind == "encoder":
-        if getattr(model, "pooler", None) is None and "dinov2" not in type(model).__module__:
+        if hasattr(model, "pooler") and model.pooler is None:
             out = None  # ViT/DeiT without a pooler: no pooler_output, as the model itself
         return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=out)
     if kind == "teacher":
@@ -352,7 +353,7 @@ def _patched_mixin(name: str, forward_features, forward_head) -> type:
         x, state = forward_features(self, pixel_values)
         out = _outputs(self, x, state, forward_head, labels)
         if return_dict is False or (return_dict is None
-                                    and getattr(cfg, "use_return_dict", True) is False):
+                                    and getattr(cfg, "return_dict", True) is False):
             return out.to_tuple()
         return out
 
