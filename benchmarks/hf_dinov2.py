@@ -19,12 +19,14 @@ import _common  # noqa: F401 (this checkout first on sys.path)
 import torch
 from torch import nn
 
-#: methods and settings compared (mid-strength settings of each registered token method)
+#: methods and settings compared (mid-strength settings of each registered token method;
+#: DiffRate: 12 tokens pruned then 12 merged in every block)
+_KEPT = [257 - 24 * i for i in range(10)] + [17, 17]
 SETTINGS = [("none", {}), ("tome", {"r": 13}), ("pitome", {"r": 13}), ("mctf", {"r": 13}),
             ("tofu", {"r": 13}), ("evit", {"keep_rate": 0.7}), ("topk", {"keep_rate": 0.7}),
-            ("ats", {}), ("diffrate", {}), ("zerotprune", {"r": 13}),
-            ("divprune", {"keep_rate": 0.7}), ("dynamicvit", {"keep_rate": 0.7}),
-            ("random", {"keep_rate": 0.7})]
+            ("ats", {}), ("zerotprune", {"r": 13}), ("divprune", {"keep_rate": 0.7}),
+            ("dynamicvit", {"keep_rate": 0.7}), ("random", {"keep_rate": 0.7}),
+            ("diffrate", {"schedule": (_KEPT, [k - 12 if k > 17 else k for k in _KEPT])})]
 
 
 def dinov2_config(sd: dict, img_size: int = 224):
@@ -93,12 +95,77 @@ def load_timm_into_hf(hf: nn.Module, sd: dict) -> nn.Module:
     return hf
 
 
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest per-image ``||a - b|| / ||b||`` (``inf`` when the token counts differ)."""
+    if a.shape != b.shape:
+        return float("inf")
+    return float(((a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)).max())
+
+
+def compare(hf: nn.Module, tm: nn.Module, x: torch.Tensor) -> dict:
+    """Unpatched and each of :data:`SETTINGS`: the HF model's final tokens against timm's."""
+    import leanvit
+    from leanvit.adapters import hf_vit
+    from leanvit.adapters import vit as vit_adapter
+
+    with torch.no_grad():
+        rows = {"unpatched": {"relative": relative(hf(x).last_hidden_state,
+                                                   tm.forward_features(x))}}
+    for method, options in SETTINGS:
+        leanvit.patch(tm, method, **options)
+        leanvit.patch(hf, method, **options)
+        hf.leanvit.load_state_dict(tm.leanvit.state_dict())  # DynamicViT's predictors
+        with torch.no_grad():
+            torch.manual_seed(0)
+            a, _ = hf_vit.forward_features(hf, x)
+            torch.manual_seed(0)
+            b, _ = vit_adapter.forward_features(tm, x)
+        rows[method] = {"options": {k: str(v) for k, v in options.items()},
+                        "tokens": int(b.shape[1]), "relative": relative(a, b)}
+        leanvit.unpatch(tm), leanvit.unpatch(hf)
+    return rows
+
+
+def fashion_images(model: nn.Module, n: int) -> torch.Tensor:
+    """``n`` class-balanced Fashion-MNIST test images as ``model``'s input."""
+    import tempfile
+
+    from PIL import Image
+
+    from leanvit.data import eval_transform, export_fashion_mnist
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = export_fashion_mnist(Path(tmp) / "fm", train=10, val=n)
+        files = sorted((root / "val").glob("*/*.png"))
+        t = eval_transform(model)
+        return torch.stack([t(Image.open(f).convert("RGB")) for f in files])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--fashion", type=int, default=64, help="Fashion-MNIST test images")
+    ap.add_argument("--fashion", type=int, default=20, help="Fashion-MNIST test images")
     ap.add_argument("--out", default=str(_common.RESULTS / "hf_dinov2.json"))
     args = ap.parse_args(argv)
-    return 0
+    from safetensors.torch import load_file
+    from transformers import Dinov2Model
+
+    torch.set_grad_enabled(False)
+    _common.require(_common.DINOV2_WEIGHTS)
+    sd = load_file(str(_common.DINOV2_WEIGHTS))
+    hf = Dinov2Model._from_config(dinov2_config(sd), attn_implementation="sdpa")
+    hf = load_timm_into_hf(hf, sd).eval()
+    tm = _common.dinov2(num_classes=0)
+    sets = {"photos": _common.photos(tm), "fashion_mnist": fashion_images(tm, args.fashion)}
+    result = {"command": _common.command("hf_dinov2.py", argv), "tolerance": 1e-4,
+              "model": "Dinov2Model (sdpa) from " + _common.DINOV2_WEIGHTS.name,
+              "images": {k: int(v.shape[0]) for k, v in sets.items()},
+              "results": {k: compare(hf, tm, v) for k, v in sets.items()}}
+    worst = max(r["relative"] for rows in result["results"].values() for r in rows.values())
+    result["max_relative"], result["pass"] = worst, worst <= 1e-4
+    path = _common.write_results(args.out, result)
+    print(f"max relative difference {worst:.3g} over {len(SETTINGS)} settings "
+          f"({'pass' if result['pass'] else 'FAIL'}); wrote {path}")
+    return 0 if result["pass"] else 1
 
 
 if __name__ == "__main__":
