@@ -194,3 +194,31 @@ def test_evit_matches_the_per_image_reference(kind):
         tokens, _ = hf_vit.forward_features(model, x)
     torch.testing.assert_close(tokens, ref_x, rtol=1e-9, atol=1e-9)
 
+
+
+def test_real_dinov2_converts_and_equals_timm(dinov2):
+    """The real DINOv2 ViT-S/14 (skipped without the shared weights): the converted HF model's
+    tokens equal timm's, unpatched and under ToMe r=13 (benchmarks/hf_dinov2.py: every
+    method, real photos and Fashion-MNIST)."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import DINOV2_WEIGHTS
+
+    sd = load_file(str(DINOV2_WEIGHTS))
+    hf = T.Dinov2Model._from_config(T.Dinov2Config(
+        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, image_size=224,
+        patch_size=14, layer_norm_eps=1e-6), attn_implementation="sdpa").eval()
+    _converter()(hf, sd)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).last_hidden_state, dinov2.forward_features(x),
+                                   rtol=1e-4, atol=1e-4)
+        leanvit.patch(hf, "tome", r=13)
+        leanvit.patch(dinov2, "tome", r=13)
+        try:
+            a, _ = hf_vit.forward_features(hf, x)
+            b, _ = vit_adapter.forward_features(dinov2, x)
+        finally:
+            leanvit.unpatch(dinov2)
+    assert a.shape == b.shape == (1, 257 - 12 * 13, 384)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
