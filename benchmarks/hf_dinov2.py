@@ -11,7 +11,6 @@ the matching transformers ViT / DeiT / DINOv2 model; the tests use it on tiny mo
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -46,12 +45,10 @@ def load_timm_into_hf(hf: nn.Module, sd: dict) -> nn.Module:
     (ViT, DeiT, DINOv2 encoder or classifier), in place: ``qkv`` split into q/k/v, ``ls*``
     into ``layer_scale*``; ``head`` / ``head_dist`` into the classifier(s) when both have
     them. ``ValueError`` when a tensor is left over or shapes differ."""
-    from leanvit.adapters import hf_vit
-
-    base = hf_vit.encoder(hf)
-    emb, spec = base.embeddings, hf_vit.ENGINE.spec
-    # (HF tensors, timm keys): the timm tensors concatenated along dim 0 of the HF ones'
-    # concatenation along ``dim`` (q/k/v rows of qkv; class and distillation tokens)
+    base = hf.base_model
+    emb = base.embeddings
+    # (HF tensors, timm keys, dim): the timm tensors concatenated along ``dim`` are the HF
+    # ones concatenated along ``dim`` (q/k/v rows of qkv; class and distillation tokens)
     pairs: list[tuple[list, list, int]] = [
         ([emb.cls_token] + ([emb.distillation_token] if hasattr(emb, "distillation_token")
                             else []), ["cls_token", "dist_token"], 1),
@@ -60,13 +57,16 @@ def load_timm_into_hf(hf: nn.Module, sd: dict) -> nn.Module:
     for name, mod in (("patch_embed.proj", emb.patch_embeddings.projection),
                       ("norm", base.layernorm)):
         one(mod.weight, name + ".weight"), one(mod.bias, name + ".bias")
-    for i, blk in enumerate(hf_vit.layers(base)):
-        p, t = spec.parts(blk), f"blocks.{i}."
-        q, k, v, o = hf_vit._attn_parts(p.attn)
-        pairs += [([q.weight, k.weight, v.weight], [t + "attn.qkv.weight"], 0),
-                  ([q.bias, k.bias, v.bias], [t + "attn.qkv.bias"], 0)]
-        for name, mod in (("attn.proj", o), ("norm1", p.norm1), ("norm2", p.norm2),
-                          ("mlp.fc1", p.mlp.fc1), ("mlp.fc2", p.mlp.fc2)):
+    layers = base.layers if hasattr(base, "layers") else base.encoder.layer
+    for i, blk in enumerate(layers):  # transformers 5 names
+        t, at = f"blocks.{i}.", blk.attention
+        pairs += [([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight],
+                   [t + "attn.qkv.weight"], 0),
+                  ([at.q_proj.bias, at.k_proj.bias, at.v_proj.bias], [t + "attn.qkv.bias"], 0)]
+        norm1 = getattr(blk, "norm1", None) or blk.layernorm_before
+        norm2 = getattr(blk, "norm2", None) or blk.layernorm_after
+        for name, mod in (("attn.proj", at.o_proj), ("norm1", norm1), ("norm2", norm2),
+                          ("mlp.fc1", blk.mlp.fc1), ("mlp.fc2", blk.mlp.fc2)):
             one(mod.weight, t + name + ".weight"), one(mod.bias, t + name + ".bias")
         if hasattr(blk, "layer_scale1"):
             one(blk.layer_scale1.lambda1, t + "ls1.gamma")
@@ -105,8 +105,6 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def compare(hf: nn.Module, tm: nn.Module, x: torch.Tensor) -> dict:
     """Unpatched and each of :data:`SETTINGS`: the HF model's final tokens against timm's."""
     import leanvit
-    from leanvit.adapters import hf_vit
-    from leanvit.adapters import vit as vit_adapter
 
     with torch.no_grad():
         rows = {"unpatched": {"relative": relative(hf(x).last_hidden_state,
@@ -117,9 +115,9 @@ def compare(hf: nn.Module, tm: nn.Module, x: torch.Tensor) -> dict:
         hf.leanvit.load_state_dict(tm.leanvit.state_dict())  # DynamicViT's predictors
         with torch.no_grad():
             torch.manual_seed(0)
-            a, _ = hf_vit.forward_features(hf, x)
+            a = hf(x).last_hidden_state
             torch.manual_seed(0)
-            b, _ = vit_adapter.forward_features(tm, x)
+            b = tm.forward_features(x)  # patched: the final tokens left
         rows[method] = {"options": {k: str(v) for k, v in options.items()},
                         "tokens": int(b.shape[1]), "relative": relative(a, b)}
         leanvit.unpatch(tm), leanvit.unpatch(hf)

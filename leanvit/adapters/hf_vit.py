@@ -180,11 +180,15 @@ def _pooled(model: nn.Module, x: Tensor, weights: Optional[Tensor]) -> Tensor:
     """The classifier input: ``[B, C]`` (class token) or ``[B, 2C]`` (``class_mean``: class
     token and the mean of the patch tokens weighted by ``weights`` ``[B, N]``, registers in
     neither half)."""
-    from leanvit.heads import class_mean
-
-    if head_kind(model) == "class_mean":
-        return class_mean(x, num_prefix(encoder(model)), weights)
-    return x[:, 0]
+    if head_kind(model) != "class_mean":
+        return x[:, 0]
+    patches = x[:, num_prefix(encoder(model)):]
+    if weights is None:  # the model's own mean, bit for bit
+        mean = patches.mean(dim=1)
+    else:
+        w = weights[:, x.shape[1] - patches.shape[1]:, None].to(x.dtype)
+        mean = (patches * w).sum(dim=1) / w.sum(dim=1)
+    return torch.cat([x[:, 0], mean], dim=-1)
 
 
 def head_forward(model: nn.Module, x: Tensor, weights: Optional[Tensor], pre_logits: bool
