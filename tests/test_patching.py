@@ -188,8 +188,9 @@ def test_token_method_on_a_hierarchical_model_says_it_needs_a_flat_token_model(f
     with pytest.raises(ValueError) as e:
         leanvit.patch(model, method)
     msg = str(e.value)
-    assert msg == (f"method {method!r} needs a flat-token model (the ViT families: vit, eva, "
-                   f"beit); this is a {name} model (hierarchical: stages of 2-D maps), on which "
+    flat = ", ".join(leanvit.adapters.family_names("tokens"))  # vit, eva, beit, hf_vit, ...
+    assert msg == (f"method {method!r} needs a flat-token model (the ViT families: {flat}); "
+                   f"this is a {name} model (hierarchical: stages of 2-D maps), on which "
                    "leanvit runs dynamicvit, none")
     assert "conv_mlp" not in msg
     assert not leanvit.is_patched(model)
