@@ -20,6 +20,7 @@ SMALL = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, interme
 MODELS = {
     "vit": ("ViTModel", "ViTConfig", {}),
     "vit_cls": ("ViTForImageClassification", "ViTConfig", {"num_labels": 5}),
+    "deit_cls": ("DeiTForImageClassification", "DeiTConfig", {"num_labels": 5}),
     "deit_teacher": ("DeiTForImageClassificationWithTeacher", "DeiTConfig", {"num_labels": 5}),
     "dinov2_cls": ("Dinov2ForImageClassification", "Dinov2Config", {"num_labels": 5}),
     "dinov2_reg": ("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig",
@@ -69,7 +70,7 @@ def test_keep_all_is_bit_identical_and_unpatch_restores(name, impl):
         for method, options in KEEP_ALL:
             if options is None:  # diffrate: every token kept in every block
                 n = ref.last_hidden_state.shape[1] if hasattr(ref, "last_hidden_state") else \
-                    16 + {"vit_cls": 1, "deit_teacher": 2, "dinov2_cls": 1}[name]
+                    16 + {"vit_cls": 1, "deit_cls": 2, "deit_teacher": 2, "dinov2_cls": 1}[name]
                 options = {"schedule": ([n] * 3, [n] * 3)}
             leanvit.patch(model, method, **options)
             out = model(x)
