@@ -91,7 +91,7 @@ def flop_counter_macs(model, x):
     return counter.get_total_flops() / 2 / x.shape[0]
 
 
-@pytest.mark.parametrize("name", ["vit_cls", "deit_teacher", "dinov2_cls", "dinov2_reg"])
+@pytest.mark.parametrize("name", ["vit", "vit_cls", "deit_teacher", "dinov2_cls", "dinov2_reg"])
 @pytest.mark.parametrize("method,options", [("none", {}), ("tome", {"r": 3}),
                                             ("evit", {"keep_rate": 0.5})])
 def test_macs_equal_the_flop_counter(name, method, options):
