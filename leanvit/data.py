@@ -72,13 +72,16 @@ def data_config(model: nn.Module) -> dict[str, Any]:
     ``timm.data.resolve_data_config(model=model)`` reads the pretrained config, which for a
     model created with another ``img_size`` still names the original size (DINOv2 says 518 px
     while the shared weights run at 224), so ``input_size`` is replaced by
-    ``model.patch_embed.img_size`` when the model has one. Resize, crop, interpolation and
-    mean/std stay the model's own.
+    ``model.patch_embed.img_size`` when the model has one (a Hugging Face model's
+    ``config.image_size``; its mean/std are timm's defaults, not its preprocessor's).
+    Resize, crop, interpolation and mean/std stay the model's own.
     """
     from timm.data import resolve_data_config
 
     cfg = dict(resolve_data_config(model=model))
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is None:  # a Hugging Face model: its config's image_size
+        img_size = getattr(getattr(model, "config", None), "image_size", None)
     if img_size is not None:
         h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         cfg["input_size"] = (cfg["input_size"][0], int(h), int(w))

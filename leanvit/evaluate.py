@@ -24,6 +24,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 
+
+def model_logits(out: Any) -> Tensor:
+    """Logits ``[B, K]`` of a model's output: the tensor itself (timm), or the ``logits`` of
+    an output object (Hugging Face ``ImageClassifierOutput``)."""
+    return out if isinstance(out, Tensor) else out.logits
+
 def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
     """Number of rows of ``logits`` ``[B, K]`` whose label is among the top ``min(k, K)``."""
     maxk = min(max(ks), logits.shape[1])
@@ -110,7 +116,7 @@ def evaluate(
                     counts[3] += report.total * images.shape[0]
                 else:
                     dtype = p.dtype if p is not None and p.is_floating_point() else None
-                    logits = model(images.to(device=device, dtype=dtype))
+                    logits = model_logits(model(images.to(device=device, dtype=dtype)))
                 hits = topk_correct(logits, labels.to(logits.device))
                 counts[0] += images.shape[0]
                 counts[1] += hits[1]

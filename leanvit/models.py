@@ -53,7 +53,9 @@ def create_model(
     built headless (``num_classes=0``), as ``leanvit probe`` builds the model it fits on.
 
     Args:
-        name: a timm model name, e.g. ``"deit_small_patch16_224"``.
+        name: a timm model name, e.g. ``"deit_small_patch16_224"``, or a local Hugging Face
+            folder (``save_pretrained`` output: ``config.json`` and weights), loaded with
+            transformers from that folder only (no hub access; see :func:`is_hf_folder`).
         img_size: input size in pixels, passed to timm (position embeddings are resampled when
             a checkpoint was trained at another size).
         checkpoint: a timm state dict (``.safetensors``, ``.pth``, ``.bin``); loaded the timm
@@ -69,6 +71,9 @@ def create_model(
         ValueError: unknown model name, missing or unreadable checkpoint, or a checkpoint that
             does not fit the model; a head fitted for another model or width.
     """
+    if is_hf_folder(name):
+        return _create_hf(Path(name), img_size=img_size, checkpoint=checkpoint,
+                          num_classes=num_classes, head=head, **kwargs)
     if head is not None:
         # the head replaces the classifier: build headless, as 'leanvit probe' built the model
         # it fitted the head on (timm's random initial weights depend on the class count)
@@ -78,6 +83,52 @@ def create_model(
     if head is not None:
         _attach_head_file(model, name, head)
     return model
+
+
+def is_hf_folder(name: Any) -> bool:
+    """Whether ``name`` is an existing folder holding a Hugging Face ``config.json``."""
+    if not isinstance(name, (str, Path)):
+        return False
+    path = Path(name)
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _create_hf(path: Path, *, img_size, checkpoint, num_classes, head, **kwargs: Any
+               ) -> nn.Module:
+    """The transformers model saved in the folder ``path`` (the class its config's
+    ``architectures`` names, else ``AutoModelForImageClassification`` / ``AutoModel``), in
+    eval mode, from local files only. Options that only timm models take are refused."""
+    given = [k for k, v in (("checkpoint", checkpoint), ("num_classes", num_classes),
+                            ("head", head)) if v is not None] + sorted(kwargs)
+    if given:
+        raise ValueError(f"{path} is a Hugging Face folder: {', '.join(given)} cannot be "
+                         "given (its weights and head are the folder's)")
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError(f"{path} is a Hugging Face folder; loading it needs transformers "
+                         "(pip install 'leanvit[hf]')") from None
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"could not read the Hugging Face config in {path}: "
+                         f"{load_error_summary(e)}") from None
+    size = getattr(cfg, "image_size", None)
+    if img_size is not None and img_size != size:
+        raise ValueError(f"{path} is configured for image_size={size}; img_size={img_size} "
+                         "cannot be given (save the model with another image_size)")
+    archs = list(getattr(cfg, "architectures", None) or [])
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        classifies = any("ForImageClassification" in a for a in archs)
+        cls = transformers.AutoModelForImageClassification if classifies else \
+            transformers.AutoModel
+    try:
+        model = cls.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"could not load the Hugging Face model in {path}: "
+                         f"{load_error_summary(e)}") from None
+    return model.eval()
 
 
 def _attach_head_file(model: nn.Module, name: str, head: str | Path) -> None:

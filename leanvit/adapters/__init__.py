@@ -16,7 +16,8 @@ from typing import Optional
 
 from torch import nn
 
-from leanvit.adapters import beit, convnext, eva, hf_clip, nextvit, open_clip, pvt_v2, swin, vit
+from leanvit.adapters import (beit, convnext, eva, hf_clip, hf_vit, nextvit, open_clip, pvt_v2,
+                              swin, vit)
 from leanvit.adapters.base import KINDS, Backbone, CompactionSites, Family, Site, TokenBackbone
 
 FAMILIES: dict[str, Family] = {}
@@ -35,6 +36,7 @@ def register_family(module: ModuleType) -> Family:
 register_family(vit)
 register_family(eva)
 register_family(beit)
+register_family(hf_vit)
 register_family(convnext)
 register_family(swin)
 register_family(pvt_v2)

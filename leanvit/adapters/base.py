@@ -160,11 +160,15 @@ class TokenBackbone(Backbone, Protocol):
 
 def input_size(model: nn.Module) -> tuple[int, int]:
     """The ``(H, W)`` input size a model is built or configured for: ``patch_embed.img_size``
-    (ViT, Swin), else its data config's ``input_size`` (ConvNeXt: any size works; 224 by
+    (ViT, Swin), else a Hugging Face model's ``config.image_size``, else its data config's ``input_size`` (ConvNeXt: any size works; 224 by
     default, or what :func:`leanvit.models.create_model`'s ``img_size`` set). For ``describe``."""
     size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if size is not None:
         return int(size[0]), int(size[1])
+    size = getattr(getattr(model, "config", None), "image_size", None)  # Hugging Face config
+    if size is not None:
+        h, w = (size, size) if isinstance(size, int) else size
+        return int(h), int(w)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     s = cfg.get("input_size", (3, 224, 224))
     return int(s[1]), int(s[2])

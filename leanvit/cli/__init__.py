@@ -44,8 +44,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if isinstance(getattr(args, "model", None), str):
             from leanvit.cli.common import check_model_name
+            from leanvit.models import is_hf_folder
 
-            check_model_name(args.model)  # before any work, with suggestions
+            if not is_hf_folder(args.model):
+                check_model_name(args.model)  # before any work, with suggestions
         return int(args.func(args) or 0)
     except (ValueError, TypeError, OSError) as e:
         print(f"leanvit {args.command}: error: {one_line(e)}", file=sys.stderr)

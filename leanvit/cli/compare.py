@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from leanvit.compare import markdown_table, parse_methods, run_compare, write_outputs
     from leanvit.data import classes_of, loader
     from leanvit.evaluate import check_classes, load_split
-    from leanvit.models import create_model
+    from leanvit.models import create_model, input_size
 
     settings = parse_methods(args.methods)
     check_paths(args, Out("--out", args.out, "folder", OUTPUT_FILES))
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     meta = {"model": args.model, "checkpoint": args.checkpoint, "head": args.head,
-            "img_size": list(model.patch_embed.img_size), "data": args.data,
+            "img_size": list(input_size(model)), "data": args.data,
             "split": args.split, "limit": args.limit, "images": len(data),
             "batch_size": args.batch_size, "methods": args.methods, "dense": args.dense,
             "environment": environment(torch.device(args.device)),

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from leanvit.compare import apply_setting, setting_from
     from leanvit.data import classes_of, loader
     from leanvit.evaluate import check_classes, evaluate, load_split
-    from leanvit.models import create_model
+    from leanvit.models import create_model, input_size
 
     check_paths(args, Out("--json", args.json))
     model = create_model(args.model, img_size=args.img_size, checkpoint=args.checkpoint,
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
                            "options": {k: (list(v) if isinstance(v, tuple) else v)
                                        for k, v in options.items()},
                            "checkpoint": args.checkpoint, "head": args.head,
-                           "img_size": list(model.patch_embed.img_size), "data": args.data,
+                           "img_size": list(input_size(model)), "data": args.data,
                            "split": args.split, "limit": args.limit,
                            "leanvit": leanvit.__version__, **result})
     return 0
