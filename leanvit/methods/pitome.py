@@ -27,7 +27,6 @@ class token only).
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from leanvit.methods.tome import RSpec, _check_r, plan, schedule
+from leanvit.methods.tome import RSpec, _check_r, planned_r
 from leanvit.ops.assign import (Assignment, assignment, merge_sum, merge_weighted,
                                 merge_where_assigned)
 from leanvit.ops.merge import max_merges
@@ -134,14 +133,7 @@ class PiToMe(Reducer):
 
     def __init__(self, options: PiToMeOptions, info: ModelInfo):
         super().__init__(options, info)
-        n0 = info.num_patches + info.num_prefix_tokens
-        self.r_per_block, clamped = plan(schedule(options.r, info.depth), n0,
-                                         info.num_prefix_tokens)
-        if clamped:
-            warnings.warn(
-                f"pitome: r={options.r!r} asks for more merges than the tokens allow in blocks "
-                f"{clamped} ({n0} tokens, {info.num_prefix_tokens} prefix; at most "
-                f"(N - prefix) // 2 per block); clamped to {self.r_per_block}", stacklevel=4)
+        self.r_per_block = planned_r("pitome", options.r, info, "merges")
         self.margins = [default_margin(i, info.depth) if options.margin is None
                         else float(options.margin) for i in range(info.depth)]
 

@@ -21,14 +21,13 @@ the paper: ``docs/token_reduction.md`` (section ToFu).
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from leanvit.methods.tome import RSpec, _check_r, plan, schedule
+from leanvit.methods.tome import RSpec, _check_r, planned_r
 from leanvit.ops.merge import (Matching, bipartite_soft_matching, max_merges, merge_source,
                               merge_wavg, merge_where)
 from leanvit.ops.tokens import gather_tokens
@@ -117,14 +116,7 @@ class ToFu(Reducer):
 
     def __init__(self, options: ToFuOptions, info: ModelInfo):
         super().__init__(options, info)
-        n0 = info.num_patches + info.num_prefix_tokens
-        self.r_per_block, clamped = plan(schedule(options.r, info.depth), n0,
-                                         info.num_prefix_tokens)
-        if clamped:
-            warnings.warn(
-                f"tofu: r={options.r!r} asks for more tokens than are left in blocks {clamped} "
-                f"({n0} tokens, {info.num_prefix_tokens} prefix; at most (N - prefix) // 2 per "
-                f"block); clamped to {self.r_per_block}", stacklevel=4)
+        self.r_per_block = planned_r("tofu", options.r, info, "tokens")
         pb = options.prune_blocks
         self.prune_blocks = default_prune_blocks(info.depth) if pb is None else pb
         if self.prune_blocks > info.depth:

@@ -51,6 +51,20 @@ def schedule(r: RSpec, depth: int) -> list[int]:
     return [int(lo + step * i) for i in range(depth)]
 
 
+def planned_r(method: str, r: "RSpec", info, what: str = "merges") -> list[int]:
+    """Tokens removed per block for a ToMe-style ``r`` option on the model ``info`` describes:
+    :func:`schedule` clamped by :func:`plan`, with one ``UserWarning`` naming ``method`` and
+    the clamped blocks (shared by the methods whose ``r`` works as ToMe's)."""
+    n0 = info.num_patches + info.num_prefix_tokens
+    per_block, clamped = plan(schedule(r, info.depth), n0, info.num_prefix_tokens)
+    if clamped:
+        warnings.warn(
+            f"{method}: r={r!r} asks for more {what} than the tokens allow in blocks {clamped} "
+            f"({n0} tokens, {info.num_prefix_tokens} prefix; at most (N - prefix) // 2 per "
+            f"block); clamped to {per_block}", stacklevel=5)
+    return per_block
+
+
 def plan(per_block: list[int], n_tokens: int, prefix: int) -> tuple[list[int], list[int]]:
     """Clamp a schedule to what the tokens allow, block by block.
 

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from leanvit.methods.tome import RSpec, _check_r, plan, schedule
+from leanvit.methods.tome import RSpec, _check_r, planned_r
 from leanvit.ops.merge import max_merges
 from leanvit.ops.tokens import gather_tokens
 from leanvit.registry import Method, ModelInfo, Reducer, check_bool, check_number, register
@@ -191,14 +190,7 @@ class ZeroTPrune(Reducer):
 
     def __init__(self, options: ZeroTPruneOptions, info: ModelInfo):
         super().__init__(options, info)
-        n0 = info.num_patches + info.num_prefix_tokens
-        self.r_per_block, clamped = plan(schedule(options.r, info.depth), n0,
-                                         info.num_prefix_tokens)
-        if clamped:
-            warnings.warn(
-                f"zerotprune: r={options.r!r} asks for more tokens than are left in blocks "
-                f"{clamped} ({n0} tokens, {info.num_prefix_tokens} prefix; at most "
-                f"(N - prefix) // 2 per block); clamped to {self.r_per_block}", stacklevel=4)
+        self.r_per_block = planned_r("zerotprune", options.r, info, "tokens")
         it = options.iterations
         if it is None:
             self.iterations = default_iterations(info.depth)
