@@ -3,7 +3,7 @@ the unpatched HF model equals the timm model, and each token method on the HF mo
 the same method on the timm model, on real photos and Fashion-MNIST (features within 1e-4
 relative). Writes ``benchmarks/results/hf_dinov2.json``; no speed measured here.
 
-    python benchmarks/hf_dinov2.py [--fashion 64] [--out FILE]
+    python benchmarks/hf_dinov2.py [--fashion 64] [--out FILE] [--save-pretrained DIR]
 
 :func:`load_timm_into_hf` is the converter (any timm ``VisionTransformer`` state dict into
 the matching transformers ViT / DeiT / DINOv2 model; the tests use it on tiny models).
@@ -143,6 +143,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--fashion", type=int, default=20, help="Fashion-MNIST test images")
     ap.add_argument("--out", default=str(_common.RESULTS / "hf_dinov2.json"))
+    ap.add_argument("--save-pretrained", metavar="DIR", help="also write the converted model "
+                    "as a local Hugging Face folder (config.json + weights), the input of "
+                    "e.g. 'leanvit bench DIR --method tome --set r=13'")
     args = ap.parse_args(argv)
     from safetensors.torch import load_file
     from transformers import Dinov2Model
@@ -152,6 +155,8 @@ def main(argv=None) -> int:
     sd = load_file(str(_common.DINOV2_WEIGHTS))
     hf = Dinov2Model._from_config(dinov2_config(sd), attn_implementation="sdpa")
     hf = load_timm_into_hf(hf, sd).eval()
+    if args.save_pretrained:
+        hf.save_pretrained(args.save_pretrained)
     tm = _common.dinov2(num_classes=0)
     sets = {"photos": _common.photos(tm), "fashion_mnist": fashion_images(tm, args.fashion)}
     result = {"command": _common.command("hf_dinov2.py", argv), "tolerance": 1e-4,

@@ -159,18 +159,18 @@ def first_best(scores: Tensor, scale: Optional[Tensor] = None) -> Tensor:
     wins depends on the position, not on last-bit rounding. A row holding NaN picks its
     first NaN (as ``torch.max``); ``-inf`` entries never win unless all are ``-inf``.
 
-    Written as a maximum and a minimum over masked positions (no fused max-with-index), so
-    that inductor fuses it into neighbouring kernels under ``torch.compile``.
+    Three passes over the scores: their maximum, one comparison against the lowered
+    maximum, and the first position that is not below it (``argmin`` of the comparison, which
+    returns the first of equal values). NaN entries never compare below, so a row holding NaN
+    (whose maximum is NaN, its threshold then ``+inf``) picks its first NaN.
     """
-    m = scores.shape[-1]
     best = scores.amax(dim=-1, keepdim=True)  # NaN propagates
     eps = torch.finfo(torch.promote_types(scores.dtype, torch.float32)).eps
     tol = TIE_ULPS * eps
     if scale is not None:
         tol = scale.unsqueeze(-1) * tol
-    near = (scores >= best - tol) | (scores != scores)  # `!=` vectorises, isnan does not
-    pos = torch.arange(m, device=scores.device)
-    return torch.where(near, pos, m).amin(dim=-1)
+    threshold = torch.where(best != best, math.inf, best - tol)  # [..., 1]
+    return (scores < threshold).to(torch.uint8).argmin(dim=-1)
 
 
 def pair_scores(a: Tensor, b: Tensor, idx: Tensor) -> Tensor:
