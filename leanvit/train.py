@@ -299,13 +299,13 @@ class _TrainStep(nn.Module):
 
     def forward(self, x: Tensor):
         from leanvit import adapters
-        from leanvit.methods.dynamicvit import DECISION
 
         adapter = adapters.find_adapter(self.model)
         tokens, state = adapter.forward_features(self.model, x)
         logits = adapter.forward_head(self.model, tokens, state)
         tokens, keep = adapter.loss_tokens(self.model, tokens, state)
-        return logits, tokens, keep, tuple(state.aux_values(DECISION))
+        key = self.model.leanvit.decision_key  # the method's keep decisions (ratio loss)
+        return logits, tokens, keep, tuple(state.aux_values(key)) if key is not None else ()
 
 
 def _teacher_forward(teacher: nn.Module, x: Tensor) -> Output:
@@ -375,25 +375,15 @@ def _set_lrs(optimizer, progress: float, epoch: int, cfg: TrainConfig, res: dict
 
 
 def _set_keep_rate(model: nn.Module, value: float) -> None:
-    """Keep-rate warm-up hook: give the method a new ``keep_rate`` between steps.
-
-    Methods without learned parameters get a freshly built reducer with the new options;
-    methods with learned parameters keep their modules and get new ``options`` (they must
-    read ``self.options.keep_rate`` when called, as DynamicViT does).
-    """
-    from leanvit.registry import get_method
-
+    """Keep-rate warm-up hook: give the method a new keep rate between steps, through its
+    :meth:`leanvit.registry.Reducer.with_keep_rate` (a reducer without learned parameters is
+    rebuilt, one with them gets new options)."""
     reducer = model.leanvit
-    if reducer.options.keep_rate == value:
+    if reducer.trained_keep_rate() == value:
         return
-    opts = dataclasses.replace(reducer.options, keep_rate=value)
-    if any(True for _ in reducer.parameters()):
-        reducer.options = opts
-        return
-    new = get_method(reducer.method_name).build(opts, reducer.info)
-    new.method_name = reducer.method_name
-    new.train(reducer.training)
-    model.leanvit = new
+    new = reducer.with_keep_rate(value)
+    if new is not reducer:
+        model.leanvit = new
 
 
 def _keep_rate_at(progress: float, cfg: TrainConfig, target: float) -> float:
@@ -705,7 +695,7 @@ class Trainer:
         from timm.data import Mixup
 
         cfg, model, world, rank, device = self.cfg, self.model, self.world, self.rank, self.device
-        self.target_keep = getattr(model.leanvit.options, "keep_rate", None)
+        self.target_keep = model.leanvit.trained_keep_rate()
         if cfg.keep_rate_warmup_epochs > 0 and self.target_keep is None:
             raise ValueError(f"keep_rate_warmup_epochs needs a method with a keep_rate option; "
                              f"{cfg.method!r} has none")
@@ -716,9 +706,8 @@ class Trainer:
                              f"set ({len(self.train_set)} images)")
         # the method's own default weights (e.g. dynamicvit on ConvNeXt/Swin: ratio 10), then
         # the user's
-        self.weights = LossWeights(**{**getattr(model.leanvit, "default_loss_weights", {}),
-                                      **cfg.loss})
-        self.keep_targets = getattr(model.leanvit, "keep_targets", lambda: [])()
+        self.weights = LossWeights(**{**model.leanvit.default_loss_weights, **cfg.loss})
+        self.keep_targets = model.leanvit.keep_targets()
         self.optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=res["lr"],
                                            weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None

@@ -47,8 +47,8 @@ from leanvit.methods.tome import RSpec, _check_r, schedule
 from leanvit.ops.assign import (Assignment, assignment, merge_sum, merge_weighted,
                                 merge_where_assigned)
 from leanvit.ops.merge import max_merges
-from leanvit.registry import (Method, ModelInfo, Reducer, check_bool, check_locations,
-                              check_number, register)
+from leanvit.registry import (R_KNOB, Method, ModelInfo, Reducer, check_bool,
+                              check_locations, check_number, register)
 from leanvit.signals import Signals
 from leanvit.state import TokenState
 
@@ -250,6 +250,6 @@ def build(options: MCTFOptions, info: ModelInfo) -> Reducer:
 
 
 METHOD = register(Method(
-    "mctf", MCTFOptions, build, families=("tokens",),
+    "mctf", MCTFOptions, build, families=("tokens",), knob=R_KNOB,
     summary="MCTF: fuse r tokens per block by similarity, informativeness and size, "
             "bidirectionally (Lee 2024)"))
