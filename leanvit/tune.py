@@ -251,6 +251,31 @@ def knob_setting(model: nn.Module, method: str, target_gmacs: float, images: Ten
     return Setting(method, {knob.option: value}), memo.get((method, value), g)
 
 
+def grid_methods(methods: Optional[Sequence[str]] = None
+                 ) -> tuple[list[str], list[tuple[str, str]]]:
+    """Which of ``methods`` (default: every registered method but internal modes) tune grids:
+    those declaring a strength option (:attr:`leanvit.registry.Method.knob`). Returns them and
+    the methods left out with the reason (trained ones: how to pass their state); the identity
+    and searched methods (:func:`searched_methods`) are in neither list. ``ValueError`` for a
+    name that is not registered."""
+    offered = {n: m for n, m in registered().items() if not m.internal}
+    gridded: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    for name in (list(methods) if methods is not None else list(offered)):
+        if name not in offered:
+            raise ValueError(f"unknown method {name!r}; available methods: "
+                             f"{', '.join(offered)}")
+        m = offered[name]
+        if name == IDENTITY or m.search is not None:
+            continue
+        if m.knob is None:
+            skipped.append((name, m.needs_training or "has no strength option tune knows; "
+                                                      "pass a setting explicitly"))
+        else:
+            gridded.append(name)
+    return gridded, skipped
+
+
 def grid(model: nn.Module, gmacs_targets: Sequence[float], images: Tensor,
          methods: Optional[Sequence[str]] = None) -> tuple[list[Setting], dict[str, float],
                                                            list[tuple[str, str]]]:
@@ -263,23 +288,11 @@ def grid(model: nn.Module, gmacs_targets: Sequence[float], images: Tensor,
     Returns the settings, their estimated GMACs by label, and the registered methods left out
     with the reason.
     """
-    offered = {n: m for n, m in registered().items() if not m.internal}
-    names = list(methods) if methods is not None else list(offered)
+    names, skipped = grid_methods(methods)
     settings: list[Setting] = []
     est: dict[str, float] = {}
-    skipped: list[tuple[str, str]] = []
     memo: dict = {}
     for name in names:
-        if name not in offered:
-            raise ValueError(f"unknown method {name!r}; available methods: "
-                             f"{', '.join(offered)}")
-        m = offered[name]
-        if name == IDENTITY or m.search is not None:
-            continue
-        if m.knob is None:
-            skipped.append((name, m.needs_training or "has no strength option tune knows; "
-                                                      "pass a setting explicitly"))
-            continue
         try:
             for t in gmacs_targets:
                 s, g = knob_setting(model, name, t, images, memo)
@@ -601,7 +614,7 @@ def _run_search(method: Method, model, target, search_images, batches, options, 
         aim = target / (1.0 + float(tol))
     except (TypeError, ValueError):
         return None, f"search failed: tolerance must be a number, got {tol!r}"
-    say(f"tune: DiffRate search to {aim:.3f} GMACs ({target:.3f} / (1 + {tol}) tolerance) on "
+    say(f"tune: {method.name} search to {aim:.3f} GMACs ({target:.3f} / (1 + {tol}) tolerance) on "
         f"{where} ({', '.join(f'{k}={v}' for k, v in opts.items())})")
     try:
         r = search(backbone, aim, imgs, progress=progress, **opts)
