@@ -187,9 +187,9 @@ def _estimate(model: nn.Module, setting: Setting, images: Tensor) -> float:
 
 def knob_setting(model: nn.Module, method: str, target_gmacs: float, images: Tensor,
                  memo: Optional[dict] = None) -> tuple[Setting, float]:
-    """The setting of ``method``'s knob (its :attr:`leanvit.registry.Method.knob`) whose GMACs on ``images`` come closest
-    to ``target_gmacs`` without exceeding it (or the cheapest, when none is that cheap):
-    bisection on the knob. Returns the setting and its GMACs on ``images``."""
+    """The setting of ``method``'s knob (its :attr:`leanvit.registry.Method.knob`) whose GMACs
+    on ``images`` come closest to ``target_gmacs`` without exceeding it (or the cheapest, when
+    none is that cheap): bisection on the knob. Returns the setting and its GMACs on ``images``."""
     from leanvit.adapters import find_adapter
 
     knob = get_method(method).knob
