@@ -238,11 +238,13 @@ class Search:
         option: the method option the found result is given as (a file path or its contents).
         save: ``save(found, path)`` writing what was found to a JSON file (a callable or
             ``"module:name"``).
+        title: how messages name the search (``"DiffRate"``); default: the method's name.
     """
 
     entry: Union[str, Callable[..., Any]]
     option: str
     save: Union[str, Callable[..., Any]]
+    title: str = ""
 
     def function(self) -> Callable[..., Any]:
         return resolve(self.entry)

@@ -120,7 +120,8 @@ def check_search_options(options: Optional[Mapping[str, Any]], source: str = "se
         if key not in types:
             close = difflib.get_close_matches(key, types, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ValueError(f"{source}: unknown search option {key!r}{hint}; valid: "
+            titles = " / ".join(m.search.title or n for n, m in searched_methods().items())
+            raise ValueError(f"{source}: unknown {titles} search option {key!r}{hint}; valid: "
                              f"{', '.join(sorted(types))}")
         if not _has_type(value, types[key]):
             raise ValueError(f"{source}: {key}={value!r} is not of the option's type "

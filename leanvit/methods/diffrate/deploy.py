@@ -169,6 +169,6 @@ METHOD = register(Method(
     # leanvit tune searches a schedule to its budget (by module path: the search imports
     # the training machinery, which a deployed model does not need)
     search=Search("leanvit.search.diffrate:search", "schedule",
-                  "leanvit.methods.diffrate.schedule:save_schedule"),
+                  "leanvit.methods.diffrate.schedule:save_schedule", title="DiffRate"),
     file_options={"schedule": _schedule_content}))
 
