@@ -594,11 +594,14 @@ def _check_resumed_config(cfg: TrainConfig, saved: Optional[dict], path) -> None
                          "resumed run is the same")
     now = dataclasses.asdict(cfg)
     skip = set(RESUME_IGNORES) | set(cfg.allow_changes)
+    # a field newer than the checkpoint: its run had the field's default behaviour
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)
+                if f.default is not dataclasses.MISSING}
     diffs = []
     for k in now:
         if k in skip:
             continue
-        a, b = _comparable(saved.get(k)), _comparable(now[k])
+        a, b = _comparable(saved[k] if k in saved else defaults.get(k)), _comparable(now[k])
         if a != b:
             diffs.append(f"{k} {saved.get(k)!r} -> {now[k]!r}")
     if diffs:

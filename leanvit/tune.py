@@ -14,6 +14,7 @@ Budgets: ``{"gmacs": G}`` (mean GMACs per image over the evaluated images at mos
 """
 from __future__ import annotations
 
+import collections.abc
 import copy
 import math
 import time
@@ -32,7 +33,7 @@ from leanvit.registry import IDENTITY, Knob, Method, get_method, registered
 # The grid
 
 
-class _KnobView(Mapping):
+class _KnobView(collections.abc.Mapping):
     """Method name -> its :class:`~leanvit.registry.Knob`, read live from the registry (a
     method declares its knob when it registers; this view only reads)."""
 

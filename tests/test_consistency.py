@@ -194,3 +194,16 @@ def test_cli_flags_fill_the_config():
     assert (cfg.consistency_weight, cfg.consistency_threshold) == (3.0, 0.5)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "m", "--data", "d", "--consistency-weight", "-1"])
+
+
+def test_a_checkpoint_from_before_the_option_resumes():
+    """Its config lacks the consistency fields: their defaults (off) are what it ran with."""
+    import dataclasses
+
+    from leanvit.train import _check_resumed_config
+
+    old = {k: v for k, v in dataclasses.asdict(TrainConfig()).items()
+           if not k.startswith("consistency")}
+    _check_resumed_config(TrainConfig(), old, "last.pt")
+    with pytest.raises(ValueError, match="consistency_weight None -> 3.0"):
+        _check_resumed_config(TrainConfig(consistency_weight=3.0), old, "last.pt")
