@@ -21,6 +21,7 @@ from torch import nn
 
 from leanvit._files import atomic_path, atomic_write_text
 from leanvit.patching import warn_if_untrained
+from leanvit.registry import IDENTITY
 
 
 @dataclass
@@ -99,10 +100,10 @@ def setting_from(method: str, options: dict[str, Any]) -> Setting:
     if load is None:
         return Setting(method, options)
     load = str(load)
-    if method == "none":
+    if method == IDENTITY:
         from leanvit.io import read
 
-        method = read(load)[1].get("method") or "none"
+        method = read(load)[1].get("method") or IDENTITY
     return Setting(method, options, load)
 
 
@@ -123,7 +124,7 @@ def apply_setting(model: nn.Module, setting: Setting) -> nn.Module:
         if got is not None and got[0] != setting.method:
             raise ValueError(f"{setting.load} holds method {got[0]!r}, not {setting.method!r}")
         return model
-    if setting.method == "none" and not setting.options:
+    if setting.method == IDENTITY and not setting.options:
         return model
     leanvit.patch(model, setting.method, **setting.options)
     warn_if_untrained(model)
@@ -157,15 +158,15 @@ def run_compare(
 
     run_eval = evaluate if evaluate_fn is None else evaluate_fn
 
-    if any(s.method != "none" and s.load is None for s in settings):
+    if any(s.method != IDENTITY and s.load is None for s in settings):
         available = set(__import__("leanvit").available_methods())
         unknown = sorted({s.method for s in settings if s.load is None} - available)
         if unknown:
             raise ValueError(f"unknown method(s) {', '.join(unknown)}; available methods: "
                              f"{', '.join(sorted(available))}")
     rows: list[dict[str, Any]] = []
-    plain = [s for s in settings if s.method == "none" and not s.options and s.load is None]
-    order = list(settings) if plain else [Setting("none")] + list(settings)
+    plain = [s for s in settings if s.method == IDENTITY and not s.options and s.load is None]
+    order = list(settings) if plain else [Setting(IDENTITY)] + list(settings)
     base = None
     for i, s in enumerate(order):
         if callback is not None:
@@ -238,7 +239,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 def _point_label(row: dict[str, Any]) -> str:
     """Short label of a plotted setting: file paths (schedules, saved methods) by file name."""
     if row["settings"] == "(defaults)":
-        return "unmodified" if row["method"] == "none" else row["method"]
+        return "unmodified" if row["method"] == IDENTITY else row["method"]
     return re.sub(r"""(['"]?)[^\s'"=]*/([^/\s'"]+?)(\.json|\.safetensors)?\1(?=\s|$)""",
                   r"\2", row["settings"])
 

@@ -48,10 +48,12 @@ compaction keep version ``"1"`` (both are read). The checksum, ``options_tuples`
 architecture record were added without a new version: they are extra metadata, which older
 leanvit versions ignore.
 
-:func:`load` also reads the DynamicViT authors' released checkpoints for DeiT
-(raoyongming/DynamicViT: ``.pth`` files holding ``{"model": state_dict, ...}`` with
-``score_predictor.{s}.in_conv.*`` / ``out_conv.*`` predictor names and timm ViT backbone
-names), so their users can bring their weights: the backbone and predictors are loaded.
+:func:`load` also reads the checkpoints a method's authors released, through the importers
+the method declares (:attr:`leanvit.registry.Method.importers`): today the DynamicViT authors'
+checkpoints for DeiT (raoyongming/DynamicViT: ``.pth`` files holding ``{"model": state_dict,
+...}`` with ``score_predictor.{s}.in_conv.*`` / ``out_conv.*`` predictor names and timm ViT
+backbone names, :mod:`leanvit.methods.dynamicvit.authors`), so their users can bring their
+weights: the backbone and predictors are loaded.
 """
 from __future__ import annotations
 
@@ -59,7 +61,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -96,24 +97,18 @@ def _model_class(model: nn.Module) -> str:
 
 # -- options: self-contained, tuples kept --------------------------------------------------
 
-def _embedded_schedule(reducer: nn.Module) -> Any:
-    """DiffRate's schedule as the reducer resolved it (the file's content, not its path)."""
-    return reducer.schedule.to_dict()
-
-
-#: (method, option) pairs whose value may name a file, and how to store its content instead:
-#: a function of the reducer, which resolved the file when it was built.
-_EMBEDDED = {("diffrate", "schedule"): _embedded_schedule}
-
-
 def _saved_options(reducer: nn.Module) -> dict[str, Any]:
-    """The reducer's options as stored: file-valued options replaced by their content;
-    ``ValueError`` for any other option that names a file (its content would be lost)."""
+    """The reducer's options as stored: file-valued options its method declares
+    (:attr:`leanvit.registry.Method.file_options`) replaced by their content; ``ValueError``
+    for any other option that names a file (its content would be lost)."""
+    from leanvit.registry import get_method
+
     options = reducer.options
+    embedded = get_method(reducer.method_name).file_options
     values: dict[str, Any] = {}
     for f in dataclasses.fields(options):
         v = getattr(options, f.name)
-        embed = _EMBEDDED.get((reducer.method_name, f.name))
+        embed = embedded.get(f.name)
         if embed is not None and not isinstance(v, (dict, list, tuple)):
             v = embed(reducer)
         elif isinstance(v, os.PathLike) or (
@@ -425,12 +420,8 @@ def load(model: nn.Module, path: str | os.PathLike, **options: Any) -> nn.Module
     tensors, meta = read(path)
     if meta.get("format") == FORMAT:
         plan = _leanvit_plan(model, tensors, meta, path, options)
-    elif any(k.startswith("score_predictor.") for k in tensors):
-        plan = _authors_plan(tensors, path, options)
     else:
-        raise ValueError(
-            f"{path} is neither a leanvit file (no 'format: leanvit' metadata) nor an authors' "
-            "DynamicViT checkpoint (no score_predictor.* tensors)")
+        plan = _authors_plan(tensors, path, options)
     _apply(model, path, *plan)
     return model
 
@@ -502,24 +493,20 @@ def _warn_if_unchecked(meta: dict[str, str], stored: dict[str, Any], path) -> No
 
 
 def _authors_plan(tensors: dict[str, torch.Tensor], path, options: dict[str, Any]) -> tuple:
-    """The plan (see :func:`_leanvit_plan`) of an authors' DynamicViT checkpoint."""
-    from leanvit.methods.dynamicvit import from_authors_state_dict
+    """The plan (see :func:`_leanvit_plan`) of a checkpoint as a method's authors released it:
+    the first importer a registered method declares (:attr:`leanvit.registry.Method.importers`)
+    that recognizes the tensors reads it; ``ValueError`` naming the formats known otherwise."""
+    from leanvit.registry import registered
 
-    backbone_sd, reducer_sd, stages = from_authors_state_dict(tensors)
-    opts: dict[str, Any] = {}
-    if stages == 3:
-        opts["locations"] = (3, 6, 9)  # the authors' pruning_loc for DeiT
-    elif "locations" not in options:
-        raise ValueError(f"{path}: the authors' checkpoint has {stages} predictors; pass "
-                         "locations=(...) with one block index per predictor")
-    rate = options.get("keep_rate", _rate_from_name(Path(path).name))
-    if rate is None:
-        raise ValueError(
-            f"{path}: the authors' checkpoints do not record the keep rate; pass it, e.g. "
-            "leanvit.load(model, path, keep_rate=0.7) (their DeiT-S release: 0.7)")
-    opts.update(options)
-    opts["keep_rate"] = rate
-    return "dynamicvit", opts, None, reducer_sd, backbone_sd
+    known = []
+    for name, method in registered().items():
+        for importer in method.importers:
+            if importer.recognizes(tensors):
+                opts, reducer_sd, backbone_sd = importer.plan(tensors, path, options)
+                return name, opts, None, reducer_sd, backbone_sd
+            known.append(importer.what)
+    raise ValueError(f"{path} is neither a leanvit file (no 'format: leanvit' metadata) nor "
+                     f"{' nor '.join(known) or 'a checkpoint any method imports'}")
 
 
 def _apply(model: nn.Module, path, method: Optional[str], opts: dict[str, Any],
@@ -598,9 +585,3 @@ def _check_state(module: nn.Module, sd: dict[str, torch.Tensor], path, what: str
     if bad:
         raise ValueError(f"{path}: {what} tensors of the wrong shape (file vs model): "
                          f"{_names(bad)}; saved from another architecture?")
-
-
-def _rate_from_name(name: str) -> Optional[float]:
-    """The keep rate in an authors' file name such as ``dynamic-vit_384_r0.7.pth``."""
-    m = re.search(r"(?:^|[_\-])r?(0\.\d+)(?=[_\-.])", name)
-    return float(m.group(1)) if m else None

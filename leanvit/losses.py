@@ -110,6 +110,46 @@ def token_distillation(tokens: Tensor, teacher_tokens: Tensor, keep: Tensor) -> 
     return F.mse_loss(tokens[sel].float(), teacher_tokens[sel].float())
 
 
+def label_confidence(logits: Tensor, labels: Tensor, mixed: bool = False) -> Tensor:
+    """The probability ``[B]`` the model gives each image's label; with ``mixed`` (mixup or
+    cutmix, which timm's ``Mixup`` pairs with the flipped batch) plus the probability of the
+    label of the image it was mixed with (the authors' MCTF ``engine.py``).
+
+    Args:
+        logits: ``[B, K]``.
+        labels: ``[B]`` class indices (before mixing).
+    """
+    p = torch.softmax(logits.detach().float(), dim=-1)
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    conf = p[rows, labels]
+    if mixed:
+        conf = conf + p[rows, labels.flip(0)]
+    return conf
+
+
+def consistency_loss(cls_token: Tensor, view_cls_token: Tensor, confidence: Tensor,
+                     threshold: float) -> Tensor:
+    """MCTF's token-reduction-consistency term (Lee et al., CVPR 2024, sec. 3.4; authors'
+    ``models/deit.py`` and ``engine.py``): per image, the mean over channels of
+    ``(view - student)^2`` of the final normed class tokens, the milder view's detached (it is
+    the target); averaged over the images whose ``confidence`` (:func:`label_confidence` of
+    the reduced view) exceeds ``threshold`` (authors' 0.4); 0 when none does.
+
+    Args:
+        cls_token: ``[B, C]`` the reduced view's final class token.
+        view_cls_token: ``[B, C]`` the milder view's.
+        confidence: ``[B]``.
+    """
+    if cls_token.shape != view_cls_token.shape:
+        raise ValueError(f"class tokens {tuple(cls_token.shape)} and "
+                         f"{tuple(view_cls_token.shape)} differ")
+    per_image = ((view_cls_token.detach().float() - cls_token.float()) ** 2).mean(dim=1)
+    passed = (confidence > threshold).to(per_image.dtype)
+    if not bool(passed.any()):
+        return per_image.sum() * 0.0  # no image is confident enough: 0, still in the graph
+    return (per_image * passed).sum() / passed.sum()
+
+
 @dataclass
 class Output:
     """What one training forward returns (student or teacher).

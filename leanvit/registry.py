@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import math
 import numbers
+import os
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Union
 
+import torch
 from torch import Tensor, nn
 
 from leanvit.signals import Signals
@@ -114,8 +117,159 @@ class Reducer(nn.Module):
     ) -> tuple[Tensor, TokenState]:
         return x, state
 
+    # -- training hooks (leanvit.train): what the method offers a fine-tuning run. Every one
+    # has a default that means "nothing": a method declares only what it uses.
+
+    #: :class:`leanvit.losses.LossWeights` fields the method's training starts from (the
+    #: user's ``loss`` weights override them); empty: the losses' own defaults (DynamicViT's
+    #: DeiT recipe).
+    default_loss_weights: ClassVar[Mapping[str, float]] = {}
+    #: name in ``state.aux`` under which the method records its per-stage keep decisions
+    #: ``[B, N0 - prefix]`` for the ratio loss; ``None``: it records none (no ratio term).
+    decision_key: ClassVar[Optional[str]] = None
+
+    def keep_targets(self) -> list[float]:
+        """Per-stage target kept fractions of the ratio loss (one per recorded decision);
+        default: none."""
+        return []
+
+    def trained_keep_rate(self) -> Optional[float]:
+        """The keep rate a keep-rate warm-up ramps to (from 1): the options' ``keep_rate``
+        field when they have one (``evit``, ``topk``, ``dynamicvit``, ...); ``None``: the
+        method has no keep rate (the warm-up is refused)."""
+        value = getattr(self.options, "keep_rate", None)
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def with_keep_rate(self, value: float) -> "Reducer":
+        """This reducer with keep rate ``value`` (a keep-rate warm-up step). Default: a
+        reducer with learned parameters keeps its modules and gets new ``options`` (it must
+        read ``self.options.keep_rate`` when called, as DynamicViT does); one without is built
+        afresh from the new options (same method, same model). Returns ``self`` or the new
+        reducer, which the caller puts in place of this one."""
+        if self.trained_keep_rate() is None:
+            raise ValueError(f"{getattr(self, 'method_name', type(self).__name__)} has no "
+                             "keep_rate option")
+        opts = dataclasses.replace(self.options, keep_rate=value)
+        if any(True for _ in self.parameters()):
+            self.options = opts
+            return self
+        new = get_method(self.method_name).build(opts, self.info)
+        new.method_name = self.method_name
+        new.train(self.training)
+        return new
+
+    def consistency_view(self, generator: torch.Generator) -> Optional["Reducer"]:
+        """The reducer of the second, milder view of the token-reduction-consistency loss
+        (MCTF's fine-tuning, Lee et al. 2024): the same method, same learned modules, with
+        less reduction, drawn anew for each step with ``generator``. The trainer runs the
+        images through both views and pulls the reduced view's class token towards the
+        milder one's (:func:`leanvit.losses.consistency_loss`). Default ``None``: the method
+        offers no such loss (``consistency_weight`` > 0 is refused for it)."""
+        return None
+
     def extra_repr(self) -> str:
         return repr(self.options)
+
+
+# -- what a method declares besides its reducer ---------------------------------------------
+
+def resolve(entry: Union[str, Callable[..., Any]]) -> Callable[..., Any]:
+    """A callable given itself or as ``"package.module:name"`` (imported on first use, so a
+    method can name a heavy or circular-importing entry point without importing it)."""
+    if callable(entry):
+        return entry
+    if not isinstance(entry, str) or ":" not in entry:
+        raise TypeError(f"an entry point is a callable or 'module:name', got {entry!r}")
+    module, name = entry.split(":", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class Knob:
+    """The one option of a training-free method that trades accuracy for MACs (what
+    :mod:`leanvit.tune` bisects on MACs).
+
+    Attributes:
+        option: the option's name (``keep_rate``, ``r``, ``max_tokens``).
+        lo / hi: its range (the options' own checks; ``hi=None``: ``hi_fraction`` of the
+            model's token count, prefix tokens included).
+        integer: whether it takes ints.
+        more_is_cheaper: whether a larger value removes more tokens (fewer MACs).
+        hi_fraction: with ``hi=None``, the upper end as a fraction of the token count (``r``
+            of the merging methods: 0.5, at most half the tokens in one block).
+    """
+
+    option: str
+    lo: float
+    hi: Optional[float]
+    integer: bool
+    more_is_cheaper: bool
+    hi_fraction: float = 1.0
+
+    def upper(self, tokens: int) -> float:
+        """The upper end of the range for a model of ``tokens`` tokens."""
+        if self.hi is not None:
+            return float(self.hi)
+        top = tokens * self.hi_fraction
+        return float(int(top) if self.integer else top)
+
+    def mildest(self, tokens: int) -> float:
+        """The value that removes the fewest tokens (``lo`` or the upper end)."""
+        return float(self.lo) if self.more_is_cheaper else self.upper(tokens)
+
+
+#: ``r`` of the merging methods (``tome`` and those built on its schedule): tokens removed per
+#: block, from 0 to half the tokens.
+R_KNOB = Knob("r", 0, None, True, True, hi_fraction=0.5)
+#: ``keep_rate`` of the pruning methods: the kept fraction, in [0.05, 1].
+KEEP_RATE_KNOB = Knob("keep_rate", 0.05, 1.0, False, False)
+
+
+@dataclass(frozen=True)
+class Search:
+    """How a searched method finds its setting for a MAC target (``leanvit tune`` runs it).
+
+    Attributes:
+        entry: ``search(model, target_gmacs, images, *, progress, **options) -> result`` (a
+            callable or ``"module:name"``): ``result.schedule`` is what was found (with
+            ``.gmacs``, ``.obtained`` and ``.to_dict()``), ``result.seconds`` the time taken.
+            Its keyword-only arguments are the search's options; a ``tolerance`` argument's
+            default is the relative MAC tolerance of the result.
+        option: the method option the found result is given as (a file path or its contents).
+        save: ``save(found, path)`` writing what was found to a JSON file (a callable or
+            ``"module:name"``).
+        title: how messages name the search (``"DiffRate"``); default: the method's name.
+    """
+
+    entry: Union[str, Callable[..., Any]]
+    option: str
+    save: Union[str, Callable[..., Any]]
+    title: str = ""
+
+    def function(self) -> Callable[..., Any]:
+        return resolve(self.entry)
+
+    def saver(self) -> Callable[..., Any]:
+        return resolve(self.save)
+
+
+@dataclass(frozen=True)
+class Importer:
+    """Reads a method's checkpoints as its authors released them (:func:`leanvit.load`).
+
+    Attributes:
+        what: what such a file is, for messages (``"DynamicViT authors' checkpoint
+            (score_predictor.* tensors)"``).
+        recognizes: ``recognizes(tensors) -> bool`` on the file's tensors by name.
+        plan: ``plan(tensors, path, options) -> (options, reducer state, backbone state)``:
+            the method's options (the user's ``options`` applied) and the tensors split into
+            the reducer's state dict and the model's own; ``ValueError`` naming what is
+            missing (e.g. a keep rate the file does not record).
+    """
+
+    what: str
+    recognizes: Callable[[Mapping[str, Tensor]], bool]
+    plan: Callable[[dict, Union[str, os.PathLike], dict], tuple[dict, dict, dict]]
 
 
 @dataclass(frozen=True)
@@ -152,8 +306,35 @@ class Method:
     #: a mode other code patches in (``diffrate-search``, used by ``leanvit search``): not
     #: listed by :func:`available_methods` and ``leanvit methods``, still accepted by ``patch``
     internal: bool = False
+    #: the strength option of a training-free method (:class:`Knob`), which ``leanvit tune``
+    #: sets for a MAC budget; ``None`` for the identity, trained and searched methods
+    knob: Optional[Knob] = None
+    #: a method that needs training before it is useful: how to pass its trained state
+    #: instead (``leanvit tune`` leaves it out with this text); ``None``: needs none
+    needs_training: Optional[str] = None
+    #: a method whose setting is searched for a MAC target (:class:`Search`)
+    search: Optional[Search] = None
+    #: readers of the authors' released checkpoints (:class:`Importer`, :func:`leanvit.load`)
+    importers: tuple = ()
+    #: options whose value may name a file, and how :func:`leanvit.save` stores the file's
+    #: content instead: option name -> ``content(reducer)`` (the reducer resolved the file
+    #: when it was built), e.g. DiffRate's ``schedule``
+    file_options: Mapping[str, Callable[[Reducer], Any]] = dataclasses.field(
+        default_factory=dict)
 
     def __post_init__(self) -> None:
+        declared = [what for what, v in (("knob", self.knob), ("needs_training",
+                                          self.needs_training), ("search", self.search))
+                    if v is not None]
+        if len(declared) > 1:
+            raise ValueError(f"method {self.name!r} declares {' and '.join(declared)}; a method "
+                             "is training-free (knob), trained or searched, not several")
+        for what, cls in (("knob", Knob), ("search", Search)):
+            v = getattr(self, what)
+            if v is not None and not isinstance(v, cls):
+                raise TypeError(f"method {self.name!r}: {what} must be a {cls.__name__}")
+        if not all(isinstance(i, Importer) for i in self.importers):
+            raise TypeError(f"method {self.name!r}: importers must be Importer objects")
         if isinstance(self.build, Mapping):
             builders = dict(self.build)
             if self.families == ("vit",):  # the default: take the mapping's families
@@ -209,6 +390,9 @@ class Method:
 
 
 _METHODS: dict[str, Method] = {}
+#: the identity method (:mod:`leanvit.methods.none`): the unmodified model's setting, the
+#: baseline every comparison measures against
+IDENTITY = "none"
 
 
 def register(method: Method) -> Method:
@@ -235,6 +419,12 @@ def get_method(name: str) -> Method:
         raise ValueError(
             f"unknown method {name!r}; available methods: {', '.join(offered)}{hint}"
         ) from None
+
+
+def registered() -> dict[str, Method]:
+    """Every registered :class:`Method` by name (internal modes included), sorted by name:
+    what ``tune``, ``io``, ``compare`` and the tests iterate."""
+    return dict(sorted(_METHODS.items()))
 
 
 def available_methods() -> dict[str, type]:

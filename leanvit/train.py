@@ -12,7 +12,15 @@ the command line. What it does:
   :func:`leanvit.compact`, calibrated on ``compact_images`` training images), patched with the
   method (``none`` to fine-tune a compacted model as it is). Teacher (distillation): a frozen
   copy of the model made before compaction and patching, or the caller's ``teacher``.
-- Loss: :func:`leanvit.losses.total_loss` (DynamicViT: CE + ratio + KL + token terms).
+- Loss: :func:`leanvit.losses.total_loss` (DynamicViT: CE + ratio + KL + token terms), the
+  ratio targets, decisions and default weights being what the method's reducer declares
+  (:class:`leanvit.registry.Reducer`'s training hooks). With ``consistency_weight > 0``, the
+  token-reduction-consistency loss of MCTF (Lee et al., CVPR 2024) for a method that offers
+  its milder view (:meth:`leanvit.registry.Reducer.consistency_view`): each batch also runs
+  through that view (same weights, less reduction, drawn anew per step), which gets the same
+  classification terms, and the reduced view's final class token is pulled towards the milder
+  view's (detached) on the images it classifies with confidence above
+  ``consistency_threshold`` (:func:`leanvit.losses.consistency_loss`).
 - Parameter groups (the DynamicViT authors' ``get_param_groups``/``adjust_learning_rate``):
   the method's own parameters (predictors) at the base lr; the backbone at
   ``min(backbone_lr_scale * lr, scheduled lr)`` and at lr 0 for the first
@@ -65,6 +73,7 @@ from leanvit._files import atomic_path
 from leanvit.data import data_config, fix_randaugment_posterize
 from leanvit.evaluate import evaluate
 from leanvit.losses import LossWeights, Output, total_loss
+from leanvit.registry import Reducer
 
 #: parameters never updated by the recipe (DynamicViT's get_param_groups skips these)
 FROZEN_NAMES = ("cls_token", "pos_embed", "dist_token", "reg_token")
@@ -118,6 +127,12 @@ class TrainConfig:
     #: LossWeights fields: cls, ratio, distill, token (default: the method's
     #: ``default_loss_weights`` if it has them, e.g. ratio 10 on ConvNeXt/Swin, else DeiT's)
     loss: dict = field(default_factory=dict)
+    #: weight of MCTF's token-reduction-consistency term (authors' 3.0; 0: off); needs a method
+    #: that offers a milder view (``mctf``; its ``consistency_r`` sets the view's reduction)
+    consistency_weight: float = 0.0
+    #: the term counts the images whose label probability (plus the mixed-in label's under
+    #: mixup/cutmix) exceeds this (authors' ``task_type[2]`` = 0.4)
+    consistency_threshold: float = 0.4
     distill: bool = True  #: teacher = frozen unpatched model (KL + token terms)
     mixup: float = 0.8
     cutmix: float = 1.0
@@ -160,6 +175,10 @@ class TrainConfig:
                 raise ValueError("mixup/cutmix need an even batch_size per process "
                                  f"(got {self.batch_size}); or set mixup=0 cutmix=0")
         LossWeights(**self.loss)  # validates names and values
+        for name, hi in (("consistency_weight", math.inf), ("consistency_threshold", 1.0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= hi:
+                raise ValueError(f"{name} must be a number in [0, {hi:g}], got {v!r}")
         if self.compact is not None and not isinstance(self.compact, dict):
             raise TypeError(f"compact must be a dict of leanvit.compact options or None, got "
                             f"{type(self.compact).__name__}")
@@ -297,15 +316,31 @@ class _TrainStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: Tensor):
+    def forward(self, x: Tensor, view: Optional[Reducer] = None):
+        """``(logits, tokens, keep, decisions)`` of the patched model; with ``view`` (a reducer
+        sharing the method's learned modules: :meth:`Reducer.consistency_view`) also the
+        logits and final tokens of the same images through it, in the same forward (DDP
+        sees one forward per backward)."""
+        out = self._one(x)
+        if view is None:
+            return out
+        main = self.model.leanvit
+        self.model.leanvit = view  # the adapters read the reducer at every forward
+        try:
+            logits, tokens, _, _ = self._one(x)
+        finally:
+            self.model.leanvit = main
+        return (*out, logits, tokens)
+
+    def _one(self, x: Tensor):
         from leanvit import adapters
-        from leanvit.methods.dynamicvit import DECISION
 
         adapter = adapters.find_adapter(self.model)
         tokens, state = adapter.forward_features(self.model, x)
         logits = adapter.forward_head(self.model, tokens, state)
         tokens, keep = adapter.loss_tokens(self.model, tokens, state)
-        return logits, tokens, keep, tuple(state.aux_values(DECISION))
+        key = self.model.leanvit.decision_key  # the method's keep decisions (ratio loss)
+        return logits, tokens, keep, tuple(state.aux_values(key)) if key is not None else ()
 
 
 def _teacher_forward(teacher: nn.Module, x: Tensor) -> Output:
@@ -375,25 +410,55 @@ def _set_lrs(optimizer, progress: float, epoch: int, cfg: TrainConfig, res: dict
 
 
 def _set_keep_rate(model: nn.Module, value: float) -> None:
-    """Keep-rate warm-up hook: give the method a new ``keep_rate`` between steps.
-
-    Methods without learned parameters get a freshly built reducer with the new options;
-    methods with learned parameters keep their modules and get new ``options`` (they must
-    read ``self.options.keep_rate`` when called, as DynamicViT does).
-    """
-    from leanvit.registry import get_method
-
+    """Keep-rate warm-up hook: give the method a new keep rate between steps, through its
+    :meth:`leanvit.registry.Reducer.with_keep_rate` (a reducer without learned parameters is
+    rebuilt, one with them gets new options)."""
     reducer = model.leanvit
-    if reducer.options.keep_rate == value:
+    if reducer.trained_keep_rate() == value:
         return
-    opts = dataclasses.replace(reducer.options, keep_rate=value)
-    if any(True for _ in reducer.parameters()):
-        reducer.options = opts
-        return
-    new = get_method(reducer.method_name).build(opts, reducer.info)
-    new.method_name = reducer.method_name
-    new.train(reducer.training)
-    model.leanvit = new
+    new = reducer.with_keep_rate(value)
+    if new is not reducer:
+        model.leanvit = new
+
+
+def _check_consistency(model: nn.Module, cfg: TrainConfig) -> None:
+    """``ValueError`` when the consistency loss cannot run: the method offers no milder view,
+    or the model has no class token to compare."""
+    reducer = model.leanvit
+    if reducer.consistency_view(torch.Generator().manual_seed(0)) is None:
+        raise ValueError(f"consistency_weight needs a method with a token-reduction-consistency "
+                         f"view (Reducer.consistency_view); {cfg.method!r} offers none")
+    if not reducer.info.has_class_token:
+        raise ValueError("consistency_weight compares the final class tokens of two views; "
+                         f"{cfg.model} has no class token")
+
+
+def _consistency_terms(cfg: TrainConfig, weights: LossWeights, student_logits: Tensor,
+                       tokens: Tensor, view_logits: Tensor, view_tokens: Tensor,
+                       y: Tensor, labels: Tensor, mixed: bool, teacher: Optional[Output]
+                       ) -> tuple[Tensor, dict[str, float]]:
+    """The milder view's classification terms (CE, and KL to the teacher when there is one:
+    the authors train both views with the same criterion) and the consistency term
+    (``consistency_weight`` x :func:`leanvit.losses.consistency_loss` of the class tokens at
+    index 0); their weighted sum and each part's value.
+
+    Args:
+        y: the (mixed, smoothed) targets of the CE; ``labels``: ``[B]`` class indices before
+            mixing (the confidence of the reduced view, ``mixed``: under mixup/cutmix).
+    """
+    from leanvit.losses import (consistency_loss, kl_to_teacher, label_confidence,
+                                soft_target_cross_entropy)
+
+    parts = {"view_cls": soft_target_cross_entropy(view_logits, y)}
+    loss = weights.cls * parts["view_cls"]
+    if teacher is not None and weights.distill > 0:
+        parts["view_distill"] = kl_to_teacher(view_logits, teacher.logits.detach())
+        loss = loss + weights.distill * parts["view_distill"]
+    confidence = label_confidence(student_logits, labels, mixed)
+    parts["consistency"] = consistency_loss(tokens[:, 0], view_tokens[:, 0], confidence,
+                                            cfg.consistency_threshold)
+    loss = loss + cfg.consistency_weight * parts["consistency"]
+    return loss, {k: float(v.detach()) for k, v in parts.items()}
 
 
 def _keep_rate_at(progress: float, cfg: TrainConfig, target: float) -> float:
@@ -529,11 +594,14 @@ def _check_resumed_config(cfg: TrainConfig, saved: Optional[dict], path) -> None
                          "resumed run is the same")
     now = dataclasses.asdict(cfg)
     skip = set(RESUME_IGNORES) | set(cfg.allow_changes)
+    # a field newer than the checkpoint: its run had the field's default behaviour
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)
+                if f.default is not dataclasses.MISSING}
     diffs = []
     for k in now:
         if k in skip:
             continue
-        a, b = _comparable(saved.get(k)), _comparable(now[k])
+        a, b = _comparable(saved[k] if k in saved else defaults.get(k)), _comparable(now[k])
         if a != b:
             diffs.append(f"{k} {saved.get(k)!r} -> {now[k]!r}")
     if diffs:
@@ -705,7 +773,7 @@ class Trainer:
         from timm.data import Mixup
 
         cfg, model, world, rank, device = self.cfg, self.model, self.world, self.rank, self.device
-        self.target_keep = getattr(model.leanvit.options, "keep_rate", None)
+        self.target_keep = model.leanvit.trained_keep_rate()
         if cfg.keep_rate_warmup_epochs > 0 and self.target_keep is None:
             raise ValueError(f"keep_rate_warmup_epochs needs a method with a keep_rate option; "
                              f"{cfg.method!r} has none")
@@ -716,9 +784,10 @@ class Trainer:
                              f"set ({len(self.train_set)} images)")
         # the method's own default weights (e.g. dynamicvit on ConvNeXt/Swin: ratio 10), then
         # the user's
-        self.weights = LossWeights(**{**getattr(model.leanvit, "default_loss_weights", {}),
-                                      **cfg.loss})
-        self.keep_targets = getattr(model.leanvit, "keep_targets", lambda: [])()
+        self.weights = LossWeights(**{**model.leanvit.default_loss_weights, **cfg.loss})
+        self.keep_targets = model.leanvit.keep_targets()
+        if cfg.consistency_weight > 0:
+            _check_consistency(model, cfg)
         self.optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=res["lr"],
                                            weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
@@ -879,6 +948,10 @@ class Trainer:
             _set_keep_rate(model, _keep_rate_at(progress, cfg, self.target_keep))
         _seed_all(_mix(cfg.seed, epoch, step, self.rank, 3))  # mixup, Gumbel noise, drop-path
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        labels, view = y, None
+        if cfg.consistency_weight > 0:  # the milder view of this step (same on every rank)
+            view = model.leanvit.consistency_view(
+                torch.Generator().manual_seed(_mix(cfg.seed, epoch, step, 7)))
         if self.mixup is not None:
             x, y = self.mixup(x, y)
         elif cfg.smoothing > 0:  # timm's label smoothing without mixup
@@ -886,7 +959,7 @@ class Trainer:
             y = torch.full((y.shape[0], self.num_classes), off, device=device).scatter_(
                 1, y[:, None], 1.0 - cfg.smoothing + off)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits, tokens, keep, decisions = self.runner(x)
+            logits, tokens, keep, decisions, *viewed = self.runner(x, view)
             t_out = None
             if self.teacher is not None:
                 with torch.no_grad():
@@ -894,6 +967,10 @@ class Trainer:
         loss, parts = total_loss(Output(logits, tokens, keep, decisions), y, t_out,
                                  self.weights, self.keep_targets,
                                  prefix=model.leanvit.info.num_prefix_tokens)
+        if viewed:
+            extra, extra_parts = _consistency_terms(cfg, self.weights, logits, tokens, *viewed,
+                                                    y, labels, self.mixup is not None, t_out)
+            loss, parts = loss + extra, {**parts, **extra_parts}
         if not torch.isfinite(loss.detach()):
             raise FloatingPointError(f"loss is {float(loss.detach())} at epoch {epoch} "
                                      f"step {step}")

@@ -14,6 +14,7 @@ Budgets: ``{"gmacs": G}`` (mean GMACs per image over the evaluated images at mos
 """
 from __future__ import annotations
 
+import collections.abc
 import copy
 import math
 import time
@@ -26,52 +27,35 @@ import torch
 from torch import Tensor, nn
 
 from leanvit.compare import Setting, apply_setting, pareto, run_compare
+from leanvit.registry import IDENTITY, Knob, Method, get_method, registered
 
 # --------------------------------------------------------------------------------------------
 # The grid
 
 
-@dataclass(frozen=True)
-class Knob:
-    """The one option of a training-free method that trades accuracy for MACs.
+class _KnobView(collections.abc.Mapping):
+    """Method name -> its :class:`~leanvit.registry.Knob`, read live from the registry (a
+    method declares its knob when it registers; this view only reads)."""
 
-    Attributes:
-        option: the option's name (``keep_rate``, ``r``, ``max_tokens``).
-        lo / hi: its range (``hi`` may be ``None``: the model's token count).
-        integer: whether it takes ints.
-        more_is_cheaper: whether a larger value removes more tokens (fewer MACs).
-    """
+    def _knobs(self) -> dict[str, Knob]:
+        return {n: m.knob for n, m in registered().items() if m.knob is not None}
 
-    option: str
-    lo: float
-    hi: Optional[float]
-    integer: bool
-    more_is_cheaper: bool
+    def __getitem__(self, name: str) -> Knob:
+        return self._knobs()[name]
+
+    def __iter__(self):
+        return iter(self._knobs())
+
+    def __len__(self) -> int:
+        return len(self._knobs())
+
+    def __repr__(self) -> str:
+        return f"KNOBS({self._knobs()!r})"
 
 
-#: Training-free methods and their strength option (the options' own ranges; see each
-#: method's options dataclass). ``diffrate`` is searched (:func:`leanvit.search.diffrate.search`),
-#: ``dynamicvit`` needs trained predictors (pass them with ``load=``).
-KNOBS: dict[str, Knob] = {
-    "evit": Knob("keep_rate", 0.05, 1.0, False, False),
-    "topk": Knob("keep_rate", 0.05, 1.0, False, False),
-    "tome": Knob("r", 0, None, True, True),
-    "pitome": Knob("r", 0, None, True, True),
-    "mctf": Knob("r", 0, None, True, True),
-    "ats": Knob("max_tokens", 2, None, True, False),
-    "random": Knob("keep_rate", 0.05, 1.0, False, False),
-    "tofu": Knob("r", 0, None, True, True),
-    "zerotprune": Knob("r", 0, None, True, True),
-    "divprune": Knob("keep_rate", 0.05, 1.0, False, False),
-}
-#: Registered methods that need training before they are useful, and how to pass the trained
-#: state to tune instead.
-TRAINED: dict[str, str] = {
-    "dynamicvit": "needs trained predictors (leanvit train); pass them as a setting, e.g. "
-                  "'dynamicvit load=FILE'",
-}
-#: Methods tune searches itself (one search per MAC target).
-SEARCHED = ("diffrate",)
+#: Training-free methods and their strength option, as each method declares it
+#: (:attr:`leanvit.registry.Method.knob`): a read-only view of the registry.
+KNOBS: Mapping[str, Knob] = _KnobView()
 #: Options of tune's DiffRate search (:func:`leanvit.search.diffrate.search`); ``search_options``
 #: override them. ``num_images`` (1000, the paper's ~1000) applies to a folder of search
 #: images; ``max_seconds`` (9 min) keeps the search to a part of a run of minutes; batch 16
@@ -86,16 +70,24 @@ SEARCH_DEFAULTS: dict[str, Any] = {"num_images": 1000, "batch_size": 16, "max_se
 SEARCH_NOT_OPTIONS = ("labels", "progress", "log")
 
 
+def searched_methods() -> dict[str, Method]:
+    """The registered methods tune searches itself (:attr:`leanvit.registry.Method.search`)."""
+    return {n: m for n, m in registered().items() if m.search is not None and not m.internal}
+
+
 def search_option_types() -> dict[str, str]:
-    """The DiffRate search options tune passes on (keyword arguments of
-    :func:`leanvit.search.diffrate.search` but :data:`SEARCH_NOT_OPTIONS`) -> their annotated
-    type (``"int"``, ``"Optional[float]"``, ...)."""
+    """The search options tune passes on (keyword-only arguments of each searched method's
+    search entry, :attr:`leanvit.registry.Search.entry`, but :data:`SEARCH_NOT_OPTIONS`) ->
+    their annotated type (``"int"``, ``"Optional[float]"``, ...)."""
     import inspect
 
-    from leanvit.search.diffrate import search
-
-    return {name: str(p.annotation) for name, p in inspect.signature(search).parameters.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in SEARCH_NOT_OPTIONS}
+    types: dict[str, str] = {}
+    for m in searched_methods().values():
+        params = inspect.signature(m.search.function()).parameters
+        types.update({name: str(p.annotation) for name, p in params.items()
+                      if p.kind is inspect.Parameter.KEYWORD_ONLY
+                      and name not in SEARCH_NOT_OPTIONS})
+    return types
 
 
 def _has_type(value: Any, annotation: str) -> bool:
@@ -129,16 +121,14 @@ def check_search_options(options: Optional[Mapping[str, Any]], source: str = "se
         if key not in types:
             close = difflib.get_close_matches(key, types, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ValueError(f"{source}: unknown DiffRate search option {key!r}{hint}; valid: "
+            titles = " / ".join(m.search.title or n for n, m in searched_methods().items())
+            raise ValueError(f"{source}: unknown {titles} search option {key!r}{hint}; valid: "
                              f"{', '.join(sorted(types))}")
         if not _has_type(value, types[key]):
             raise ValueError(f"{source}: {key}={value!r} is not of the option's type "
                              f"{types[key]}")
     return options
 
-
-#: Registered names that are internal modes, not methods a user deploys.
-INTERNAL = ("diffrate-search",)
 
 #: Targets of the grid, as fractions of the MAC budget: the setting closest to the budget from
 #: below, a cheaper one, and one above the budget (it shows the front beyond it).
@@ -199,17 +189,17 @@ def _estimate(model: nn.Module, setting: Setting, images: Tensor) -> float:
 
 def knob_setting(model: nn.Module, method: str, target_gmacs: float, images: Tensor,
                  memo: Optional[dict] = None) -> tuple[Setting, float]:
-    """The setting of ``method``'s knob (:data:`KNOBS`) whose GMACs on ``images`` come closest
-    to ``target_gmacs`` without exceeding it (or the cheapest, when none is that cheap):
-    bisection on the knob. Returns the setting and its GMACs on ``images``."""
+    """The setting of ``method``'s knob (its :attr:`leanvit.registry.Method.knob`) whose GMACs
+    on ``images`` come closest to ``target_gmacs`` without exceeding it (or the cheapest, when
+    none is that cheap): bisection on the knob. Returns the setting and its GMACs on ``images``."""
     from leanvit.adapters import find_adapter
 
-    knob = KNOBS[method]
+    knob = get_method(method).knob
+    if knob is None:
+        raise ValueError(f"method {method!r} declares no strength option (Method.knob)")
     info = find_adapter(model).describe(model)
     tokens = info.num_patches + info.num_prefix_tokens
-    lo = float(knob.lo)
-    hi = float(knob.hi if knob.hi is not None else
-               (tokens if knob.option == "max_tokens" else tokens // 2))
+    lo, hi = float(knob.lo), knob.upper(tokens)
     memo = {} if memo is None else memo
 
     def gm(v: float) -> float:
@@ -263,33 +253,48 @@ def knob_setting(model: nn.Module, method: str, target_gmacs: float, images: Ten
     return Setting(method, {knob.option: value}), memo.get((method, value), g)
 
 
+def grid_methods(methods: Optional[Sequence[str]] = None
+                 ) -> tuple[list[str], list[tuple[str, str]]]:
+    """Which of ``methods`` (default: every registered method but internal modes) tune grids:
+    those declaring a strength option (:attr:`leanvit.registry.Method.knob`). Returns them and
+    the methods left out with the reason (trained ones: how to pass their state); the identity
+    and searched methods (:func:`searched_methods`) are in neither list. ``ValueError`` for a
+    name that is not registered."""
+    offered = {n: m for n, m in registered().items() if not m.internal}
+    gridded: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    for name in (list(methods) if methods is not None else list(offered)):
+        if name not in offered:
+            raise ValueError(f"unknown method {name!r}; available methods: "
+                             f"{', '.join(offered)}")
+        m = offered[name]
+        if name == IDENTITY or m.search is not None:
+            continue
+        if m.knob is None:
+            skipped.append((name, m.needs_training or "has no strength option tune knows; "
+                                                      "pass a setting explicitly"))
+        else:
+            gridded.append(name)
+    return gridded, skipped
+
+
 def grid(model: nn.Module, gmacs_targets: Sequence[float], images: Tensor,
          methods: Optional[Sequence[str]] = None) -> tuple[list[Setting], dict[str, float],
                                                            list[tuple[str, str]]]:
-    """Settings of every training-free method (``methods``: a subset of :data:`KNOBS`; default
-    all registered ones) closest to each of ``gmacs_targets`` from below, without duplicates.
+    """Settings of every training-free method (``methods``: names of registered methods;
+    default all of them) closest to each of ``gmacs_targets`` from below, without duplicates.
+    Each method's strength option is the knob it declares (:attr:`leanvit.registry.Method.
+    knob`); the identity, internal modes and searched methods are not gridded (searches run in
+    :func:`tune`).
 
     Returns the settings, their estimated GMACs by label, and the registered methods left out
     with the reason.
     """
-    import leanvit
-
-    registered = set(leanvit.available_methods())
-    names = list(methods) if methods is not None else sorted(registered)
+    names, skipped = grid_methods(methods)
     settings: list[Setting] = []
     est: dict[str, float] = {}
-    skipped: list[tuple[str, str]] = []
     memo: dict = {}
     for name in names:
-        if name in INTERNAL or name == "none" or name in SEARCHED:
-            continue
-        if name not in registered:
-            raise ValueError(f"unknown method {name!r}; available methods: "
-                             f"{', '.join(sorted(registered))}")
-        if name not in KNOBS:
-            skipped.append((name, TRAINED.get(name, "has no strength option tune knows; pass "
-                                                     "a setting explicitly")))
-            continue
         try:
             for t in gmacs_targets:
                 s, g = knob_setting(model, name, t, images, memo)
@@ -359,15 +364,15 @@ class TuneResult:
         from leanvit.patching import is_patched
 
         if not is_patched(m):  # the unmodified model is the best within the budget
-            m = patch(m, "none")
+            m = patch(m, IDENTITY)
         return save(m, path)
 
 
 def _self_contained(s: Setting, schedules: Mapping[str, Any]) -> Setting:
-    """The setting with a searched DiffRate schedule given as its contents, not a file path."""
-    if s.method == "diffrate" and s.label in schedules:
-        return Setting("diffrate", {**s.options, "schedule": schedules[s.label].to_dict()},
-                       s.load)
+    """The setting with what a search found given as its contents, not a file path."""
+    if s.label in schedules:
+        option = get_method(s.method).search.option
+        return Setting(s.method, {**s.options, option: schedules[s.label].to_dict()}, s.load)
     return s
 
 
@@ -495,7 +500,7 @@ def tune(
         est.setdefault(s.label, _estimate(model, s, sample))
     schedules = _searched_settings(model, names, center, dense, search_images, batches,
                                    search_options, out, progress, say, settings, est, skipped)
-    all_settings = [Setting("none")] + settings + explicit
+    all_settings = [Setting(IDENTITY)] + settings + explicit
     for s in all_settings:
         if s.label not in est:
             est[s.label] = dense
@@ -535,19 +540,19 @@ def _split_methods(methods: Optional[Sequence[Union[str, Setting]]]
 def _searched_settings(model: nn.Module, names: Optional[list[str]], center: float,
                        dense: float, search_images, batches, search_options, out, progress,
                        say, settings: list[Setting], est: dict, skipped: list) -> dict:
-    """Run the searches of :data:`SEARCHED` that ``names`` asks for to ``center`` GMACs:
-    each found setting is appended to ``settings`` (its GMACs to ``est``), each search that
-    cannot run to ``skipped``; returns the schedules by setting label."""
-    want_search = [m for m in SEARCHED if (names is None and m in _registered()) or
-                   (names is not None and m in names)]
+    """Run the searches of the searched methods (:func:`searched_methods`) that ``names``
+    asks for to ``center`` GMACs: each found setting is appended to ``settings`` (its GMACs to
+    ``est``), each search that cannot run to ``skipped``; returns what each found (a schedule)
+    by setting label."""
+    want_search = [n for n in searched_methods() if names is None or n in names]
     schedules: dict[str, Any] = {}
     for m in want_search:
         if center >= dense:
             skipped.append((m, f"the budget is not below the unmodified model's {dense:.3f} "
                                "GMACs: nothing to search"))
             continue
-        s, schedule = _search_diffrate(model, center, search_images, batches, search_options,
-                                       out, progress, say)
+        s, schedule = _run_search(get_method(m), model, center, search_images, batches,
+                                  search_options, out, progress, say)
         if s is None:
             skipped.append((m, schedule))
             continue
@@ -581,25 +586,22 @@ def _evaluate_settings(model: nn.Module, all_settings: list[Setting], batches, e
                        callback=show)
 
 
-def _registered() -> set[str]:
-    import leanvit
-
-    return set(leanvit.available_methods())
-
-
 def _dur(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
     return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def _search_diffrate(model, target, search_images, batches, options, out, progress, say):
-    """One DiffRate search to ``target`` GMACs; returns (setting, schedule) or (None, why)."""
+def _run_search(method: Method, model, target, search_images, batches, options, out, progress,
+                say):
+    """One search of ``method`` (its :attr:`leanvit.registry.Method.search`) to ``target``
+    GMACs; returns (setting, schedule) or (None, why)."""
+    import inspect
     import tempfile
 
-    from leanvit.methods.diffrate.schedule import save_schedule
-
-    from leanvit.search.diffrate import TOLERANCE, search
+    save_schedule, search = method.search.saver(), method.search.function()
+    tolerance = inspect.signature(search).parameters.get("tolerance")  # its default tolerance
+    TOLERANCE = tolerance.default if tolerance is not None else 0.0
     imgs = search_images if search_images is not None else torch.cat([x for x, _ in batches])
     backbone = copy.deepcopy(model)
     opts = {**SEARCH_DEFAULTS, **dict(options or {})}
@@ -614,7 +616,7 @@ def _search_diffrate(model, target, search_images, batches, options, out, progre
         aim = target / (1.0 + float(tol))
     except (TypeError, ValueError):
         return None, f"search failed: tolerance must be a number, got {tol!r}"
-    say(f"tune: DiffRate search to {aim:.3f} GMACs ({target:.3f} / (1 + {tol}) tolerance) on "
+    say(f"tune: {method.name} search to {aim:.3f} GMACs ({target:.3f} / (1 + {tol}) tolerance) on "
         f"{where} ({', '.join(f'{k}={v}' for k, v in opts.items())})")
     try:
         r = search(backbone, aim, imgs, progress=progress, **opts)
@@ -624,12 +626,12 @@ def _search_diffrate(model, target, search_images, batches, options, out, progre
             raise ValueError(f"search_options {named[0]}={options[named[0]]!r}: {e}") from None
         return None, f"search failed: {e}"
     folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="leanvit-tune-"))
-    path = folder / f"diffrate_{aim:.3f}_schedule.json"
+    path = folder / f"{method.name}_{aim:.3f}_{method.search.option}.json"
     save_schedule(r.schedule, path)
     warn = r.schedule.obtained.get("warning")
     say(f"tune: searched {r.schedule.gmacs:.3f} GMACs in {_dur(r.seconds)}"
         + (f"; WARNING: {warn}" if warn else "") + f"; {path}")
-    return Setting("diffrate", {"schedule": str(path)}), r.schedule
+    return Setting(method.name, {method.search.option: str(path)}), r.schedule
 
 
 # --------------------------------------------------------------------------------------------
@@ -647,8 +649,6 @@ def write_tune_outputs(result: TuneResult, model: nn.Module, out_dir: Union[str,
 
     from leanvit._files import atomic_write_text
     from leanvit.compare import markdown_table, write_outputs
-    from leanvit.methods.diffrate.schedule import save_schedule
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     b = result.budget
@@ -683,11 +683,12 @@ def write_tune_outputs(result: TuneResult, model: nn.Module, out_dir: Union[str,
                "bench": f"leanvit bench {model_name} --set load={paths['choice']}",
                "set": f"--set load={paths['choice']}"}
         options = dict(s.options)
-        if s.method == "diffrate" and s.label in result.schedules:
-            sched = out / "choice_schedule.json"
-            save_schedule(result.schedules[s.label], sched)
-            options["schedule"] = str(sched)
-            use["set"] = f"--method diffrate --set schedule={sched}"
+        if s.label in result.schedules:  # a searched setting: what was found, as a file
+            search = get_method(s.method).search
+            sched = out / f"choice_{search.option}.json"
+            search.saver()(result.schedules[s.label], sched)
+            options[search.option] = str(sched)
+            use["set"] = f"--method {s.method} --set {search.option}={sched}"
         elif s.load is None and options:
             use["set"] = f"--method {s.method} " + " ".join(
                 f"--set {k}={_literal(v)}" for k, v in options.items())

@@ -96,3 +96,61 @@ def test_training_config_and_loss_weights_refuse_nan():
     for name in ("lr", "weight_decay", "smoothing", "mixup", "clip_grad"):
         with pytest.raises(ValueError, match=f"{name} must be a finite number"):
             TrainConfig(**{name: float("nan")})
+
+
+def test_a_method_is_training_free_trained_or_searched_not_several():
+    from leanvit.registry import R_KNOB, Search
+
+    with pytest.raises(ValueError, match="declares knob and needs_training"):
+        Method("_two", _VitOpts, lambda o, i: None, knob=R_KNOB, needs_training="train it")
+    with pytest.raises(ValueError, match="declares knob and search"):
+        Method("_two", _VitOpts, lambda o, i: None, knob=R_KNOB,
+               search=Search("m:f", "schedule", "m:g"))
+    with pytest.raises(TypeError, match="knob must be a Knob"):
+        Method("_bad", _VitOpts, lambda o, i: None, knob=("r", 0, None))
+
+
+def test_knob_ranges():
+    from leanvit.registry import KEEP_RATE_KNOB, R_KNOB, Knob
+
+    assert (R_KNOB.upper(197), R_KNOB.mildest(197)) == (98.0, 0.0)  # at most half the tokens
+    assert (KEEP_RATE_KNOB.upper(197), KEEP_RATE_KNOB.mildest(197)) == (1.0, 1.0)
+    tokens = Knob("max_tokens", 2, None, True, False)
+    assert (tokens.upper(197), tokens.mildest(197)) == (197.0, 197.0)
+
+
+def test_reducer_training_hooks_default_to_nothing():
+    model = leanvit.patch(tiny_vit(), "none")
+    r = model.leanvit
+    assert (dict(r.default_loss_weights), r.decision_key, r.keep_targets()) == ({}, None, [])
+    assert r.trained_keep_rate() is None
+    assert r.consistency_view(__import__("torch").Generator()) is None
+    with pytest.raises(ValueError, match="none has no keep_rate option"):
+        r.with_keep_rate(0.5)
+
+
+def test_load_reads_authors_checkpoints_through_the_importer_a_method_declares(temp_method,
+                                                                              tmp_path):
+    """io names no method: a registered method's importer is found and used."""
+    import torch
+
+    from leanvit.registry import Importer
+
+    seen = []
+
+    def plan(tensors, path, options):
+        seen.append(sorted(tensors))
+        return {"a": int(tensors["mine.a"].item()), **options}, {}, {}
+
+    temp_method(Method("_imp", _VitOpts, lambda o, i: _Tag(o, i), families=("tokens",),
+                       needs_training="train it",
+                       importers=(Importer("a test format (mine.* tensors)",
+                                           lambda t: "mine.a" in t, plan),)))
+    path = tmp_path / "authors.pth"
+    torch.save({"model": {"mine.a": torch.tensor(3)}}, path)
+    model = leanvit.load(tiny_vit(), path)
+    assert model.leanvit.method_name == "_imp" and model.leanvit.options == _VitOpts(a=3)
+    assert seen == [["mine.a"]]
+    torch.save({"model": {"other.b": torch.tensor(1)}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="nor a test format \\(mine.\\* tensors\\)"):
+        leanvit.load(tiny_vit(), tmp_path / "other.pth")

@@ -15,6 +15,8 @@ RESUME_MAY_CHANGE = ("workers", "device", "checkpoint_interval_s", "eval_every")
 RUN_FILES = ("last.pt", "final.safetensors", "final_ema.safetensors", "log.jsonl")
 #: seeds: what torch.manual_seed takes without overflow
 SEED = bounded(int, 0, 2**63 - 1)
+NON_NEGATIVE_FLOAT = bounded(float, 0, None)
+PROBABILITY = bounded(float, 0, 1)
 
 #: valid ranges of the numeric TrainConfig fields given with --cfg: (low, high, low open,
 #: high open); None: unbounded on that side. Probabilities and decays in [0, 1], counts of
@@ -32,7 +34,8 @@ CFG_RANGES: dict[str, tuple] = {
     "clip_grad": (0, None, True, False), "workers": (0, None, False, False),
     "seed": (0, 2**63 - 1, False, False), "log_every": (1, None, False, False),
     "checkpoint_interval_s": (0, None, True, False), "max_steps": (1, None, False, False),
-    "eval_every": (0, None, False, False),
+    "eval_every": (0, None, False, False), "consistency_weight": (0, None, False, False),
+    "consistency_threshold": (0, 1, False, False),
 }
 #: TrainConfig fields with their own option (a --cfg value would be replaced by it)
 OWN_OPTIONS = {"model": "MODEL", "method": "--method", "options": "--set", "data": "--data",
@@ -84,6 +87,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loss", action="append", default=[], metavar="TERM=WEIGHT",
                    help="loss weights: cls, ratio, distill, token, feature (default 1, 2, "
                         "0.5, 0.5, 0)")
+    p.add_argument("--consistency-weight", type=NON_NEGATIVE_FLOAT, default=None, metavar="W",
+                   help="MCTF's token-reduction-consistency fine-tuning (--method mctf; authors: "
+                        "3.0 with --no-distill): each batch also runs with less reduction "
+                        "(r' < --set consistency_r, default 8), trained with the same "
+                        "classification loss, and the reduced run's class token is pulled "
+                        "towards it with weight W (default 0: off)")
+    p.add_argument("--consistency-threshold", type=PROBABILITY, default=None, metavar="P",
+                   help="the consistency term counts images whose label probability exceeds P "
+                        "(default 0.4, the authors')")
     p.add_argument("--compact", nargs="*", default=None, metavar="KEY=VALUE",
                    help="compact the model first (hMHSA + cFFN, leanvit.compact; options e.g. "
                         "hallucination=mix ffn_ratio=0.6667), calibrated on 16 training "
@@ -126,6 +138,10 @@ def config_from_args(args: argparse.Namespace):
         values["overwrite"] = True
     if args.loss:
         values["loss"] = parse_set(args.loss)
+    if args.consistency_weight is not None:
+        values["consistency_weight"] = args.consistency_weight
+    if args.consistency_threshold is not None:
+        values["consistency_threshold"] = args.consistency_threshold
     if args.compact is not None:
         values["compact"] = parse_set(args.compact)
     return TrainConfig(**values)

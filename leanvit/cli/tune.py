@@ -84,7 +84,8 @@ def _run(args: argparse.Namespace) -> int:
     from leanvit.data import classes_of, loader
     from leanvit.evaluate import check_classes, load_split
     from leanvit.models import create_model
-    from leanvit.tune import check_search_options, parse_methods_arg, tune, write_tune_outputs
+    from leanvit.tune import (check_search_options, parse_methods_arg, searched_methods, tune,
+                              write_tune_outputs)
 
     check_paths(args, Out("--out", args.out, "folder", OUTPUT_FILES))
     budget = ({"gmacs": args.budget_gmacs} if args.budget_gmacs is not None
@@ -92,15 +93,19 @@ def _run(args: argparse.Namespace) -> int:
     names, explicit = parse_methods_arg(args.methods)
     methods = None if names is None else [*names, *explicit]
     search_options = check_search_options(parse_set(args.search_options), "--search")
-    if (search_options or args.search_images) and names is not None and "diffrate" not in names:
-        raise ValueError("--search and --search-images set the DiffRate search, which --methods "
-                         "does not ask for (add 'diffrate' to --methods, or leave them out)")
+    searched = sorted(searched_methods())  # methods tune searches (DiffRate)
+    wants_search = names is None or any(n in searched for n in names)
+    if (search_options or args.search_images) and not wants_search:
+        raise ValueError(f"--search and --search-images set the search of "
+                         f"{' / '.join(searched) or 'no method'}, which --methods does not ask "
+                         f"for (add {' or '.join(map(repr, searched))} to --methods, or leave "
+                         "them out)")
     model = create_model(args.model, img_size=args.img_size, checkpoint=args.checkpoint,
                          num_classes=args.num_classes, head=args.head).eval()
     data = load_split(model, args.data, "val", args.limit)
     check_classes(model, classes_of(data), args.head)
     search_images = None
-    if names is None or "diffrate" in names:
+    if wants_search:
         train = Path(args.data) / "train"
         if train.is_dir():
             search_images = train

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from leanvit.registry import (
-    Method, ModelInfo, Reducer, check_locations, check_number, register,
+    Knob, Method, ModelInfo, Reducer, check_locations, check_number, register,
 )
 from leanvit.signals import Signals
 from leanvit.state import TokenState
@@ -202,6 +202,8 @@ def build(options: ATSOptions, info: ModelInfo) -> Reducer:
 
 METHOD = register(Method(
     "ats", ATSOptions, build, families=("tokens",),
+    # the most tokens sampled per block: from 2 to all of them; fewer cost fewer MACs
+    knob=Knob("max_tokens", 2, None, True, False),
     summary="adaptive token sampling (Fayyaz et al. 2022): class attention x value norm, "
             "inverse-transform sampling of query rows, per-image counts",
 ))

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from leanvit.methods.evit import check_locations_type, resolve_locations
 from leanvit.ops.tokens import gather_tokens
-from leanvit.registry import Method, ModelInfo, Reducer, check_number, register
+from leanvit.registry import KEEP_RATE_KNOB, Method, ModelInfo, Reducer, check_number, register
 from leanvit.signals import Signals
 from leanvit.state import TokenState
 
@@ -130,6 +130,6 @@ def build(options: DivPruneOptions, info: ModelInfo) -> Reducer:
 
 
 METHOD = register(Method(
-    "divprune", DivPruneOptions, build, families=("tokens",),
+    "divprune", DivPruneOptions, build, families=("tokens",), knob=KEEP_RATE_KNOB,
     summary="DivPrune: keep a max-min diverse subset of the tokens by cosine distance "
             "(Alvar 2025)"))

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from leanvit.ops.prune import num_kept, topk_prune
-from leanvit.registry import (Method, ModelInfo, Reducer, check_bool, check_locations,
-                              check_number, register)
+from leanvit.registry import (KEEP_RATE_KNOB, Method, ModelInfo, Reducer, check_bool,
+                              check_locations, check_number, register)
 from leanvit.signals import Signals
 from leanvit.state import TokenState
 
@@ -152,5 +152,5 @@ def build(options: EViTOptions, info: ModelInfo) -> Reducer:
 
 
 METHOD = register(Method(
-    "evit", EViTOptions, build, families=("tokens",),
+    "evit", EViTOptions, build, families=("tokens",), knob=KEEP_RATE_KNOB,
     summary="EViT: keep the top class-attention tokens, fuse the rest into one (Liang 2022)"))

@@ -33,6 +33,7 @@ float32 (counted in ``signals``). The ``A x B`` similarity product is counted (`
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -47,8 +48,8 @@ from leanvit.methods.tome import RSpec, _check_r, schedule
 from leanvit.ops.assign import (Assignment, assignment, merge_sum, merge_weighted,
                                 merge_where_assigned)
 from leanvit.ops.merge import max_merges
-from leanvit.registry import (Method, ModelInfo, Reducer, check_bool, check_locations,
-                              check_number, register)
+from leanvit.registry import (R_KNOB, Method, ModelInfo, Reducer, check_bool,
+                              check_locations, check_number, register)
 from leanvit.signals import Signals
 from leanvit.state import TokenState
 
@@ -148,6 +149,11 @@ class MCTFOptions:
             received attention (authors' ``pooling_type=1``); ``"size"``: by size (``0``).
         prop_attn: proportional attention, ``+log(size)`` on each key's logits (authors' on).
         trace_source: keep ``state.source`` ``[B, N, N0]`` (visualisation; authors' off).
+        consistency_r: training only (the token-reduction-consistency loss, ``leanvit train
+            --consistency-weight``): the milder view fuses ``r'`` tokens in every fusing block,
+            ``r'`` drawn uniformly from ``0 .. consistency_r - 1`` at each step (authors'
+            ``r_teacher_max``, ``mctf_type[1]`` = 8 in their DeiT-S fine-tuning command); 0:
+            the milder view is the unreduced model. Inference ignores it.
     """
 
     r: RSpec = 16
@@ -159,6 +165,7 @@ class MCTFOptions:
     pooling: str = "attention"
     prop_attn: bool = True
     trace_source: bool = False
+    consistency_r: int = 8
 
     def __post_init__(self) -> None:
         _check_r(self.r)
@@ -171,6 +178,7 @@ class MCTFOptions:
                              f"{self.pooling!r}")
         check_bool("prop_attn", self.prop_attn)
         check_bool("trace_source", self.trace_source)
+        check_number("consistency_r", self.consistency_r, lo=0, integer=True)
 
 
 def plan(options: MCTFOptions, info: ModelInfo) -> tuple[list[int], list[int]]:
@@ -205,6 +213,21 @@ class MCTF(Reducer):
 
     def acts_after(self, i: int) -> bool:
         return self.r_per_block[i] > 0
+
+    def consistency_view(self, generator: torch.Generator) -> Optional["MCTF"]:
+        """MCTF's token-reduction-consistency view (the authors' "teacher" pass, Lee et al. 2024
+        sec. 3.4; ``models/deit.py``): the same blocks fusing ``r'`` tokens each, ``r'`` drawn
+        uniformly from ``0 .. consistency_r - 1`` (the authors' ``torch.randint(0,
+        r_teacher_max)``), clamped per block as ``r`` is. No learned state, so a fresh reducer
+        is the whole view."""
+        high = self.options.consistency_r
+        r = int(torch.randint(0, high, (1,), generator=generator)) if high > 0 else 0
+        opts = dataclasses.replace(self.options, r=r)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a clamped r' was warned about for r already
+            view = MCTF(opts, self.info)
+        view.method_name = getattr(self, "method_name", "mctf")
+        return view.train(self.training)
 
     def needs_attention_map(self, i: int) -> bool:
         return self.r_per_block[i] > 0
@@ -250,6 +273,6 @@ def build(options: MCTFOptions, info: ModelInfo) -> Reducer:
 
 
 METHOD = register(Method(
-    "mctf", MCTFOptions, build, families=("tokens",),
+    "mctf", MCTFOptions, build, families=("tokens",), knob=R_KNOB,
     summary="MCTF: fuse r tokens per block by similarity, informativeness and size, "
             "bidirectionally (Lee 2024)"))

@@ -38,7 +38,7 @@ from leanvit.methods.tome import RSpec, _check_r, planned_r
 from leanvit.ops.assign import (Assignment, assignment, merge_sum, merge_weighted,
                                 merge_where_assigned)
 from leanvit.ops.merge import max_merges
-from leanvit.registry import Method, ModelInfo, Reducer, check_bool, check_number, register
+from leanvit.registry import R_KNOB, Method, ModelInfo, Reducer, check_bool, check_number, register
 from leanvit.signals import Signals
 from leanvit.state import TokenState
 
@@ -176,6 +176,6 @@ def build(options: PiToMeOptions, info: ModelInfo) -> Reducer:
 
 
 METHOD = register(Method(
-    "pitome", PiToMeOptions, build, families=("tokens",),
+    "pitome", PiToMeOptions, build, families=("tokens",), knob=R_KNOB,
     summary="PiToMe: merge r tokens per block, isolated (low-energy) tokens protected "
             "(Tran 2024)"))

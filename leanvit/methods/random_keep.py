@@ -22,7 +22,7 @@ from torch import Tensor
 
 from leanvit.methods.dynamicvit import keep_counts
 from leanvit.methods.evit import check_locations_type, resolve_locations
-from leanvit.registry import Method, ModelInfo, Reducer, check_number, register
+from leanvit.registry import KEEP_RATE_KNOB, Method, ModelInfo, Reducer, check_number, register
 from leanvit.state import TokenState
 
 
@@ -95,5 +95,5 @@ def build(options: RandomOptions, info: ModelInfo) -> Reducer:
 
 
 METHOD = register(Method(
-    "random", RandomOptions, build, families=("tokens",),
+    "random", RandomOptions, build, families=("tokens",), knob=KEEP_RATE_KNOB,
     summary="control: keep DynamicViT's token counts, survivors drawn at random (seeded)"))

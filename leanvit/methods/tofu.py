@@ -31,7 +31,8 @@ from leanvit.methods.tome import RSpec, _check_r, planned_r
 from leanvit.ops.merge import (Matching, bipartite_soft_matching, max_merges, merge_source,
                               merge_wavg, merge_where)
 from leanvit.ops.tokens import gather_tokens
-from leanvit.registry import (Method, ModelInfo, Reducer, check_bool, check_number, register)
+from leanvit.registry import (R_KNOB, Method, ModelInfo, Reducer, check_bool, check_number,
+                              register)
 from leanvit.signals import Signals
 from leanvit.state import TokenState
 
@@ -164,6 +165,6 @@ def build(options: ToFuOptions, info: ModelInfo) -> Reducer:
 
 
 METHOD = register(Method(
-    "tofu", ToFuOptions, build, families=("tokens",),
+    "tofu", ToFuOptions, build, families=("tokens",), knob=R_KNOB,
     summary="ToFu: ToMe's matching, pruning in early blocks, norm-keeping MLERP merging later "
             "(Kim 2024)"))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from leanvit.methods.evit import EViT, check_locations_type, require_class_token
-from leanvit.registry import Method, ModelInfo, Reducer, check_number, register
+from leanvit.registry import KEEP_RATE_KNOB, Method, ModelInfo, Reducer, check_number, register
 
 
 @dataclass(frozen=True)
@@ -46,5 +46,5 @@ def build(options: TopKOptions, info: ModelInfo) -> Reducer:
 
 
 METHOD = register(Method(
-    "topk", TopKOptions, build, families=("tokens",),
+    "topk", TopKOptions, build, families=("tokens",), knob=KEEP_RATE_KNOB,
     summary="top-k by class attention, dropping the rest (the papers' pruning baseline)"))

@@ -34,7 +34,7 @@ from torch import Tensor
 from leanvit.methods.tome import RSpec, _check_r, planned_r
 from leanvit.ops.merge import max_merges
 from leanvit.ops.tokens import gather_tokens
-from leanvit.registry import Method, ModelInfo, Reducer, check_bool, check_number, register
+from leanvit.registry import R_KNOB, Method, ModelInfo, Reducer, check_bool, check_number, register
 from leanvit.signals import Signals
 from leanvit.state import TokenState
 
@@ -244,6 +244,6 @@ def build(options: ZeroTPruneOptions, info: ModelInfo) -> Reducer:
 
 
 METHOD = register(Method(
-    "zerotprune", ZeroTPruneOptions, build, families=("tokens",),
+    "zerotprune", ZeroTPruneOptions, build, families=("tokens",), knob=R_KNOB,
     summary="Zero-TPrune: prune by weighted PageRank on the attention graph and by key "
             "similarity to more important tokens (Wang 2024)"))

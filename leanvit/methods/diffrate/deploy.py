@@ -36,7 +36,7 @@ from torch import Tensor
 from leanvit.methods.diffrate.ops import merge_tail, sort_order
 from leanvit.methods.diffrate.schedule import Schedule, as_schedule, effective_counts
 from leanvit.ops.tokens import gather_tokens
-from leanvit.registry import Method, ModelInfo, Reducer, check_bool, register
+from leanvit.registry import Method, ModelInfo, Reducer, Search, check_bool, register
 from leanvit.signals import Signals
 from leanvit.state import TokenState
 
@@ -158,7 +158,17 @@ def _build(options: DiffRateOptions, info: ModelInfo) -> Reducer:
     return DiffRateReducer(options, info)
 
 
+def _schedule_content(reducer: Reducer) -> dict:
+    """The schedule as the reducer resolved it (the file's content, not its path)."""
+    return reducer.schedule.to_dict()
+
+
 METHOD = register(Method(
     "diffrate", DiffRateOptions, _build, families=("tokens",),
-    summary="DiffRate: searched per-block prune+merge counts (schedule=FILE)"))
+    summary="DiffRate: searched per-block prune+merge counts (schedule=FILE)",
+    # leanvit tune searches a schedule to its budget (by module path: the search imports
+    # the training machinery, which a deployed model does not need)
+    search=Search("leanvit.search.diffrate:search", "schedule",
+                  "leanvit.methods.diffrate.schedule:save_schedule", title="DiffRate"),
+    file_options={"schedule": _schedule_content}))
 

@@ -9,6 +9,7 @@ TPAMI extension arXiv 2207.01580), one method for every family:
   ``state.aux`` names of the decisions (:data:`DECISION`, :data:`KEPT`).
 """
 import leanvit.methods.dynamicvit.hierarchical as _hier
+from leanvit.methods.dynamicvit.authors import IMPORTER
 from leanvit.methods.dynamicvit.predictor import DECISION, KEPT, Predictor
 from leanvit.methods.dynamicvit.tokens import (_AUTHORS_NAMES, DynamicViT,  # noqa: F401
                                                DynamicViTOptions, build, from_authors_state_dict,
@@ -24,6 +25,9 @@ METHOD = register(Method(
     "dynamicvit", DynamicViTOptions,
     {"tokens": build, "convnext": _hier.build, "swin": _hier.build},
     family_options={"convnext": _hier.ConvNeXtOptions, "swin": _hier.HierarchicalOptions},
+    needs_training="needs trained predictors (leanvit train); pass them as a setting, e.g. "
+                   "'dynamicvit load=FILE'",
+    importers=(IMPORTER,),
     summary="learned prediction modules drop tokens before blocks (Rao et al. 2021); on "
             "ConvNeXt/Swin route stage-3 tokens to a slow or fast MLP (TPAMI extension); "
             "needs training: leanvit train --method dynamicvit"))

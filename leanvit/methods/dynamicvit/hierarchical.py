@@ -150,6 +150,8 @@ class DynamicHierarchical(Reducer):
 
     #: loss weights the trainer uses unless told otherwise (authors' ConvNeXt/Swin recipe)
     default_loss_weights = dataclasses.asdict(HIERARCHICAL_WEIGHTS)
+    #: the per-stage routing decisions the ratio loss reads (training forward)
+    decision_key = DECISION
 
     def __init__(self, options: HierarchicalOptions, info: ModelInfo, locations: tuple):
         super().__init__(options, info)

@@ -75,6 +75,9 @@ def keep_counts(num_patches: int, keep_rate: float, stages: int) -> list[int]:
 class DynamicViT(Reducer):
     """Runtime of ``dynamicvit``: one :class:`Predictor` per location in ``self.predictor``."""
 
+    #: the per-stage keep decisions the ratio loss reads (training forward)
+    decision_key = DECISION
+
     def __init__(self, options: DynamicViTOptions, info: ModelInfo):
         super().__init__(options, info)
         self.locations = options.locations
