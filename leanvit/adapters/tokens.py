@@ -82,7 +82,7 @@ from torch import Tensor, nn
 from leanvit.adapters.base import patched_mixin
 from leanvit.ops.attention import attention, select_rows
 from leanvit.ops.packed import (
-    Packing, check_packed, moved_rows, pack, packing, pad_fraction, pad_heads, unpack, varlen_attention,
+    Packing, check_packed, moved_rows, pack, packing, pad_fraction, pad_heads, unpack,
 )
 from leanvit.ops.tokens import gather_tokens
 from leanvit.recorder import MacRecorder
@@ -648,8 +648,8 @@ def check_images(x: Any, in_chans: Optional[int], size: Optional[tuple[int, int]
 
 #: Smallest share of padding rows (in a block's padded ``[B, N]`` layout) at which
 #: ``packed="auto"`` packs the batch; below it the padded blocks run (packing has a fixed cost
-#: per block: the index of the real rows, copies of q/k/v for the method's signals, one
-#: attention call per image). Measured in ``docs/ats.md``.
+#: per block: the index of the real rows, q/k/v copied into the padded layout for the
+#: attention and its output back). Measured in ``docs/ats.md``.
 PACK_MIN_PADDING = 0.05
 
 def packed_mode(reducer: Reducer) -> Any:
@@ -683,10 +683,12 @@ class PackedRunner:
     there the batch is padded again. Blocks of equal counts never pack (nothing to save).
 
     A packed block (:func:`packed_block`): norms, q/k/v, output projection and MLP on the
-    packed ``[1, T, C]``; the method's signals and query selection on q/k/v padded to
-    ``[B, H, N, D]`` (the padded layout of ``state``); the attention per image
-    (:func:`leanvit.ops.packed.varlen_attention`). Outputs equal the padded blocks' up to
-    float rounding; MACs are recorded per image as there.
+    packed ``[1, T, C]``; q/k/v padded to ``[B, H, N, D]`` (the padded layout of ``state``)
+    for the method's signals, its query selection and one SDPA with the ``-inf`` padding
+    bias (faster on a CPU than one call per image; only the attention, a small part of the
+    block, still computes padding). Outputs equal the padded blocks' (the same attention
+    call on the same values; the linear layers' rows do not depend on the other rows); MACs
+    are recorded per image as there.
     """
 
     def __init__(self, engine: TokenEngine, mode: Any):
@@ -746,18 +748,22 @@ def packed_block(engine: TokenEngine, p: BlockParts, i: int, x: Tensor, pk: Pack
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scale, fused, dropout = engine._params(attn)
+    # the attention on the padded layout: the method's signals and selection read it, and one
+    # masked SDPA over the batch is faster on a CPU than one call per image
+    q, k, v = pad_heads(q, pk), pad_heads(k, pk), pad_heads(v, pk)  # [B, H, N, D]
+    extra = attention_bias(state, q.dtype)  # -inf on padding keys
     signals, q_pk = None, pk
-    if reducer.needs_signals(i):  # the method reads the padded layout of its state
-        signals = Signals(pad_heads(q, pk), pad_heads(k, pk), pad_heads(v, pk), scale,
-                          attention_bias(state, q.dtype))
+    if reducer.needs_signals(i):
+        signals = Signals(q, k, v, scale, extra)
         if reducer.selects_queries(i):
             rows, state = reducer.select_queries(i, signals, state)
             if rows is not None:
                 q_pk = packing(state.valid, pk.batch, rows.shape[1], rows.device)
                 src = moved_rows(pk, rows, q_pk)
-                q, x = q.index_select(2, src), x.index_select(1, src)
+                q, x = select_rows(q, rows), x.index_select(1, src)
                 gate = None if gate is None else gate.index_select(1, src)
-    out = varlen_attention(q, k, v, scale, q_pk, pk, fused=fused, dropout=dropout)
+    out = attention(q, k, v, scale, bias=extra, fused=fused, dropout=dropout)  # [B, H, K, D]
+    out = pack(out.transpose(1, 2), q_pk).transpose(0, 1)[None]  # [1, H, T', D]
     a = engine._output(attn, out, gate)
     del q, k, v, out, gate
     x = x + (a if p.post1 is None else p.post1(a))

@@ -4,21 +4,20 @@ stays inside each image.
 A padded batch ``[B, N, C]`` with a padding mask ``valid`` ``[B, N]`` (per-image token counts,
 e.g. ATS) spends every per-token operation on its padding too. Packed, the same tokens are
 ``[T, C]`` (``T`` = the real tokens of the whole batch, image after image, each image's tokens
-in their padded order), so linear layers, norms and the MLP run on real tokens only; the
-attention is block-diagonal: each image's queries see that image's keys only
-(:func:`varlen_attention`).
+in their padded order), so linear layers, norms and the MLP run on real tokens only. The
+attention stays block-diagonal (each image's queries see that image's keys only): the
+engine pads q, k, v back (:func:`pad_heads`) for one masked SDPA over the batch, which on a
+CPU measured faster than one call per image (``docs/ats.md``).
 
 Pure functions of tensors (no :class:`~leanvit.state.TokenState`). Shapes: ``B`` batch, ``N``
 padded width, ``T`` packed tokens, ``H`` heads, ``D`` head width.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Union
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
-
-from leanvit.ops.attention import attention
 
 
 def check_packed(mode: object) -> object:
@@ -104,33 +103,3 @@ def moved_rows(old: Packing, rows: Tensor, new: Packing) -> Tensor:
         flat = lut[flat]
     flat = flat.reshape(-1)
     return flat if new.index is None else flat.index_select(0, new.index)
-
-
-def varlen_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, q_pk: Packing,
-                     kv_pk: Packing, *, fused: bool = True,
-                     dropout: Union[float, Callable[[Tensor], Tensor], None] = None) -> Tensor:
-    """Block-diagonal attention of packed images: image ``b``'s queries attend to image
-    ``b``'s keys only.
-
-    Args:
-        q: ``[1, H, Tq, D]`` packed queries (layout ``q_pk``); ``k``, ``v`` ``[1, H, Tk, D]``
-            packed keys and values (layout ``kv_pk``, same batch).
-        scale, fused, dropout: as :func:`leanvit.ops.attention.attention`.
-
-    Returns:
-        ``[1, H, Tq, D]``. One fused attention over the batch when neither layout has padding;
-        otherwise one per image (no mask, no padded rows computed): on a CPU an image's
-        attention is large enough that the calls' overhead stays small next to the work
-        padding would add.
-    """
-    if q_pk.uniform and kv_pk.uniform:
-        as_batch = lambda t, n: t[0].unflatten(1, (q_pk.batch, n)).transpose(0, 1)  # noqa: E731
-        out = attention(as_batch(q, q_pk.width), as_batch(k, kv_pk.width),
-                        as_batch(v, kv_pk.width), scale, fused=fused, dropout=dropout)
-        return out.transpose(0, 1).reshape(1, q.shape[1], -1, v.shape[3])
-    outs, qs, ks = [], 0, 0
-    for nq, nk in zip(q_pk.sizes, kv_pk.sizes):
-        outs.append(attention(q[:, :, qs:qs + nq], k[:, :, ks:ks + nk], v[:, :, ks:ks + nk],
-                              scale, fused=fused, dropout=dropout))
-        qs, ks = qs + nq, ks + nk
-    return torch.cat(outs, dim=2)

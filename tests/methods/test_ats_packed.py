@@ -18,7 +18,7 @@ import leanvit
 from leanvit.adapters import tokens as engine
 from leanvit.adapters import vit as vit_adapter
 from leanvit.methods.ats import ATSReducer
-from leanvit.ops.packed import moved_rows, pack, packing, unpack, varlen_attention
+from leanvit.ops.packed import moved_rows, pack, packing, unpack
 from tests.methods import _eva_reference as eva_ref
 from tests.methods._vit_reference import tiny_vit
 
@@ -54,23 +54,6 @@ def test_pack_unpack_and_moved_rows_match_loops():
     assert uniform.index is None and pack(x, uniform).shape == (15, 7)
     assert moved_rows(uniform, rows, new).tolist() == [
         b * 5 + int(rows[b, j]) for b in range(3) for j in range(3) if new_valid[b, j]]
-
-
-@pytest.mark.parametrize("q_counts,kv_counts", [((3, 1, 4), (5, 2, 4)), ((4, 4), (4, 4))])
-def test_varlen_attention_is_block_diagonal(q_counts, kv_counts):
-    torch.manual_seed(1)
-    H, D, scale = 2, 8, 0.3
-    q = torch.randn(1, H, sum(q_counts), D, dtype=torch.float64)
-    k = torch.randn(1, H, sum(kv_counts), D, dtype=torch.float64)
-    v = torch.randn(1, H, sum(kv_counts), D, dtype=torch.float64)
-    qp = packing(_valid(q_counts, max(q_counts)), len(q_counts), max(q_counts))
-    kp = packing(_valid(kv_counts, max(kv_counts)), len(kv_counts), max(kv_counts))
-    out = varlen_attention(q, k, v, scale, qp, kp, fused=False)
-    qs = ks = 0
-    for nq, nk in zip(q_counts, kv_counts):  # each image alone, the map written out
-        a = ((q[0, :, qs:qs + nq] * scale) @ k[0, :, ks:ks + nk].transpose(-1, -2)).softmax(-1)
-        torch.testing.assert_close(out[0, :, qs:qs + nq], a @ v[0, :, ks:ks + nk])
-        qs, ks = qs + nq, ks + nk
 
 
 # -- packed blocks against padded blocks -------------------------------------------------------
