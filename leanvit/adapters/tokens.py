@@ -676,11 +676,14 @@ class PackedRunner:
 
     The rule (``packed="auto"``): a padded batch is packed at the first block that can run
     packed and whose padding share (:func:`leanvit.ops.packed.pad_fraction`) is at least
-    :data:`PACK_MIN_PADDING`; ``packed=True`` packs whenever there is padding. Once packed, the
-    tokens stay packed (a later block has no more padding) until a block the packed form
-    cannot serve: a method hook that sees the tokens (``before_block``, ``after_attention``),
-    the whole attention map, or an attention module that runs itself (:func:`has_contract`);
-    there the batch is padded again. Blocks of equal counts never pack (nothing to save).
+    :data:`PACK_MIN_PADDING`; ``packed=True`` packs whenever there is padding. A block whose
+    method selects query rows (ATS) runs packed from its first such block on (``True`` and
+    ``"auto"``): its MLP then already runs on the rows each image keeps. Once packed, the
+    tokens stay packed until every image has the same count again (the padded blocks, with
+    no padding) or a block the packed form cannot serve: a method hook that sees the tokens
+    (``before_block``, ``after_attention``), the whole attention map, or an attention module
+    that runs itself (:func:`has_contract`); there the batch is padded again. Methods whose
+    images keep equal counts (ToMe, EViT, ...) never reach a packed block.
 
     A packed block (:func:`packed_block`): norms, q/k/v, output projection and MLP on the
     packed ``[1, T, C]``; q/k/v padded to ``[B, H, N, D]`` (the padded layout of ``state``)
@@ -702,15 +705,20 @@ class PackedRunner:
     def __call__(self, p: BlockParts, i: int, x: Tensor, state: TokenState, reducer: Reducer,
                  ctx: Any) -> tuple[Tensor, TokenState]:
         if self.pk is None:
-            if (state.valid is None or not self._can(p, i, reducer) or (
-                    self.mode == "auto" and pad_fraction(state.valid) < PACK_MIN_PADDING)):
+            if state.valid is None:  # no padding yet: pack the tail of a block that may
+                enter = reducer.selects_queries(i)  # leave images with different counts
+            else:
+                enter = self.mode is True or pad_fraction(state.valid) >= PACK_MIN_PADDING
+            if not (enter and self._can(p, i, reducer)):
                 return self.engine._block(p, i, x, state, reducer, ctx)
-            self.pk = packing(state.valid, x.shape[0], x.shape[1])
+            self.pk = packing(state.valid, x.shape[0], x.shape[1], x.device)
             x = pack(x, self.pk)[None]
         elif not self._can(p, i, reducer):
             x, self.pk = unpack(x[0], self.pk), None
             return self.engine._block(p, i, x, state, reducer, ctx)
         x, state, self.pk = packed_block(self.engine, p, i, x, self.pk, state, reducer, ctx)
+        if self.pk.uniform:  # every image kept the same count: the padded blocks (a view)
+            x, self.pk = unpack(x[0], self.pk), None
         return x, state
 
     def finish(self, x: Tensor) -> Tensor:

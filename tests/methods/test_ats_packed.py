@@ -188,7 +188,7 @@ def test_beit_relative_bias_and_training_stay_padded(monkeypatch):
     assert spy.calls == 0
 
 
-def test_equal_counts_never_pack_and_stay_bit_identical(monkeypatch):
+def test_equal_counts_stay_padded_and_bit_identical(monkeypatch):
     spy = Spy(monkeypatch)
     base = _sharp_vit(torch.float32, depth=4)
     images = _images(base)
@@ -199,24 +199,36 @@ def test_equal_counts_never_pack_and_stay_bit_identical(monkeypatch):
             out = leanvit.patch(copy.deepcopy(base), method, **opts)(images)
             if opts.get("r") == 0:
                 assert torch.equal(out, ref)
-        # ATS on one image: one count, no padding
-        leanvit.patch(base, "ats", packed=True)(images[:1])
-    assert spy.calls == 0
+        assert spy.calls == 0
+        # ATS on one image (one count, never padding): a block that selects query rows runs
+        # packed, and gives the padded blocks' values bit for bit
+        one = images[:1]
+        padded = leanvit.patch(copy.deepcopy(base), "ats", packed=False)(one)
+        packed = leanvit.patch(copy.deepcopy(base), "ats", packed=True)(one)
+    assert spy.calls > 0 and torch.equal(packed, padded)
 
 
-def test_auto_packs_only_above_the_padding_threshold(monkeypatch):
-    spy = Spy(monkeypatch)
-    model = leanvit.patch(_sharp_vit(depth=4), "ats")
+def test_auto_packs_a_padded_batch_only_above_the_padding_threshold(monkeypatch):
+    """Block 0 selects rows (packed); block 1's hook sees padded tokens; blocks 2 and 3 get a
+    padded batch and pack it under ``"auto"`` only when its padding share reaches the
+    threshold."""
+    monkeypatch.setattr(ATSReducer, "acts_after", lambda self, i: i == 1, raising=False)
+    model = leanvit.patch(_sharp_vit(depth=4), "ats", locations=(0, 1))
     images = _images(model)
     fractions = []
     real = engine.pad_fraction
     monkeypatch.setattr(engine, "pad_fraction", lambda v: fractions.append(real(v)) or
                         fractions[-1])
     with torch.no_grad():
-        model(images)
-    assert fractions
-    expect = any(f >= engine.PACK_MIN_PADDING for f in fractions)
-    assert (spy.calls > 0) == expect
+        ref = model(images)
+    f = fractions[0]
+    assert f > 0
+    for threshold, calls in ((f + 0.01, 1), (f - 0.01, 3)):
+        monkeypatch.setattr(engine, "PACK_MIN_PADDING", threshold)
+        spy = Spy(monkeypatch)
+        with torch.no_grad():
+            torch.testing.assert_close(model(images), ref, atol=1e-5, rtol=1e-5)
+        assert spy.calls == calls
 
 
 @pytest.mark.parametrize("bad", ["yes", 1, None, "Auto"])
