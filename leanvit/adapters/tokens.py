@@ -68,6 +68,14 @@ with ``query`` / ``key`` / ``value`` and ``output.dense`` as ``out_proj``; ``lay
 with ``need_weights=False``). ``params``' dropout is the module's ``nn.Dropout`` or a
 probability that is already 0 outside training.
 
+Per-image token counts (``state.valid``, ATS) run packed (:class:`PackedRunner`, option
+``packed`` of the method: ``"auto"`` | ``True`` | ``False``): the batch's real tokens end to
+end, ``[1, T, C]``, through norms, linear layers and MLP, the attention on q/k/v padded back
+to ``[B, H, N, D]``. Under ``"auto"`` a block that selects query rows packs, a batch that
+arrives padded packs from :data:`PACK_MIN_PADDING` padding on, and equal counts run the
+padded blocks; training, tracing, relative position biases and hooks that see the tokens
+keep the padded blocks.
+
 Shapes: ``B`` batch, ``N`` tokens present (prefix included), ``N0`` tokens entering block 0,
 ``C`` width, ``H`` heads, ``D`` head width, ``K`` query rows computed.
 """
