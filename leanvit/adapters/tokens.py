@@ -668,12 +668,14 @@ def packed_mode(reducer: Reducer) -> Any:
 def packed_runner(engine: TokenEngine, model: nn.Module, state: TokenState, reducer: Reducer
                   ) -> Callable:
     """The block function of one forward pass: ``engine._block`` itself when no block can run
-    packed (option ``packed=False``; training, whose drop path and keep-masks are per image;
-    dense-feature tracing; proportional attention on merged sizes; a relative position bias,
-    which is indexed per image pair), else a :class:`PackedRunner`."""
+    packed (option ``packed=False``; compiled code, whose shapes must not depend on the data;
+    training, whose drop path and keep-masks are per image; dense-feature tracing;
+    proportional attention on merged sizes; a relative position bias, indexed per pair of
+    tokens), else a :class:`PackedRunner`."""
     mode = packed_mode(reducer)
-    if (mode is False or model.training or state.mask is not None or state.where is not None
-            or state.prop_attn or isinstance(engine.spec.position, RelativeBias)):
+    if (mode is False or torch.compiler.is_compiling() or model.training
+            or state.mask is not None or state.where is not None or state.prop_attn
+            or isinstance(engine.spec.position, RelativeBias)):
         return engine._block
     return PackedRunner(engine, mode)
 
