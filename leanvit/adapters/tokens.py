@@ -657,8 +657,9 @@ def check_images(x: Any, in_chans: Optional[int], size: Optional[tuple[int, int]
 #: Smallest share of padding rows (in a block's padded ``[B, N]`` layout) at which
 #: ``packed="auto"`` packs the batch; below it the padded blocks run (packing has a fixed cost
 #: per block: the index of the real rows, q/k/v copied into the padded layout for the
-#: attention and its output back). Measured in ``docs/ats.md``.
+#: attention and its output back). A choice, not a measurement (``docs/ats.md``).
 PACK_MIN_PADDING = 0.05
+
 
 def packed_mode(reducer: Reducer) -> Any:
     """The method's ``packed`` option (``"auto"`` when its options have none)."""
