@@ -12,6 +12,11 @@ Measures, each against the unmodified model in the same run:
    made of the photos, repeated, every second copy flipped), where ATS's counts are real.
 4. Mean cosine similarity of the final class features (DINOv2, real weights, real photos)
    between the ATS-patched and the unpatched model.
+5. ``packed``: DINOv2 (real weights, real photos), batch ``--packed-batch`` (32): the
+   unmodified model, ATS padded (``packed=False``) and ATS packed (``packed="auto"``, the
+   default), interleaved rounds (every round runs all three, the order rotated): medians,
+   spread, speedups over the unmodified model against the MAC ratio, and how far the packed
+   outputs are from the padded ones.
 
 ATS here is off-the-shelf (no fine-tuning); the published DeiT-S number, 2.9 GMACs, is after
 fine-tuning with ATS in place.
@@ -19,6 +24,9 @@ fine-tuning with ATS in place.
 Run under the shared CPU lock::
 
     flock /tmp/leanvit-cpu.lock python benchmarks/ats.py --json benchmarks/results/ats.json
+
+    flock /tmp/leanvit-cpu.lock python benchmarks/ats.py --parts packed \
+        --json benchmarks/results/ats_packed.json
 """
 from __future__ import annotations
 
@@ -27,9 +35,10 @@ import copy
 import json
 import statistics
 import sys
+import time
 
 import torch
-from _common import DINOV2_WEIGHTS, dinov2, photos, write_results
+from _common import DINOV2_WEIGHTS, command, dinov2, loadavg, photos, write_results
 
 import leanvit
 from leanvit.bench import round_spread, run_benchmark, time_models
@@ -79,16 +88,63 @@ def time_pair(base, patched, x, warmup: int, repeats: int) -> dict:
                        "patched": round_spread(rounds["candidate"])}}
 
 
+def rounds(models: dict, x: torch.Tensor, warmup: int, repeats: int) -> dict:
+    """Seconds per batch of each model on ``x`` under ``torch.inference_mode``: ``warmup``
+    untimed rounds, then ``repeats`` rounds, each running every model once, the order rotated
+    by one model every round."""
+    names, times = list(models), {k: [] for k in models}
+    with torch.inference_mode():
+        for r in range(-warmup, repeats):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                t = time.perf_counter()
+                models[name](x)
+                if r >= 0:
+                    times[name].append(time.perf_counter() - t)
+    return times
+
+
+def packed_part(dino, imgs, batch: int, warmup: int, repeats: int) -> dict:
+    """Part 5: the unmodified model, ATS padded and ATS packed in the same run."""
+    x = batch_of(imgs, batch)
+    models = {"dense": dino, "padded": leanvit.patch(copy.deepcopy(dino), "ats", packed=False),
+              "packed": leanvit.patch(copy.deepcopy(dino), "ats")}
+    with torch.inference_mode():
+        out = {k: m(x) for k, m in models.items()}
+    macs = {k: leanvit.count_macs(m, x).total for k, m in models.items()}
+    times = rounds(models, x, warmup, repeats)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    res = {"batch": batch, "rounds": repeats, "warmup": warmup,
+           "ms": {k: round(v * 1e3, 1) for k, v in med.items()},
+           "round_ms": {k: [round(t * 1e3, 1) for t in v] for k, v in times.items()},
+           "spread": {k: round(round_spread(v), 3) for k, v in times.items()},
+           "mac_ratio": macs["dense"] / macs["packed"],
+           "padded_macs_equal_packed": macs["padded"] == macs["packed"],
+           "packed_vs_padded_max_abs_diff": float((out["packed"] - out["padded"]).abs().max()),
+           "output_max_abs": float(out["padded"].abs().max())}
+    for k in ("padded", "packed"):
+        res[f"speedup_{k}"] = med["dense"] / med[k]
+        res[f"speedup_{k}_over_mac_ratio"] = res[f"speedup_{k}"] / res["mac_ratio"]
+        # the same ratio in every round (each round's own dense time): its spread
+        per = [d / t for d, t in zip(times["dense"], times[k])]
+        res[f"speedup_{k}_rounds"] = [round(v, 3) for v in per]
+    res["packed_over_padded"] = med["padded"] / med["packed"]
+    return res
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--latency-repeats", type=int, default=20)
     p.add_argument("--parts", default="macs,deit-bench,deit-latency,dino",
-                   help="comma-separated subset of macs,deit-bench,deit-latency,dino")
+                   help="comma-separated subset of macs,deit-bench,deit-latency,dino,packed")
+    p.add_argument("--packed-batch", type=int, default=32)
+    p.add_argument("--packed-repeats", type=int, default=7)
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    result: dict = {"threads": torch.get_num_threads()}
+    result: dict = {"threads": torch.get_num_threads(), "command": command("ats.py"),
+                    "torch": torch.__version__, "leanvit": leanvit.__file__,
+                    "loadavg_start": loadavg()}
 
     parts = set(args.parts.split(","))
     if "macs" in parts:
@@ -149,7 +205,13 @@ def main() -> int:
         print("DINOv2 bench on photos:", json.dumps(t), flush=True)
     else:
         print(f"skipping DINOv2: {DINOV2_WEIGHTS} not found", flush=True)
+    if "packed" in parts and DINOV2_WEIGHTS.is_file():
+        dino = dinov2()
+        r = packed_part(dino, photos(dino, PHOTOS), args.packed_batch, 1, args.packed_repeats)
+        result["dinov2_packed"] = r
+        print("DINOv2 dense / padded / packed:", json.dumps(r), flush=True)
 
+    result["loadavg_end"] = loadavg()
     if args.json:
         write_results(args.json, result)
     return 0

@@ -68,6 +68,14 @@ with ``query`` / ``key`` / ``value`` and ``output.dense`` as ``out_proj``; ``lay
 with ``need_weights=False``). ``params``' dropout is the module's ``nn.Dropout`` or a
 probability that is already 0 outside training.
 
+Per-image token counts (``state.valid``, ATS) run packed (:class:`PackedRunner`, option
+``packed`` of the method: ``"auto"`` | ``True`` | ``False``): the batch's real tokens end to
+end, ``[1, T, C]``, through norms, linear layers and MLP, the attention on q/k/v padded back
+to ``[B, H, N, D]``. Under ``"auto"`` a block that selects query rows packs, a batch that
+arrives padded packs from :data:`PACK_MIN_PADDING` padding on, and equal counts run the
+padded blocks; training, tracing, relative position biases and hooks that see the tokens
+keep the padded blocks.
+
 Shapes: ``B`` batch, ``N`` tokens present (prefix included), ``N0`` tokens entering block 0,
 ``C`` width, ``H`` heads, ``D`` head width, ``K`` query rows computed.
 """
@@ -81,6 +89,9 @@ from torch import Tensor, nn
 
 from leanvit.adapters.base import patched_mixin
 from leanvit.ops.attention import attention, select_rows
+from leanvit.ops.packed import (
+    Packing, check_packed, moved_rows, pack, packing, pad_fraction, pad_heads, unpack,
+)
 from leanvit.ops.tokens import gather_tokens
 from leanvit.recorder import MacRecorder
 from leanvit.registry import Reducer
@@ -405,7 +416,10 @@ class TokenEngine:
 
     def _run(self, model, x, state, reducer, start, stop, on_block):
         ctx = None if self._context is None else self._context(model)
-        parts, block = self._parts, self._block
+        parts = self._parts
+        # per-image token counts: blocks may run packed (see "Packed execution" below)
+        block = self._block if on_block is not None else packed_runner(self, model, state,
+                                                                        reducer)
         # iterated, not indexed: nn.Sequential's indexing walks its modules
         for i, blk in islice(enumerate(self._blocks(model)), start, stop):
             x, state = block(parts(blk), i, x, state, reducer, ctx)
@@ -415,6 +429,8 @@ class TokenEngine:
             norm = self.spec.final_norm(model)
             if norm is not None:
                 x = norm(x)
+        if isinstance(block, PackedRunner):
+            x = block.finish(x)  # the padded layout [B, N, C] again
         return x, state
 
     # -- one block
@@ -633,3 +649,150 @@ def check_images(x: Any, in_chans: Optional[int], size: Optional[tuple[int, int]
         raise ValueError(f"model was built for {size[0]}x{size[1]} images, got "
                          f"{x.shape[-2]}x{x.shape[-1]}" + hint.replace("{size}",
                                                                      str(x.shape[-1])))
+
+
+# --------------------------------------------------------------------------------------------
+# Packed execution of per-image token counts
+
+#: Smallest share of padding rows (in a block's padded ``[B, N]`` layout) at which
+#: ``packed="auto"`` packs the batch; below it the padded blocks run (packing has a fixed cost
+#: per block: the index of the real rows, q/k/v copied into the padded layout for the
+#: attention and its output back). A choice, not a measurement (``docs/ats.md``).
+PACK_MIN_PADDING = 0.05
+
+
+def packed_mode(reducer: Reducer) -> Any:
+    """The method's ``packed`` option (``"auto"`` when its options have none)."""
+    return check_packed(getattr(reducer.options, "packed", "auto"))
+
+
+def packed_runner(engine: TokenEngine, model: nn.Module, state: TokenState, reducer: Reducer
+                  ) -> Callable:
+    """The block function of one forward pass: ``engine._block`` itself when no block can run
+    packed (option ``packed=False``; compiled code, whose shapes must not depend on the data;
+    training, whose drop path and keep-masks are per image; dense-feature tracing;
+    proportional attention on merged sizes; a relative position bias, indexed per pair of
+    tokens), else a :class:`PackedRunner`."""
+    mode = packed_mode(reducer)
+    if (mode is False or torch.compiler.is_compiling() or model.training
+            or state.mask is not None or state.where is not None or state.prop_attn
+            or isinstance(engine.spec.position, RelativeBias)):
+        return engine._block
+    return PackedRunner(engine, mode)
+
+
+class PackedRunner:
+    """Runs blocks on the batch's real tokens packed into one sequence once images keep
+    different counts (``state.valid`` set), and the padded blocks otherwise.
+
+    The rule (``packed="auto"``): a padded batch is packed at the first block that can run
+    packed and whose padding share (:func:`leanvit.ops.packed.pad_fraction`) is at least
+    :data:`PACK_MIN_PADDING`; ``packed=True`` packs whenever there is padding. A block whose
+    method selects query rows (ATS) runs packed from its first such block on (``True`` and
+    ``"auto"``): its MLP then already runs on the rows each image keeps. Once packed, the
+    tokens stay packed until every image has the same count again (the padded blocks, with
+    no padding) or a block the packed form cannot serve: a method hook that sees the tokens
+    (``before_block``, ``after_attention``), the whole attention map, or an attention module
+    that runs itself (:func:`has_contract`); there the batch is padded again. Methods whose
+    images keep equal counts (ToMe, EViT, ...) never reach a packed block.
+
+    A packed block (:func:`packed_block`): norms, q/k/v, output projection and MLP on the
+    packed ``[1, T, C]``; q/k/v padded to ``[B, H, N, D]`` (the padded layout of ``state``)
+    for the method's signals, its query selection and one SDPA with the ``-inf`` padding
+    bias (faster on a CPU than one call per image; only the attention, a small part of the
+    block, still computes padding). Outputs equal the padded blocks' (the same attention
+    call on the same values; the linear layers' rows do not depend on the other rows); MACs
+    are recorded per image as there.
+    """
+
+    def __init__(self, engine: TokenEngine, mode: Any):
+        self.engine, self.mode = engine, mode
+        self.pk: Optional[Packing] = None  # the layout while x is packed, else None
+
+    def _can(self, p: BlockParts, i: int, reducer: Reducer) -> bool:
+        return not (reducer.acts_before(i) or reducer.acts_after(i) or has_contract(p.attn)
+                    or reducer.needs_attention_map(i))
+
+    def __call__(self, p: BlockParts, i: int, x: Tensor, state: TokenState, reducer: Reducer,
+                 ctx: Any) -> tuple[Tensor, TokenState]:
+        if self.pk is None:
+            if state.valid is None:  # no padding yet: pack the tail of a block that may
+                enter = reducer.selects_queries(i)  # leave images with different counts
+            else:
+                enter = self.mode is True or pad_fraction(state.valid) >= PACK_MIN_PADDING
+            if not (enter and self._can(p, i, reducer)):
+                return self.engine._block(p, i, x, state, reducer, ctx)
+            self.pk = packing(state.valid, x.shape[0], x.shape[1], x.device)
+            x = pack(x, self.pk)[None]
+        elif not self._can(p, i, reducer):
+            x, self.pk = unpack(x[0], self.pk), None
+            return self.engine._block(p, i, x, state, reducer, ctx)
+        x, state, self.pk = packed_block(self.engine, p, i, x, self.pk, state, reducer, ctx)
+        if self.pk.uniform:  # every image kept the same count: the padded blocks (a view)
+            x, self.pk = unpack(x[0], self.pk), None
+        return x, state
+
+    def finish(self, x: Tensor) -> Tensor:
+        """``x`` in the padded layout ``[B, N, C]`` (padding rows 0 if it was packed)."""
+        return x if self.pk is None else unpack(x[0], self.pk)
+
+
+def _packed_positions(engine: TokenEngine, attn: nn.Module, q: Tensor, k: Tensor, v: Tensor,
+                      state: TokenState, pk: Packing) -> tuple[Tensor, Tensor]:
+    """Rotary positions on packed ``q``, ``k`` ``[1, H, T, D]``: each token's row of the table
+    at its original index (absolute positions: nothing to do)."""
+    rule = engine.spec.position
+    if not isinstance(rule, Rotary):
+        return q, k
+    rope = token_rope(state)
+    if rope is None:
+        return q, k
+    if rope.dim() == 2:  # nothing moved yet: row j for token j of every image
+        rope = rope[:pk.width].expand(pk.batch, -1, -1)
+    rope = pack(rope, pk)  # [T, R]
+    return rule.rotate(attn, q, rope).type_as(v), rule.rotate(attn, k, rope).type_as(v)
+
+
+def packed_block(engine: TokenEngine, p: BlockParts, i: int, x: Tensor, pk: Packing,
+                 state: TokenState, reducer: Reducer, ctx: Any
+                 ) -> tuple[Tensor, TokenState, Packing]:
+    """One block on packed tokens ``x`` ``[1, T, C]`` (layout ``pk``, the padded layout of
+    ``state``): ``(x' [1, T', C], state', layout of x')``; see :class:`PackedRunner`."""
+    counting = state.recorder is not None
+    n_kv = pk.counts.float()
+    attn = p.attn
+    q, k, v, gate = engine._qkv(attn, p.norm1(x))  # [1, H, T, D]
+    q, k = _packed_positions(engine, attn, q, k, v, state, pk)
+    if k.shape[1] != q.shape[1]:  # grouped-query: K/V heads repeated after norm and rotation
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scale, fused, dropout = engine._params(attn)
+    # the attention on the padded layout: the method's signals and selection read it, and one
+    # masked SDPA over the batch is faster on a CPU than one call per image
+    q, k, v = pad_heads(q, pk), pad_heads(k, pk), pad_heads(v, pk)  # [B, H, N, D]
+    extra = attention_bias(state, q.dtype)  # -inf on padding keys
+    signals, q_pk = None, pk
+    if reducer.needs_signals(i):
+        signals = Signals(q, k, v, scale, extra)
+        if reducer.selects_queries(i):
+            rows, state = reducer.select_queries(i, signals, state)
+            if rows is not None:
+                q_pk = packing(state.valid, pk.batch, rows.shape[1], rows.device)
+                src = moved_rows(pk, rows, q_pk)
+                q, x = select_rows(q, rows), x.index_select(1, src)
+                gate = None if gate is None else gate.index_select(1, src)
+    out = attention(q, k, v, scale, bias=extra, fused=fused, dropout=dropout)  # [B, H, K, D]
+    out = pack(out.transpose(1, 2), q_pk).transpose(0, 1)[None]  # [1, H, T', D]
+    a = engine._output(attn, out, gate)
+    del q, k, v, out, gate
+    x = x + (a if p.post1 is None else p.post1(a))
+    del a
+    sig_macs = 0.0 if signals is None else float(signals.macs)
+    del signals
+    m = p.mlp(p.norm2(x))
+    x = x + (m if p.post2 is None else p.post2(m))
+    del m
+    if counting:
+        n = q_pk.counts.float()
+        state.recorder.record_block(i, **engine._macs(p, n_kv, n, n, sig_macs))
+    return x, state, q_pk

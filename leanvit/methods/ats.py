@@ -33,11 +33,12 @@ Differences from the authors' code (``adaptivetokensampling/ATS``), all delibera
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
+from leanvit.ops.packed import check_packed
 from leanvit.registry import (
     Knob, Method, ModelInfo, Reducer, check_locations, check_number, register,
 )
@@ -65,10 +66,16 @@ class ATSOptions:
             sample points. ``None``: the ORIGINAL token count ``N0`` in every ATS block (the
             authors' DeiT-S setting, ``K = 197``), where only duplicate picks reduce the count.
             At least 8 (the authors' floor on the budget).
+        packed: how blocks run once images keep different counts: ``"auto"`` (default) packs
+            the real tokens of the batch into one sequence when at least
+            :data:`leanvit.adapters.tokens.PACK_MIN_PADDING` of a block's padded rows would be
+            padding, ``True`` packs whenever there is padding, ``False`` always pads the batch
+            to its largest count (``docs/ats.md``). Same outputs up to float rounding.
     """
 
     locations: Optional[tuple[int, ...]] = None
     max_tokens: Optional[int] = None
+    packed: Union[str, bool] = "auto"
 
     def __post_init__(self) -> None:
         if self.locations is not None:
@@ -86,6 +93,7 @@ class ATSOptions:
             # the model's depth is checked in build()
         if self.max_tokens is not None:
             check_number("max_tokens", self.max_tokens, lo=MIN_TOKENS, integer=True)
+        check_packed(self.packed)
 
 
 def sample_tokens(scores: Tensor, valid: Optional[Tensor], num_samples: int) -> Tensor:
