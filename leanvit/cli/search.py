@@ -106,6 +106,11 @@ def run(args: argparse.Namespace) -> int:
     save_schedule(s, args.out)
     print(f"prune_kept {list(s.prune_kept)}")
     print(f"merge_kept {list(s.merge_kept)}")
+    if "start" in s.obtained:  # init best-handset: which hand-set schedule it started from
+        tried = ", ".join(f"{h['kind']} {h['holdout_loss']:.4g}" for h in s.obtained["handset"])
+        print(f"started from hand-set {s.obtained['start']} (held-out loss: {tried}); "
+              f"returned the snapshot of step {s.obtained['selected_step']}"
+              + (" (the start)" if s.obtained["selected_start"] else ""))
     print(f"{s.gmacs:.4f} GMACs (target {args.target_gmacs}, "
           f"{100 * s.obtained['off_target']:+.1f}%), {result.steps} steps, "
           f"{result.seconds:.0f} s; wrote {args.out}")

@@ -35,7 +35,7 @@ def test_search_cli_writes_a_schedule_that_bench_deploys(tmp_path, capsys):
     # schedules: 3 left, one step of 3
     assert s.obtained["init"] == "best-handset" and s.obtained["holdout"] == 3
     assert s.obtained["steps"] == 1 and s.gmacs is not None
-    capsys.readouterr()
+    assert f"started from hand-set {s.obtained['start']}" in capsys.readouterr().out
     rc = main(["bench", "deit_tiny_patch16_224", "--img-size", "32", "--method", "diffrate",
                "--set", f"schedule={out}", "--batch-size", "2", "--repeats", "1", "--warmup",
                "1", "--no-memory", "--json", str(tmp_path / "b.json")])
