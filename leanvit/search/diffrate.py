@@ -339,7 +339,8 @@ class _SearchRun:
     def cache(self) -> None:
         """Run the frozen blocks before ``first_block`` once over the images (and the whole
         unpatched model for the distillation targets); hold out ``holdout`` of them when
-        deployed schedules are scored (:attr:`SearchConfig.selects`). Fills ``cache_t`` ``[M, N, C]``, ``target_t`` and ``held``."""
+        deployed schedules are scored (:attr:`SearchConfig.selects`). Fills ``cache_t``
+        ``[M, N, C]``, ``target_t`` and ``held``."""
         cfg, model, adapter = self.cfg, self.model, self.adapter
         bs = cfg.batch_size
         self.coeffs = mac_model(model)
