@@ -62,9 +62,11 @@ KNOBS: Mapping[str, Knob] = _KnobView()
 #: gives twice the steps of 32 in that time. ``select_every=50``: snapshots scored on
 #: held-out images, the best one within the MAC tolerance returned (``docs/diffrate.md``):
 #: the search's last step can end over the budget, a setting tune then cannot choose
-#: (``docs/tune.md``).
+#: (``docs/tune.md``). ``init="best-handset"``: the search starts from the hand-set schedule
+#: of DiffRate's space that scores best on those held-out images and is one of the
+#: snapshots, so tune's search returns nothing worse there than that start.
 SEARCH_DEFAULTS: dict[str, Any] = {"num_images": 1000, "batch_size": 16, "max_seconds": 540.0,
-                                   "select_every": 50}
+                                   "select_every": 50, "init": "best-handset"}
 #: Arguments of :func:`leanvit.search.diffrate.search` that tune sets itself (or that are not
 #: options: labels come from no folder in tune, progress and log follow tune's own).
 SEARCH_NOT_OPTIONS = ("labels", "progress", "log")

@@ -36,11 +36,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="weight of (GMACs - target)^2 (default 5, authors)")
     p.add_argument("--granularity", type=int, default=None,
                    help="candidate spacing in tokens (default: 4 per 196 patches)")
-    p.add_argument("--init", default="warm",
-                   help="start of the rate logits: warm (default: the schedule merging the same "
-                        "number of tokens in every block that meets the target), zero (the "
-                        "authors'), or a hand-set kind: merge-uniform, prune-uniform, "
-                        "merge-3stage, prune-3stage")
+    p.add_argument("--init", default="best-handset",
+                   help="start of the rate logits: best-handset (default: every hand-set "
+                        "schedule of the searched --ops fitted to the target, scored deployed "
+                        "on --holdout held-out images; the search starts at the best and "
+                        "returns nothing worse on those images), warm (the schedule merging "
+                        "the same number of tokens in every block that meets the target), "
+                        "zero (the authors'), or a hand-set kind: merge-uniform, "
+                        "prune-uniform, merge-3stage, prune-3stage")
     p.add_argument("--ops", default="both", choices=["both", "merge", "prune"],
                    help="operations searched: both (default, the authors' space), merge "
                         "(merging only, nothing pruned) or prune")
@@ -56,7 +59,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "on held-out search images, and keep the best within the MAC "
                         "tolerance (default: the last step's counts, as the authors)")
     p.add_argument("--holdout", type=int, default=200, metavar="M",
-                   help="search images held out for --select-every (default 200)")
+                   help="search images held out for --select-every and --init best-handset "
+                        "(default 200)")
     p.add_argument("--img-size", type=int, default=None, metavar="S",
                    help="input size in pixels, passed to timm.create_model(img_size=S)")
     p.add_argument("--checkpoint", default=None, metavar="FILE",
@@ -102,6 +106,11 @@ def run(args: argparse.Namespace) -> int:
     save_schedule(s, args.out)
     print(f"prune_kept {list(s.prune_kept)}")
     print(f"merge_kept {list(s.merge_kept)}")
+    if "start" in s.obtained:  # init best-handset: which hand-set schedule it started from
+        tried = ", ".join(f"{h['kind']} {h['holdout_loss']:.4g}" for h in s.obtained["handset"])
+        print(f"started from hand-set {s.obtained['start']} (held-out loss: {tried}); "
+              f"returned the snapshot of step {s.obtained['selected_step']}"
+              + (" (the start)" if s.obtained["selected_start"] else ""))
     print(f"{s.gmacs:.4f} GMACs (target {args.target_gmacs}, "
           f"{100 * s.obtained['off_target']:+.1f}%), {result.steps} steps, "
           f"{result.seconds:.0f} s; wrote {args.out}")

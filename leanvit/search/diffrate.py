@@ -126,12 +126,13 @@ class SearchConfig:
         check_number("min_lr", self.min_lr, lo=0)
         check_number("init_spread", self.init_spread, lo=0, lo_open=True)
         check_number("tolerance", self.tolerance, lo=0)
-        if self.steps is not None:
-            check_number("steps", self.steps, lo=1, integer=True)
+        if self.steps is not None:  # 0: no step, the start is returned (scored when selecting)
+            check_number("steps", self.steps, lo=0, integer=True)
         if self.max_seconds is not None:
             check_number("max_seconds", self.max_seconds, lo=0, lo_open=True)
         if self.select_every is not None:
             check_number("select_every", self.select_every, lo=1, integer=True)
+        if self.selects:
             check_number("holdout", self.holdout, lo=1, integer=True)
         init, ops = self.init, self.ops
         if init not in INITS:
@@ -149,6 +150,12 @@ class SearchConfig:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, "
                              f"got {self.objective!r}")
+
+    @property
+    def selects(self) -> bool:
+        """Whether images are held out to score deployed schedules: for snapshots
+        (``select_every``) or to pick the start (``init="best-handset"``)."""
+        return self.select_every is not None or self.init == BEST_HANDSET
 
 
 def search(
@@ -207,12 +214,19 @@ def search(
         init: the logits' start. ``"warm"`` (default): the hand-set schedule that merges the
             same number of tokens in every block and meets the target (``"merge-uniform"``
             of :func:`handset_schedule`; any of
-            :data:`leanvit.methods.diffrate.budget.HANDSET_KINDS` may be named instead), so the search starts on its budget and every block gets task
-            gradient from the first step; ``"zero"``: the authors' zero logits (every block
-            at the same, middle count).
+            :data:`leanvit.methods.diffrate.budget.HANDSET_KINDS` may be named instead), so
+            the search starts on its budget and every block gets task gradient from the first
+            step; ``"best-handset"`` (``leanvit search``'s and ``leanvit tune``'s default):
+            every hand-set kind of the searched ``ops`` fitted to the target, deployed and
+            scored on ``holdout`` held-out images, the best one the start and a snapshot
+            (so with selection the search returns nothing worse than its start on those
+            images, even with ``select_every=None``: the start and the last step are then
+            compared); ``"zero"``: the authors' zero logits (every block at the same,
+            middle count).
         init_spread: width of the warm start's distributions, in candidates
             (:meth:`DiffRateSearchReducer.warm_start`).
-        steps: optimiser steps in all (overrides ``epochs``; the images are cycled).
+        steps: optimiser steps in all (overrides ``epochs``; the images are cycled); 0
+            returns the start.
         max_seconds: stop after about this many seconds of search (caching included): caching
             may take :data:`CACHE_SHARE` of it (fewer images otherwise, with a warning); the
             step count is cut to what fits, measured after the first steps and re-planned
@@ -228,7 +242,8 @@ def search(
             straight-through gradient is a noisy guide (``docs/diffrate.md``): this keeps the
             search from returning a schedule worse than one it saw. ``None`` (default): the
             last step's counts, as the authors.
-        holdout: images held out for ``select_every`` (default 200; at most half the images).
+        holdout: images held out for ``select_every`` and ``init="best-handset"`` (default
+            200; at most half the images).
         log: called with each step's record.
 
     Returns:
@@ -324,7 +339,8 @@ class _SearchRun:
     def cache(self) -> None:
         """Run the frozen blocks before ``first_block`` once over the images (and the whole
         unpatched model for the distillation targets); hold out ``holdout`` of them when
-        snapshots are selected. Fills ``cache_t`` ``[M, N, C]``, ``target_t`` and ``held``."""
+        deployed schedules are scored (:attr:`SearchConfig.selects`). Fills ``cache_t``
+        ``[M, N, C]``, ``target_t`` and ``held``."""
         cfg, model, adapter = self.cfg, self.model, self.adapter
         bs = cfg.batch_size
         self.coeffs = mac_model(model)
@@ -348,10 +364,11 @@ class _SearchRun:
         self.cache_t = torch.cat(cache)
         self.target_t = torch.cat(teacher) if teacher else self.labels.to(self.device)
         unpatch(model)
-        if cfg.select_every is not None:
+        if cfg.selects:
             if len(self.cache_t) < 2:
-                raise ValueError("select_every needs at least 2 search images (some are held "
-                                 "out to score the snapshots)")
+                why = "select_every" if cfg.select_every is not None else f"init={cfg.init!r}"
+                raise ValueError(f"{why} needs at least 2 search images (some are held out to "
+                                 "score the deployed schedules)")
             k = min(cfg.holdout, len(self.cache_t) // 2)
             self.held = (self.cache_t[-k:], self.target_t[-k:])
             self.cache_t, self.target_t = self.cache_t[:-k], self.target_t[:-k]
@@ -374,18 +391,22 @@ class _SearchRun:
 
     def start(self) -> None:
         """Patch the ``diffrate-search`` mode, warm-start its logits from a hand-set schedule
-        (unless ``init="zero"``) and build the optimiser and the step plan."""
+        (unless ``init="zero"``; with ``"best-handset"`` the best on the held-out images) and
+        build the optimiser and the step plan."""
         cfg, model = self.cfg, self.model
         patch(model, "diffrate-search", granularity=cfg.granularity,
               first_block=cfg.first_block, mac_model=self.coeffs, ops=cfg.ops)
         self.reducer: DiffRateSearchReducer = model.leanvit
-        if cfg.init != "zero":
+        if cfg.init == BEST_HANDSET:
+            self.start_schedule = self._best_handset()
+        elif cfg.init != "zero":
             kind = cfg.init
             if kind == "warm":
                 kind = "prune-uniform" if cfg.ops == "prune" else "merge-uniform"
             self.start_schedule = handset_schedule(model, kind, cfg.target_gmacs,
                                                    first_block=cfg.first_block,
                                                    coeffs=self.coeffs, measure=False)
+        if self.start_schedule is not None:
             self.reducer.warm_start(self.start_schedule.prune_kept,
                                     self.start_schedule.merge_kept, spread=cfg.init_spread)
         self.opt = torch.optim.AdamW(self.reducer.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -397,6 +418,28 @@ class _SearchRun:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=self.total, desc="diffrate search", unit="step")
+
+    def _best_handset(self) -> Schedule:
+        """Every hand-set kind the searched ``ops`` can express
+        (:func:`handset_kinds`), fitted to the target and scored on the held-out images; the
+        best within the MAC tolerance (the closest to the target when none is) is returned
+        and recorded as the step-0 snapshot, so selection compares every later schedule
+        with it. The scores go to ``handset_scores``."""
+        cfg = self.cfg
+        tried = []
+        for kind in handset_kinds(cfg.ops):
+            s = handset_schedule(self.model, kind, cfg.target_gmacs, first_block=cfg.first_block,
+                                 coeffs=self.coeffs, measure=False)
+            tried.append({"kind": kind, "holdout_loss": self.holdout_loss(s),
+                          "estimated_gmacs": s.obtained["estimated_gmacs"], "schedule": s})
+        best = _best_of(tried, cfg.target_gmacs, cfg.tolerance)
+        self.handset_scores = [{k: v for k, v in r.items() if k != "schedule"} for r in tried]
+        s = best["schedule"]
+        self.snapshots.append({"key": (tuple(s.prune_kept), tuple(s.merge_kept)), "step": 0,
+                               "holdout_loss": best["holdout_loss"],
+                               "estimated_gmacs": best["estimated_gmacs"], "schedule": s,
+                               "start": best["kind"]})
+        return s
 
     def task_loss(self, y: Tensor, state: TokenState, target: Tensor,
                   net: Optional[nn.Module] = None) -> Tensor:
@@ -414,7 +457,8 @@ class _SearchRun:
 
     def train(self) -> None:
         """Step through shuffled batches of the cache until ``total`` steps (re-planned
-        under ``max_seconds``), snapshotting every ``select_every`` steps."""
+        under ``max_seconds``), snapshotting at step 0, every ``select_every`` steps and at
+        the end when deployed schedules are scored."""
         cfg = self.cfg
         epoch = -1
         if self.held is not None:
@@ -428,7 +472,7 @@ class _SearchRun:
                     break
                 self._replan()
                 self.step(perm[s:s + cfg.batch_size].to(self.device), epoch)
-                if self.held is not None and self.step_count % cfg.select_every == 0:
+                if cfg.select_every is not None and self.step_count % cfg.select_every == 0:
                     self.snapshot(self.step_count)
         if self.held is not None:
             self.snapshot(self.step_count)
@@ -477,27 +521,35 @@ class _SearchRun:
         self.step_count = step + 1
 
     def snapshot(self, at: int) -> None:
-        """Deploy the current hard counts on the held-out images and record the loss."""
-        info, held, net = self.info, self.held, self.deploy_copy
-        s = self.reducer.to_schedule(info.name, info.img_size)
+        """Deploy the current hard counts on the held-out images and record the loss (once
+        per distinct schedule)."""
+        s = self.reducer.to_schedule(self.info.name, self.info.img_size)
         key = (tuple(s.prune_kept), tuple(s.merge_kept))
         if any(r["key"] == key for r in self.snapshots):
             return
+        est = schedule_macs(s.prune_kept, s.merge_kept, s.num_tokens, self.coeffs)
+        self.snapshots.append({"key": key, "step": at, "holdout_loss": self.holdout_loss(s),
+                               "estimated_gmacs": est, "schedule": s})
+
+    def holdout_loss(self, s: Schedule) -> float:
+        """The task loss of schedule ``s`` deployed (method ``diffrate``, tokens removed) on
+        the held-out images, averaged over them."""
+        info, held, net = self.info, self.held, self.deploy_copy
         patch(net, "diffrate", schedule=s)
         total_loss, n = 0.0, 0
-        with torch.no_grad():
-            for a in range(0, len(held[0]), self.cfg.batch_size):
-                x0 = held[0][a:a + self.cfg.batch_size]
-                tgt = held[1][a:a + self.cfg.batch_size]
-                st = net.leanvit.init_state(
-                    TokenState(prefix=info.num_prefix_tokens, n0=x0.shape[1]), x0)
-                y, st = self.adapter.run_blocks(net, x0, st, self.cfg.first_block)
-                total_loss += float(self.task_loss(y, st, tgt, net)) * len(x0)
-                n += len(x0)
-        unpatch(net)
-        est = schedule_macs(s.prune_kept, s.merge_kept, s.num_tokens, self.coeffs)
-        self.snapshots.append({"key": key, "step": at, "holdout_loss": total_loss / n,
-                               "estimated_gmacs": est, "schedule": s})
+        try:
+            with torch.no_grad():
+                for a in range(0, len(held[0]), self.cfg.batch_size):
+                    x0 = held[0][a:a + self.cfg.batch_size]
+                    tgt = held[1][a:a + self.cfg.batch_size]
+                    st = net.leanvit.init_state(
+                        TokenState(prefix=info.num_prefix_tokens, n0=x0.shape[1]), x0)
+                    y, st = self.adapter.run_blocks(net, x0, st, self.cfg.first_block)
+                    total_loss += float(self.task_loss(y, st, tgt, net)) * len(x0)
+                    n += len(x0)
+        finally:
+            unpatch(net)
+        return total_loss / n
 
     # -- phase 4: select the schedule --------------------------------------------------------
 
@@ -525,16 +577,15 @@ class _SearchRun:
         schedule = reducer.to_schedule(self.info.name, self.info.img_size, obtained)
         if self.held is None:
             return schedule
-        target, tol = cfg.target_gmacs, cfg.tolerance
-        ok = [r for r in self.snapshots
-              if abs(r["estimated_gmacs"] - target) <= tol * target]
-        best = (min(ok, key=lambda r: r["holdout_loss"]) if ok else
-                min(self.snapshots, key=lambda r: abs(r["estimated_gmacs"] - target)))
+        best = _best_of(self.snapshots, cfg.target_gmacs, cfg.tolerance)
         obtained.update({
             "select_every": cfg.select_every, "holdout": len(self.held[0]),
             "images": int(len(self.cache_t)) + len(self.held[0]), "selected_step": best["step"],
             "snapshots": [{k: v for k, v in r.items() if k not in ("key", "schedule")}
                           for r in self.snapshots]})
+        if cfg.init == BEST_HANDSET:
+            obtained.update({"start": self.snapshots[0]["start"], "handset": self.handset_scores,
+                             "selected_start": best is self.snapshots[0]})
         return Schedule(**{**_fields(best["schedule"]), "obtained": obtained})
 
     # -- phase 5: export with the deployed MACs ----------------------------------------------
@@ -562,9 +613,28 @@ class _SearchRun:
                             steps=self.step_count)
 
 
-#: Starts of the search's logits: ``"warm"`` (= ``"merge-uniform"``), a hand-set kind, or
-#: the authors' ``"zero"``.
-INITS = ("warm", "zero") + HANDSET_KINDS
+#: The start that scores every hand-set kind on held-out images and begins at the best.
+BEST_HANDSET = "best-handset"
+#: Starts of the search's logits: ``"warm"`` (= ``"merge-uniform"``), the best hand-set
+#: schedule on held-out images, a hand-set kind, or the authors' ``"zero"``.
+INITS = ("warm", BEST_HANDSET, "zero") + HANDSET_KINDS
+
+
+def handset_kinds(ops: str) -> tuple[str, ...]:
+    """The hand-set kinds (:data:`leanvit.methods.diffrate.budget.HANDSET_KINDS`) a search of
+    ``ops`` (``"both"``, ``"merge"``, ``"prune"``) can express: all of them for both
+    operations, else the ones of that operation."""
+    return tuple(k for k in HANDSET_KINDS if ops == "both" or k.startswith(ops + "-"))
+
+
+def _best_of(rows: list, target: float, tolerance: float) -> dict:
+    """The row (a scored schedule: ``holdout_loss``, ``estimated_gmacs``) with the lowest
+    held-out loss among those within ``tolerance`` (relative) of ``target`` GMACs, or the
+    one closest to the target when none is; ties go to the earlier row."""
+    ok = [r for r in rows if abs(r["estimated_gmacs"] - target) <= tolerance * target]
+    if ok:
+        return min(ok, key=lambda r: r["holdout_loss"])
+    return min(rows, key=lambda r: abs(r["estimated_gmacs"] - target))
 
 
 def handset_schedule(model: nn.Module, kind: str, target_gmacs: float, *, first_block: int = 1,

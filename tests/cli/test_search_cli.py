@@ -31,8 +31,11 @@ def test_search_cli_writes_a_schedule_that_bench_deploys(tmp_path, capsys):
     s = load_schedule(out)
     assert s.depth == 12 and s.num_tokens == 5 and s.img_size == (32, 32)
     assert s.obtained["how"] == "search" and s.obtained["images"] == 6
-    assert s.obtained["steps"] == 2 and s.gmacs is not None
-    capsys.readouterr()
+    # the default start, best-handset, holds out half of the 6 images to score the hand-set
+    # schedules: 3 left, one step of 3
+    assert s.obtained["init"] == "best-handset" and s.obtained["holdout"] == 3
+    assert s.obtained["steps"] == 1 and s.gmacs is not None
+    assert f"started from hand-set {s.obtained['start']}" in capsys.readouterr().out
     rc = main(["bench", "deit_tiny_patch16_224", "--img-size", "32", "--method", "diffrate",
                "--set", f"schedule={out}", "--batch-size", "2", "--repeats", "1", "--warmup",
                "1", "--no-memory", "--json", str(tmp_path / "b.json")])

@@ -158,7 +158,7 @@ def test_off_target_warning_and_search_cli_exit_0(tmp_path, capsys):
     assert "off the target" in json.loads(out.read_text())["obtained"]["warning"]
 
 
-@pytest.mark.parametrize("bad", [{"init": "nope"}, {"steps": 0}, {"max_seconds": -1},
+@pytest.mark.parametrize("bad", [{"init": "nope"}, {"steps": -1}, {"max_seconds": -1},
                                  {"init_spread": 0}])
 def test_bad_search_options(bad):
     with pytest.raises((ValueError, TypeError)):
