@@ -12,6 +12,14 @@ Three forms, one entry point (:func:`attention`):
 - masked: the same logits through :func:`masked_softmax` in float32 (training keep-masks of
   DynamicViT and the DiffRate search).
 
+A per-key bias (ToMe's ``log(size)``, ``-inf`` on padding) reaches the fused path as SDPA's
+float mask ``[B, 1, 1, N]``, which the kernel adds to its tiles without leaving the kernel.
+FlexAttention can do the same with a ``score_mod`` (:func:`flex_key_bias_attention`); the rule
+(:func:`use_flex`) takes it only where it measured faster, and on the CPU it did not: compiled,
+fp32, the attention op with such a bias took as long or longer under FlexAttention at every
+shape measured, so the float mask stays (numbers in ``docs/token_reduction.md``).
+:data:`KEY_BIAS_KERNEL` forces either.
+
 Query-row selection (``rows``, ATS) gathers the queries first; all keys and values stay.
 Shapes: ``B`` batch, ``H`` heads, ``Nq`` queries, ``N`` keys, ``D`` head width.
 """
@@ -133,15 +141,15 @@ def key_bias(bias: Bias, q: Tensor, k: Tensor) -> Optional[Tensor]:
 def use_flex(q: Tensor, k: Tensor, bias: Optional[Tensor], p: float) -> bool:
     """Whether :func:`flex_key_bias_attention` serves this call instead of SDPA with a float
     mask: only while ``torch.compile`` traces (FlexAttention runs unfused in eager code), with a
-    per-key bias ``bias`` ``[B', N]``, no dropout, float32 or bfloat16, and (``"auto"``) only
-    where it measured faster: see ``docs/token_reduction.md`` ("Proportional attention")."""
-    if bias is None or p > 0 or not torch.compiler.is_compiling() or KEY_BIAS_KERNEL == "sdpa":
+    per-key bias ``bias`` ``[B', N]``, no dropout, float32 or bfloat16, and where it measured
+    faster. The rule (``"auto"``): never on the CPU, where FlexAttention was as fast or slower
+    at every shape measured (``docs/token_reduction.md``, "Proportional attention and padding
+    in the fused kernel"); not yet on CUDA either, where it is unmeasured (SDPA there takes a
+    float mask in its memory-efficient kernel). ``KEY_BIAS_KERNEL = "flex"`` takes it wherever
+    these conditions hold."""
+    if bias is None or p > 0 or not torch.compiler.is_compiling() or KEY_BIAS_KERNEL != "flex":
         return False
-    if q.dtype not in (torch.float32, torch.bfloat16) or q.shape[-1] != k.shape[-1]:
-        return False
-    if KEY_BIAS_KERNEL == "flex":
-        return True
-    return False
+    return q.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] == k.shape[-1]
 
 
 def flex_key_bias_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor
