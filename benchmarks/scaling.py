@@ -155,7 +155,8 @@ def table(data: dict) -> str:
              "`python benchmarks/scaling.py CONFIG PART` per part (see the script's docstring), "
              "under `flock /tmp/leanvit-cpu.lock`; commands as run, with the load average "
              "before each, in `scaling.json` (`runs`). Cells: speedup / MAC ratio (their "
-             "quotient), spread of the per-round speedups in brackets; '-' = not measured.", ""]
+             "quotient), spread of the per-round speedups in brackets, 'best': fastest dense round over the "
+             "method's fastest; '-' = not measured.", ""]
     names = sorted({m for c in cfgs for m in res[c].get("settings", {})})
     for mode in ("eager", "compiled"):
         rows = []
@@ -166,7 +167,9 @@ def table(data: dict) -> str:
                 cells.append("-" if not (s and t) else
                              f"{t['speedup']:.2f}x / {s['mac_ratio']:.2f}x = "
                              f"{t['speedup'] / s['mac_ratio']:.2f} "
-                             f"[{t['spread'][0]:.2f}-{t['spread'][1]:.2f}]")
+                             f"[{t['spread'][0]:.2f}-{t['spread'][1]:.2f}], best "
+                             f"{min(res[c][mode]['dense']['round_ms']) / min(t['round_ms']):.2f}x")
+            rows.append(cells)
         rows.append(["dense ms/batch"] + [f"{res[c][mode]['dense']['ms']:.0f}"
                                            if mode in res[c] else "-" for c in cfgs])
         lines += [f"## {mode}", "", md_table(head, rows)]
