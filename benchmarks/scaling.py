@@ -17,11 +17,10 @@ on ``--mac-images`` images, ATS's again on the whole batch); ``eager`` / ``compi
 (``torch.compile`` default) time the dense model and every method in interleaved rounds (one
 warm-up, then ``--repeats`` rounds, each model once per round, the order reversed every other
 round): speedup = median dense / median method time, spread = lowest and highest per-round
-ratio, compile seconds recorded; ``memory``: ``leanvit.bench.cpu_peak_memory_mb`` (a fresh
-process per model, random weights). ``--methods`` limits a part to some methods (others kept).
-DINOv2 uses the real ViT-S/14 weights (position embeddings resampled) and 8 scikit-image photos;
-the other models random weights and random images. DiffRate is left out (its schedule is
-searched, not set by one knob), DynamicViT too (it needs trained predictors).
+ratio; ``memory``: ``leanvit.bench.cpu_peak_memory_mb`` (a fresh process per model, random
+weights). ``--methods``: some methods only. DINOv2: the real ViT-S/14 weights (positions
+resampled), 8 scikit-image photos; others random weights and images. Not DiffRate (searched,
+not one knob) nor DynamicViT (trained predictors).
 """
 from __future__ import annotations
 
@@ -30,6 +29,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from _common import (DINOV2_MODEL, DINOV2_WEIGHTS, RESULTS, command, loadavg, md_table, photos,
                      require)
@@ -45,17 +45,7 @@ CONFIGS = {
 }
 #: methods whose MACs depend on the images (counted again on the timed batch)
 IMAGE_DEPENDENT = ("ats",)
-#: merging methods (the acceptance: speedup >= MAC ratio at 518 px)
-MERGING = ("tome", "pitome", "tofu", "mctf")
 OUT = RESULTS / "scaling.json"
-
-
-def methods() -> list[str]:
-    """Every registered training-free method with a knob (``leanvit.tune.KNOBS``)."""
-    import leanvit
-    from leanvit.tune import KNOBS
-
-    return sorted(set(KNOBS) & set(leanvit.available_methods()))
 
 
 def build(cfg: str, batch: int):
@@ -196,8 +186,6 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="remeasure the dense memory too")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
-    from pathlib import Path
-
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.exists() else {"configs": {}, "runs": []}
     if not args.table:
@@ -208,7 +196,9 @@ def main(argv=None) -> int:
         import leanvit
 
         print(f"leanvit from {leanvit.__file__}", file=sys.stderr)
-        args.methods = args.methods or methods()
+        from leanvit.tune import KNOBS  # every training-free method with a strength knob
+
+        args.methods = args.methods or sorted(set(KNOBS) & set(leanvit.available_methods()))
         res = data["configs"].setdefault(args.config, {})
         if args.part != "settings" and "settings" not in res:
             p.error(f"run '{args.config} settings' first")
