@@ -138,16 +138,17 @@ def key_bias(bias: Bias, q: Tensor, k: Tensor) -> Optional[Tensor]:
     return None if out is None else out[:, 0, 0, :]
 
 
-def use_flex(q: Tensor, k: Tensor, bias: Optional[Tensor], p: float) -> bool:
+def use_flex(q: Tensor, k: Tensor, bias: Bias, p: float) -> bool:
     """Whether :func:`flex_key_bias_attention` serves this call instead of SDPA with a float
-    mask: only while ``torch.compile`` traces (FlexAttention runs unfused in eager code), with a
-    per-key bias ``bias`` ``[B', N]``, no dropout, float32 or bfloat16, and where it measured
-    faster. The rule (``"auto"``): never on the CPU, where FlexAttention was as fast or slower
+    mask, if the biases are per-key (:func:`key_bias`): only while ``torch.compile`` traces
+    (FlexAttention runs unfused in eager code), with a bias, no dropout, float32 or bfloat16
+    (``p``: the dropout probability), and where it measured faster. The rule (``"auto"``): never on the CPU, where FlexAttention was as fast or slower
     at every shape measured (``docs/token_reduction.md``, "Proportional attention and padding
     in the fused kernel"); not yet on CUDA either, where it is unmeasured (SDPA there takes a
     float mask in its memory-efficient kernel). ``KEY_BIAS_KERNEL = "flex"`` takes it wherever
     these conditions hold."""
-    if bias is None or p > 0 or not torch.compiler.is_compiling() or KEY_BIAS_KERNEL != "flex":
+    if KEY_BIAS_KERNEL != "flex" or not _biases(bias) or p > 0 or not (
+            torch.compiler.is_compiling()):
         return False
     return q.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] == k.shape[-1]
 
@@ -213,8 +214,9 @@ def attention(
         else:  # an nn.Dropout: active only while training, as timm
             p = dropout.p if getattr(dropout, "training", False) else 0.0
         if p > 0 or not _small_compiled_cpu(q, k):
-            kb = key_bias(bias, q, k) if torch.compiler.is_compiling() else None
-            if use_flex(q, k, kb, p):
+            # the rule first, so that the traced graph has no unused bias sum when SDPA serves
+            kb = key_bias(bias, q, k) if use_flex(q, k, bias, p) else None
+            if kb is not None:
                 return flex_key_bias_attention(q, k, v, scale, kb.to(q.dtype))
             mask = None
             for b in _biases(bias):  # several biases: summed in order, one mask for the kernel
