@@ -43,8 +43,9 @@ from _common import RESULTS, command, md_table, resolve, write_results  # noqa: 
 
 MODEL = "deit_small_patch16_224"
 
-#: (label, method, options) on DeiT-S: the settings of the CPU results (token_reduction.md,
-#: ats.md, dynamicvit.md, diffrate.md); diffrate's schedule is the authors' 2.9 GMACs one
+#: (label, method, options) on DeiT-S: every registered method at the settings of the CPU
+#: results (token_reduction.md, token_reduction_new_methods.md, ats.md, dynamicvit.md,
+#: diffrate.md); diffrate's schedule is the authors' 2.9 GMACs one
 METHODS = [
     ("evit 0.7", "evit", {"keep_rate": 0.7}),
     ("topk 0.7", "topk", {"keep_rate": 0.7}),
@@ -52,6 +53,11 @@ METHODS = [
     ("ats", "ats", {}),
     ("diffrate 2.9G", "diffrate", {"schedule": "authors:ViT-S-DeiT:2.9"}),
     ("dynamicvit 0.7", "dynamicvit", {"keep_rate": 0.7}),
+    ("pitome r=13", "pitome", {"r": 13}),
+    ("mctf r=16", "mctf", {"r": 16}),
+    ("tofu r=13", "tofu", {"r": 13}),
+    ("zerotprune r=11", "zerotprune", {"r": 11}),
+    ("divprune 0.7", "divprune", {"keep_rate": 0.7}),
 ]
 #: the dry run's tiny model (4 blocks, 16 patches) and its methods' settings
 DRY_MODEL = ("deit_tiny_patch16_224", dict(depth=4, img_size=64))
@@ -62,6 +68,11 @@ DRY_METHODS = [
     ("ats", "ats", {}),
     ("diffrate", "diffrate", {"schedule": ([17, 15, 13, 11], [15, 13, 11, 9])}),
     ("dynamicvit 0.7", "dynamicvit", {"keep_rate": 0.7, "locations": (1, 2, 3)}),
+    ("pitome r=2", "pitome", {"r": 2}),
+    ("mctf r=2", "mctf", {"r": 2}),
+    ("tofu r=2", "tofu", {"r": 2}),
+    ("zerotprune r=2", "zerotprune", {"r": 2}),
+    ("divprune 0.7", "divprune", {"keep_rate": 0.7}),
 ]
 
 

@@ -12,6 +12,14 @@ Three forms, one entry point (:func:`attention`):
 - masked: the same logits through :func:`masked_softmax` in float32 (training keep-masks of
   DynamicViT and the DiffRate search).
 
+A per-key bias (ToMe's ``log(size)``, ``-inf`` on padding) reaches the fused path as SDPA's
+float mask ``[B, 1, 1, N]``, which the kernel adds to its tiles without leaving the kernel.
+FlexAttention can do the same with a ``score_mod`` (:func:`flex_key_bias_attention`); the rule
+(:func:`use_flex`) takes it only where it measured faster, and on the CPU it did not: compiled,
+fp32, the attention op with such a bias took as long or longer under FlexAttention at every
+shape measured, so the float mask stays (numbers in ``docs/token_reduction.md``).
+:data:`KEY_BIAS_KERNEL` forces either.
+
 Query-row selection (``rows``, ATS) gathers the queries first; all keys and values stay.
 Shapes: ``B`` batch, ``H`` heads, ``Nq`` queries, ``N`` keys, ``D`` head width.
 """
@@ -110,6 +118,57 @@ def _small_compiled_cpu(q: Tensor, k: Tensor) -> bool:
     return B * H * Nq * k.shape[-2] * q.element_size() <= EXPLICIT_MAX_BYTES
 
 
+#: Which kernel serves a per-key bias (``log(size)``, ``-inf`` padding) in compiled CPU code
+#: above :data:`EXPLICIT_MAX_BYTES`: ``"auto"`` (the rule of :func:`use_flex`), ``"flex"``
+#: (FlexAttention wherever it can serve: compiled code, per-key biases) or ``"sdpa"`` (the
+#: fused SDPA kernel with a float mask). A switch for measuring both ways; read at trace time.
+KEY_BIAS_KERNEL = "auto"
+
+
+def key_bias(bias: Bias, q: Tensor, k: Tensor) -> Optional[Tensor]:
+    """The biases as one ``[B', N]`` vector (``B'`` 1 or ``B``) when every one is a per-key
+    bias (``[B|1, 1, 1, N]``: ``log(size)``, ``-inf`` padding), summed in order; ``None`` when
+    there is none or one varies over heads or query rows (relative position)."""
+    out = None
+    for b in _biases(bias):
+        if b.dim() != 4 or b.shape[1] != 1 or b.shape[2] != 1 or b.shape[0] not in (
+                1, q.shape[0]) or b.shape[3] != k.shape[-2]:
+            return None
+        out = b if out is None else out + b
+    return None if out is None else out[:, 0, 0, :]
+
+
+def use_flex(q: Tensor, k: Tensor, bias: Bias, p: float) -> bool:
+    """Whether :func:`flex_key_bias_attention` serves this call instead of SDPA with a float
+    mask, if the biases are per-key (:func:`key_bias`): only while ``torch.compile`` traces
+    (FlexAttention runs unfused in eager code), with a bias, no dropout, float32 or bfloat16
+    (``p``: the dropout probability), and where it measured faster. The rule (``"auto"``): never on the CPU, where FlexAttention was as fast or slower
+    at every shape measured (``docs/token_reduction.md``, "Proportional attention and padding
+    in the fused kernel"); not yet on CUDA either, where it is unmeasured (SDPA there takes a
+    float mask in its memory-efficient kernel). ``KEY_BIAS_KERNEL = "flex"`` takes it wherever
+    these conditions hold."""
+    if KEY_BIAS_KERNEL != "flex" or not _biases(bias) or p > 0 or not (
+            torch.compiler.is_compiling()):
+        return False
+    return q.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] == k.shape[-1]
+
+
+def flex_key_bias_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor
+                            ) -> Tensor:
+    """``softmax(q k^T * scale + bias[b, key]) v`` by FlexAttention, the bias added inside the
+    kernel by a ``score_mod`` (no ``[B, 1, Nq, N]`` mask is built): ``q`` ``[B, H, Nq, D]``,
+    ``k`` / ``v`` ``[B, H, N, D]``, ``bias`` ``[B', N]`` (``B'`` 1 or ``B``; ``-inf`` entries
+    drop keys). For compiled code (:func:`use_flex`); in eager code it works but is slow."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    one = bias.shape[0] == 1
+
+    def add_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[0 if one else b, kv_idx]
+
+    return flex_attention(q, k, v, score_mod=add_bias, scale=scale)
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -155,6 +214,10 @@ def attention(
         else:  # an nn.Dropout: active only while training, as timm
             p = dropout.p if getattr(dropout, "training", False) else 0.0
         if p > 0 or not _small_compiled_cpu(q, k):
+            # the rule first, so that the traced graph has no unused bias sum when SDPA serves
+            kb = key_bias(bias, q, k) if use_flex(q, k, bias, p) else None
+            if kb is not None:
+                return flex_key_bias_attention(q, k, v, scale, kb.to(q.dtype))
             mask = None
             for b in _biases(bias):  # several biases: summed in order, one mask for the kernel
                 mask = b if mask is None else mask + b

@@ -168,3 +168,49 @@ def test_compiled_cpu_form_depends_on_the_map_size(shape, dtype, explicit):
     assert fused != explicit
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else {}
     torch.testing.assert_close(out, attention(q, k, v, 64 ** -0.5, bias=bias), **tol)
+
+
+@pytest.mark.parametrize("kernel", ["flex", "sdpa"])
+def test_compiled_key_bias_kernels_equal_the_plain_reference(kernel, monkeypatch):
+    """A per-key bias (``log(size)`` and ``-inf`` padding) in compiled code, served by
+    FlexAttention's ``score_mod`` or by SDPA with a float mask (``KEY_BIAS_KERNEL``), equals the
+    float64 reference; the graph holds the kernel asked for; query rows too."""
+    import leanvit.ops.attention as A
+
+    monkeypatch.setattr(A, "KEY_BIAS_KERNEL", kernel)
+    g = torch.Generator().manual_seed(3)
+    B, N = 8, 96  # 1.2 MB map: above EXPLICIT_MAX_BYTES, so a kernel serves it
+    assert B * 4 * (N - 8) * N * 4 > A.EXPLICIT_MAX_BYTES
+    q, k, v = torch.randn(3, B, 4, N, 16, generator=g).unbind(0)
+    size = torch.randint(1, 5, (B, N), generator=g).float()
+    bias = size.log()
+    bias[1, -7:] = float("-inf")  # padding: those keys get no weight
+    bias = bias[:, None, None, :]
+    rows = torch.stack([torch.randperm(N, generator=g)[:N - 8] for _ in range(B)])
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    run = torch.compile(lambda q, k, v, b, r: A.attention(q, k, v, 0.25, bias=b, rows=r),
+                        backend=backend, fullgraph=True)
+    ref, _ = _plain(q, k, v, 0.25, bias)
+    torch.testing.assert_close(run(q, k, v, bias, None).double(), ref, atol=1e-5, rtol=1e-5)
+    want = torch.stack([ref[b][:, rows[b]] for b in range(B)])
+    torch.testing.assert_close(run(q, k, v, bias, rows).double(), want, atol=1e-5, rtol=1e-5)
+    text = "\n".join(str(gm.graph) for gm in graphs)
+    assert ("flex_attention" in text) == (kernel == "flex")
+    assert ("scaled_dot_product_attention" in text) == (kernel == "sdpa")
+
+
+def test_key_bias_takes_only_per_key_biases():
+    from leanvit.ops.attention import key_bias
+
+    q, k = torch.zeros(2, 3, 5, 4), torch.zeros(2, 3, 7, 4)
+    a, b = torch.randn(2, 1, 1, 7), torch.randn(1, 1, 1, 7)
+    torch.testing.assert_close(key_bias((a, None, b), q, k), (a + b)[:, 0, 0])
+    assert key_bias(None, q, k) is None
+    assert key_bias(torch.randn(1, 3, 5, 7), q, k) is None  # relative position: per head/row
+    assert key_bias(torch.randn(1, 1, 5, 7), q, k) is None
