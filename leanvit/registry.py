@@ -81,6 +81,24 @@ class Reducer(nn.Module):
         float32 map)."""
         return False
 
+    def reads_map(self, i: int) -> bool:
+        """Whether block ``i``'s method takes only a per-image statistic of its map
+        (:meth:`read_map`), so the engine need not keep the whole map: with
+        :meth:`needs_attention_map`, the explicit attention then runs one chunk of images at a
+        time and each chunk's map is read while it is in cache
+        (:func:`leanvit.ops.attention.map_attention`); the results reach the method as
+        :attr:`leanvit.signals.Signals.map_read` (``None`` in half precision: read
+        :attr:`~leanvit.signals.Signals.attn` then)."""
+        return False
+
+    def read_map(self, i: int, weights: Tensor, signals: Signals, state: TokenState,
+                 images: slice) -> Tensor:
+        """What block ``i``'s method keeps of a chunk of its post-softmax map ``weights``
+        ``[b, H, N, N]`` (float32/float64) of the images ``images`` (a slice of the batch):
+        a ``[b, ...]`` tensor. ``signals`` (:class:`~leanvit.signals.Signals`) and ``state``
+        (:class:`~leanvit.state.TokenState`) are the block's, for the whole batch."""
+        raise NotImplementedError(f"{type(self).__name__} reads no attention map")
+
     def needs_signals(self, i: int) -> bool:
         """Whether block ``i`` must compute :class:`Signals` (its q, k, v are then exposed)."""
         return self.acts_after(i) or self.selects_queries(i)

@@ -38,6 +38,10 @@ class Signals:
         #: the whole map; the engine fills it from the block's own attention when the method
         #: asks for it (Reducer.needs_attention_map), so reading it then costs nothing
         self._attn: Optional[Tensor] = None
+        #: the method's per-image statistic of the map, ``[B, ...]``, when it reads the map
+        #: chunk by chunk (``Reducer.reads_map``: the engine fills it, the whole map is then
+        #: never kept); ``None`` otherwise
+        self.map_read: Optional[Tensor] = None
 
     @property
     def num_tokens(self) -> int:

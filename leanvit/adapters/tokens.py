@@ -88,7 +88,7 @@ import torch
 from torch import Tensor, nn
 
 from leanvit.adapters.base import patched_mixin
-from leanvit.ops.attention import attention, select_rows
+from leanvit.ops.attention import attention, map_attention, select_rows
 from leanvit.ops.packed import (
     Packing, check_packed, moved_rows, pack, packing, pad_fraction, pad_heads, unpack,
 )
@@ -515,9 +515,14 @@ class TokenEngine:
         bias = (*biases, extra) if biases else extra
         if (rows is None and state.mask is None and q.dtype in _MAP_DTYPES
                 and reducer.needs_attention_map(i)):
-            # the method reads the whole map: one explicit attention gives output and map
-            out, signals._attn = attention(q, k, v, scale, bias=bias, fused=False,
-                                           dropout=dropout, return_weights=True)
+            if reducer.reads_map(i):  # a statistic per image: chunks of images, in cache
+                sig, st = signals, state
+                out, signals.map_read = map_attention(
+                    q, k, v, scale, lambda w, images: reducer.read_map(i, w, sig, st, images),
+                    bias=bias, dropout=dropout)
+            else:  # the method reads the whole map: one explicit attention, output and map
+                out, signals._attn = attention(q, k, v, scale, bias=bias, fused=False,
+                                               dropout=dropout, return_weights=True)
         else:
             out = attention(q, k, v, scale, bias=bias, keep=state.mask, fused=fused,
                             dropout=dropout)

@@ -27,8 +27,9 @@ with the values, so here the block's attention runs on the unfused tokens and th
 from its MLP on (``docs/token_reduction.md``, section MCTF, lists every deviation).
 
 Needs no training (the authors fine-tune for their best numbers); ``r=0`` changes nothing
-(bit-identical). In float32/float64 a fusing block's attention is computed explicitly and its
-map read for free (``needs_attention_map``); in half precision the map is formed once more in
+(bit-identical). In float32/float64 a fusing block's attention is computed explicitly, a few
+images at a time, and each chunk's map averaged while it is in cache (``reads_map``: the
+whole map is never kept, no second ``q k^T``); in half precision the map is formed once more in
 float32 (counted in ``signals``). The ``A x B`` similarity product is counted (``similarity``).
 """
 from __future__ import annotations
@@ -230,7 +231,17 @@ class MCTF(Reducer):
         return view.train(self.training)
 
     def needs_attention_map(self, i: int) -> bool:
-        return self.r_per_block[i] > 0
+        return self.r_per_block[i] > 0 and (self.options.tau_info > 0
+                                            or self.options.pooling == "attention")
+
+    def reads_map(self, i: int) -> bool:
+        return self.needs_attention_map(i)
+
+    def read_map(self, i: int, weights: Tensor, signals: Signals, state: TokenState,
+                 images: slice) -> Tensor:
+        """The attention each token receives, ``[b, N]``: ``weights`` ``[b, H, N, N]``
+        averaged over heads and queries (:attr:`Signals.attn_received` of those images)."""
+        return weights.mean(dim=(1, 2))
 
     def init_state(self, state: TokenState, x: Tensor) -> TokenState:
         state = state.replace(prop_attn=self.options.prop_attn)
@@ -251,7 +262,9 @@ class MCTF(Reducer):
         if r <= 0:
             return x, state
         o = self.options
-        attn = signals.attn_received if o.tau_info > 0 or o.pooling == "attention" else None
+        attn = None
+        if o.tau_info > 0 or o.pooling == "attention":  # read from the map's chunks if it was
+            attn = signals.map_read if signals.map_read is not None else signals.attn_received
         with torch.no_grad():
             dtype = torch.promote_types(x.dtype, torch.float32)
             scores = pair_scores(x.detach().to(dtype), attn, state.size, p, o.tau_sim,

@@ -209,27 +209,51 @@ class ZeroTPrune(Reducer):
     def needs_attention_map(self, i: int) -> bool:
         return self.r_per_block[i] > 0
 
+    def reads_map(self, i: int) -> bool:
+        return self.r_per_block[i] > 0
+
+    def _counts(self, i: int, n: int, prefix: int) -> tuple[int, int]:
+        """Block ``i``'s ``(r, r_s)`` on ``n`` tokens: pruned in all, pruned by the S-stage."""
+        r = min(self.r_per_block[i], max_merges(n, prefix))
+        return r, int(round(self.options.similarity_share * r))
+
+    def read_map(self, i: int, weights: Tensor, signals: Signals, state: TokenState,
+                 images: slice) -> Tensor:
+        """The survivors' positions of the images ``images``, ``[b, N - r]``, ranked on their
+        map ``weights`` ``[b, H, N, N]`` while it is in cache (:meth:`select`)."""
+        r, r_s = self._counts(i, weights.shape[-1], state.prefix)
+        if r <= 0:
+            return weights.new_zeros(weights.shape[0], 0, dtype=torch.long)
+        return self.select(i, weights, signals.keys[images], state.prefix, r, r_s)
+
+    def select(self, i: int, attn: Tensor, keys: Tensor, prefix: int, r: int, r_s: int
+               ) -> Tensor:
+        """I' -> S -> I on the map ``attn`` ``[B, H, N, N]`` with the head-averaged keys
+        ``keys`` ``[B, N, D]``: the positions of the ``N - r`` survivors, ``[B, N - r]``
+        (``r_s`` of the ``r`` pruned by the S-stage)."""
+        B, _, N, _ = attn.shape
+        everyone = torch.ones(B, N, dtype=torch.bool, device=attn.device)
+        pre = eir(wpr(attn, initial_scores(everyone, self.cls_boost), 1))  # I'-stage
+        keep = similarity_prune(pre, keys, prefix, r_s) if r_s else everyone  # S-stage
+        final = eir(wpr(attn, initial_scores(keep, self.cls_boost), self.iterations[i],
+                        keep if r_s else None))
+        return importance_prune(final, keep, prefix, N - prefix - r)  # I-stage
+
     def after_attention(self, i: int, x: Tensor, signals: Optional[Signals],
                         state: TokenState) -> tuple[Tensor, TokenState]:
         """``x`` ``[B, N, C]`` -> ``[B, N - r, C]``."""
         if state.valid is not None or state.mask is not None:
             raise ValueError("zerotprune needs fixed token counts (no padding or training "
                              "keep-mask from another method)")
-        B, N, _ = x.shape
-        p = state.prefix
-        r = min(self.r_per_block[i], max_merges(N, p))
+        N, p = x.shape[1], state.prefix
+        r, r_s = self._counts(i, N, p)
         if r <= 0:
             return x, state
-        r_s = int(round(self.options.similarity_share * r))
-        attn = signals.attn  # [B, H, N, N], at least float32
-        everyone = torch.ones(B, N, dtype=torch.bool, device=x.device)
-        pre = eir(wpr(attn, initial_scores(everyone, self.cls_boost), 1))  # I'-stage
-        keep = similarity_prune(pre, signals.keys, p, r_s) if r_s else everyone  # S-stage
-        final = eir(wpr(attn, initial_scores(keep, self.cls_boost), self.iterations[i],
-                        keep if r_s else None))
-        index = importance_prune(final, keep, p, N - p - r)  # I-stage
+        index = signals.map_read  # ranked chunk by chunk on the block's own map
+        if index is None:  # half precision: the map formed once more, in float32
+            index = self.select(i, signals.attn, signals.keys, p, r, r_s)
         if state.recorder is not None:
-            H, D = attn.shape[1], signals.keys.shape[-1]
+            H, D = signals.k.shape[1], signals.k.shape[-1]
             n_a = (N - p) // 2
             # I' (1 step), the kept mass of each row when restricted (1), the I-stage's steps
             steps = 1 + (1 if r_s else 0) + self.iterations[i]

@@ -231,3 +231,55 @@ def attention(
         a = F.dropout(a, dropout)
     out = None if v is None else a @ v
     return (out, weights) if return_weights else out
+
+
+#: Bytes of post-softmax map (``b * H * Nq * N`` elements) per chunk of images in
+#: :func:`map_attention`: a few DeiT-S images at 224, so the chunk's logits, map and the
+#: method's reads of it stay in cache instead of streaming the whole batch's map through memory
+#: once per pass (the bias add, the softmax, each statistic a method takes).
+MAP_CHUNK_BYTES = 1 << 22
+
+
+def _chunk_bias(bias: Bias, images: slice, batch: int) -> list[Tensor]:
+    """The biases of the images ``images``: a bias with one entry per image (``[B, ...]``,
+    four dims) is sliced, one broadcast over the batch is kept as it is."""
+    return [b[images] if b.dim() == 4 and b.shape[0] == batch and batch > 1 else b
+            for b in _biases(bias)]
+
+
+def map_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, read: Callable[[Tensor, slice],
+                  Tensor], *, bias: Bias = None,
+                  dropout: Union[float, Callable[[Tensor], Tensor], None] = None
+                  ) -> tuple[Tensor, Tensor]:
+    """The explicit attention (:func:`attention` with ``fused=False``), one chunk of images at a
+    time, each chunk's post-softmax map handed to ``read`` while it is in cache.
+
+    Same products as the whole-batch explicit form (per image, the same MACs as the fused
+    kernel); only the order in which memory is touched changes. In compiled code the whole
+    batch is one chunk (static shapes, one graph).
+
+    Args:
+        q, k, v: ``[B, H, Nq, D]``, ``[B, H, N, D]``, ``[B, H, N, Dv]``.
+        read: ``(weights [b, H, Nq, N], images: slice of the batch) -> [b, ...]``: what the
+            caller keeps of a chunk's map (e.g. its mean over heads and queries).
+        bias, dropout: as :func:`attention`.
+
+    Returns:
+        ``(out [B, H, Nq, Dv], reads)``: ``read``'s results concatenated over the batch.
+    """
+    B, H, Nq, _ = q.shape
+    per = B
+    if not torch.compiler.is_compiling():
+        per = max(1, MAP_CHUNK_BYTES // max(1, H * Nq * k.shape[-2] * q.element_size()))
+    outs, reads = [], []
+    for start in range(0, B, per):
+        images = slice(start, start + per)
+        out, weights = attention(q[images], k[images], v[images], scale,
+                                 bias=_chunk_bias(bias, images, B), fused=False,
+                                 dropout=dropout, return_weights=True)
+        outs.append(out)
+        reads.append(read(weights, images))
+        del weights
+    if len(outs) == 1:
+        return outs[0], reads[0]
+    return torch.cat(outs), torch.cat(reads)

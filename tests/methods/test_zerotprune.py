@@ -157,3 +157,15 @@ def test_count_macs_equals_flop_counter():
     assert report.extra["pagerank"] > 0 and report.extra["similarity"] > 0
     # the map is the attention's own (computed explicitly once): no second q k^T
     assert sum(b.signals for b in report.per_block) == 0
+
+
+@pytest.mark.parametrize("variant", ["own", "shared"])
+def test_ranking_one_image_at_a_time_matches_reference(monkeypatch, variant):
+    """The engine ranks each chunk of images on its own map (``Reducer.read_map``); with one
+    image per chunk (three chunks, the per-image ``log(size)`` bias sliced, BEiT's bias per
+    query row shared) the survivors and outputs are still the reference's."""
+    import leanvit.ops.attention as attention_ops
+
+    monkeypatch.setattr(attention_ops, "MAP_CHUNK_BYTES", 1)
+    test_vit_matches_reference(dict(r=3, similarity_share=0.0))
+    test_beit_matches_reference(variant)

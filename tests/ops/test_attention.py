@@ -214,3 +214,30 @@ def test_key_bias_takes_only_per_key_biases():
     assert key_bias(None, q, k) is None
     assert key_bias(torch.randn(1, 3, 5, 7), q, k) is None  # relative position: per head/row
     assert key_bias(torch.randn(1, 1, 5, 7), q, k) is None
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2 * 2 * 5 * 5 * 8, 1 << 30])
+def test_map_attention_in_chunks_is_the_explicit_attention(monkeypatch, chunk_bytes):
+    """Chunks of 1, 2 (uneven: 2 + 1) and all 3 images: the same output as the whole-batch
+    explicit form, and ``read`` sees each image's map once, with a per-image bias sliced and a
+    shared one kept."""
+    import leanvit.ops.attention as attention_ops
+    from leanvit.ops.attention import attention, map_attention
+
+    monkeypatch.setattr(attention_ops, "MAP_CHUNK_BYTES", chunk_bytes)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 5, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    bias = [torch.randn(1, 2, 5, 5, generator=g, dtype=torch.float64),
+            torch.randn(3, 1, 1, 5, generator=g, dtype=torch.float64)]
+    ref, weights = attention(q, k, v, 0.5, bias=bias, fused=False, return_weights=True)
+    seen = []
+
+    def read(w, images):
+        seen.append(images)
+        return w.sum(dim=2)
+
+    out, reads = map_attention(q, k, v, 0.5, read, bias=bias)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(reads, weights.sum(dim=2), rtol=1e-12, atol=1e-12)
+    assert sum(len(range(3)[s]) for s in seen) == 3
+    assert len(seen) == {1: 3, 2 * 2 * 5 * 5 * 8: 2, 1 << 30: 1}[chunk_bytes]
