@@ -227,22 +227,97 @@ class RelativeBias:
     original bias's rows and columns at their original indices (``state.positions``); a
     merged token sits where its destination sits, EViT's fused token at index 0 (the class
     token's). Once tokens have moved, the module itself cannot run (it would add the full
-    bias), so the attention is exposed.
+    bias), so the attention is exposed, and the bias, now one per image, is looked up a group
+    of images at a time (:class:`ImageBias`).
 
     Args:
-        lookup: ``(attn, ctx, positions [B, N] | None) -> tuple of biases`` broadcastable to
-            ``[B, H, N, N]`` (``None`` entries allowed), added to the logits in that order
-            (``positions`` ``None``: the module's own bias, nothing moved).
+        lookup: ``(attn, ctx, positions [b, N] | None, queries [b, K] | None) -> tuple of
+            biases`` broadcastable to ``[b, H, K, N]`` (``None`` entries allowed), added to
+            the logits in that order: the bias of query rows at original indices ``queries``
+            (``None``: ``positions``) over keys at ``positions``; ``positions`` ``None``: the
+            module's own bias, nothing moved.
     """
 
     moved_tokens_need_exposing = True
 
-    def __init__(self, lookup: Callable[[nn.Module, Any, Optional[Tensor]], tuple]):
+    def __init__(self, lookup: Callable[..., tuple]):
         self.lookup = lookup
 
     def apply(self, attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, state: TokenState,
-              ctx: Any) -> tuple[Tensor, Tensor, tuple]:
-        return q, k, self.lookup(attn, ctx, state.positions)
+              ctx: Any) -> tuple[Tensor, Tensor, Any]:
+        if state.positions is None:
+            return q, k, self.lookup(attn, ctx, None, None)
+        return q, k, ImageBias(self.lookup, attn, ctx, state.positions)
+
+
+#: Largest per-image bias, in bytes (``b * H * K * N`` elements), that :func:`attend` looks
+#: up at once: a bias that differs per image is as large as the attention map, and held whole
+#: for the batch it (with its index and its sum with ``log(size)``) would outgrow the MLP's
+#: activations, the peak of an unmodified block.
+BIAS_CHUNK_BYTES = 1 << 22
+
+
+class ImageBias:
+    """A bias per query row that differs per image (a relative position bias once tokens have
+    moved), looked up on demand for a group of images, so that the batch's ``[B, H, K, N]``
+    bias is never held whole.
+
+    Args:
+        lookup: :class:`RelativeBias`'s ``lookup``.
+        positions: ``[B, N]`` original index of each token (keys and, until :meth:`select`,
+            queries).
+    """
+
+    def __init__(self, lookup: Callable[..., tuple], attn: nn.Module, ctx: Any,
+                 positions: Tensor):
+        self.lookup, self.attn, self.ctx = lookup, attn, ctx
+        self.positions = self.queries = positions
+
+    def select(self, rows: Tensor) -> None:
+        """Keep the query rows ``rows`` ``[B, K]`` (query selection)."""
+        self.queries = self.queries.gather(1, rows)
+
+    def class_row(self) -> tuple:
+        """The biases of the first query row (the class token's), ``[B, H, 1, N]`` each."""
+        return self.lookup(self.attn, self.ctx, self.positions, self.queries[:, :1])
+
+    def __call__(self, images: slice = slice(None)) -> tuple:
+        """The biases of the images ``images``, ``[b, H, K, N]`` each."""
+        return self.lookup(self.attn, self.ctx, self.positions[images], self.queries[images])
+
+
+def _batch_rows(t: Optional[Tensor], images: slice) -> Optional[Tensor]:
+    """``t[images]`` for a per-image tensor, ``t`` itself when it has one row for all."""
+    return t if t is None or t.shape[0] == 1 else t[images]
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, biases: Any, extra: Optional[Tensor],
+           keep: Optional[Tensor] = None, **kw: Any) -> Any:
+    """:func:`leanvit.ops.attention.attention` with ``biases`` then ``extra`` added to the
+    logits; ``biases`` a tuple of tensors, or an :class:`ImageBias`, looked up and attended
+    for as many images at a time as fit :data:`BIAS_CHUNK_BYTES` (each image's result does
+    not depend on the others; outputs, and maps with ``return_weights``, written into one
+    tensor each). ``q`` ``[B, H, K, D]``, ``k``/``v`` ``[B, H, N, D]``, ``extra`` ``[B|1, 1,
+    1, N]`` or ``None``, ``keep`` ``[B, N]`` or ``None``; ``kw``: ``attention``'s options."""
+    if not isinstance(biases, ImageBias):
+        return attention(q, k, v, scale, bias=(*biases, extra) if biases else extra,
+                         keep=keep, **kw)
+    B, H, K, N = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    step = max(1, BIAS_CHUNK_BYTES // (H * K * N * q.element_size()))
+    if step >= B:
+        return attention(q, k, v, scale, bias=(*biases(), extra), keep=keep, **kw)
+    results = None
+    for start in range(0, B, step):
+        part = slice(start, start + step)
+        res = attention(q[part], k[part], v[part], scale, bias=(*biases(part),
+                        _batch_rows(extra, part)), keep=_batch_rows(keep, part), **kw)
+        res = res if isinstance(res, tuple) else (res,)
+        if results is None:
+            results = [r.new_empty((B,) + r.shape[1:]) for r in res]
+        for whole, r in zip(results, res):
+            whole[part] = r
+        del res
+    return results[0] if len(results) == 1 else tuple(results)
 
 
 def _bias_rows(bias: Optional[Tensor], rows: Tensor) -> Optional[Tensor]:
@@ -394,16 +469,21 @@ class TokenEngine:
             state = state.replace(where=torch.arange(x.shape[1], device=x.device).repeat(
                 x.shape[0], 1))
         state = reducer.init_state(state, x)
-        return self._run(model, x, state, reducer, 0, None, on_block)
+        box = [x]  # handed over, not held here: the embedding would stay alive to the end
+        del x
+        return self._run(model, box, state, reducer, 0, None, on_block)
 
     def run_blocks(self, model: nn.Module, x: Tensor, state: TokenState, start: int = 0,
                    stop: Optional[int] = None) -> tuple[Tensor, TokenState]:
         """Blocks ``start .. stop - 1`` with the method's hooks; with ``stop=None`` also the
         final norm, so ``run_blocks(model, *embed(model, images))`` equals
         :meth:`forward_features`."""
-        return self._run(model, x, state, model.leanvit, start, stop, None)
+        return self._run(model, [x], state, model.leanvit, start, stop, None)
 
-    def _run(self, model, x, state, reducer, start, stop, on_block):
+    def _run(self, model, box, state, reducer, start, stop, on_block):
+        # the tokens come in a one-element list that is emptied, so that no caller's frame
+        # keeps the first block's input alive through every block (a block's peak)
+        x = box.pop()
         ctx = None if self._context is None else self._context(model)
         parts, block = self._parts, self._block
         # iterated, not indexed: nn.Sequential's indexing walks its modules
@@ -481,8 +561,13 @@ class TokenEngine:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         extra = attention_bias(state, q.dtype)  # [B, 1, 1, N]: log(size), -inf padding
         scale, fused, dropout = self._params(attn)
-        signals = Signals(q, k, v, scale, _class_row(biases, extra) if biases else extra)
-        if biases:  # a bias per query row (relative position): the full map needs them all
+        per_image = isinstance(biases, ImageBias)
+        row0 = biases.class_row() if per_image else biases
+        signals = Signals(q, k, v, scale, _class_row(row0, extra) if row0 else extra)
+        del row0
+        if per_image:  # a bias per query row (relative position): the full map needs them all
+            signals.full_bias = lambda: (*biases(), extra)
+        elif biases:
             signals.full_bias = (*biases, extra)
         rows = None
         if reducer.selects_queries(i):
@@ -493,18 +578,20 @@ class TokenEngine:
                                      "combined")
                 gate = None if gate is None else gather_tokens(gate, rows)
                 q = select_rows(q, rows)
-                biases = tuple(_bias_rows(b, rows) for b in biases)
+                if per_image:
+                    biases.select(rows)
+                else:
+                    biases = tuple(_bias_rows(b, rows) for b in biases)
         # fused SDPA unless a keep-mask needs the explicit fp32 form (or the module is set to
         # the explicit path); biases added in the module's order, then log(size) / padding
-        bias = (*biases, extra) if biases else extra
         if (rows is None and state.mask is None and q.dtype in _MAP_DTYPES
                 and reducer.needs_attention_map(i)):
             # the method reads the whole map: one explicit attention gives output and map
-            out, signals._attn = attention(q, k, v, scale, bias=bias, fused=False,
-                                           dropout=dropout, return_weights=True)
+            out, signals._attn = attend(q, k, v, scale, biases, extra, fused=False,
+                                        dropout=dropout, return_weights=True)
         else:
-            out = attention(q, k, v, scale, bias=bias, keep=state.mask, fused=fused,
-                            dropout=dropout)
+            out = attend(q, k, v, scale, biases, extra, keep=state.mask, fused=fused,
+                         dropout=dropout)
         return self._output(attn, out, gate), signals, rows, state
 
     # -- MACs
