@@ -250,11 +250,12 @@ class RelativeBias:
         return q, k, ImageBias(self.lookup, attn, ctx, state.positions)
 
 
-#: Largest per-image bias, in bytes (``b * H * K * N`` elements), that :func:`attend` looks
-#: up at once: a bias that differs per image is as large as the attention map, and held whole
-#: for the batch it (with its index and its sum with ``log(size)``) would outgrow the MLP's
-#: activations, the peak of an unmodified block.
-BIAS_CHUNK_BYTES = 1 << 22
+#: Largest bias or explicit attention map, in bytes (``b * H * K * N`` elements), that
+#: :func:`attend` forms at once in eager code. A bias that differs per image is as large as
+#: the map; held whole for the batch, it (with its index and its sum with ``log(size)``), or
+#: the explicit map's logits beside its softmax, would outgrow the MLP's activations, the peak
+#: of an unmodified block.
+CHUNK_BYTES = 1 << 22
 
 
 class ImageBias:
@@ -287,36 +288,44 @@ class ImageBias:
 
 
 def _batch_rows(t: Optional[Tensor], images: slice) -> Optional[Tensor]:
-    """``t[images]`` for a per-image tensor, ``t`` itself when it has one row for all."""
-    return t if t is None or t.shape[0] == 1 else t[images]
+    """``t[images]`` for a per-image bias ``[B, ...]`` (4 dimensions), ``t`` itself when it is
+    one for all images (batch dimension 1, or ``[H, N, N]`` as timm passes BEiT's)."""
+    return t if t is None or t.dim() < 4 or t.shape[0] == 1 else t[images]
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, biases: Any, extra: Optional[Tensor],
            keep: Optional[Tensor] = None, **kw: Any) -> Any:
     """:func:`leanvit.ops.attention.attention` with ``biases`` then ``extra`` added to the
-    logits; ``biases`` a tuple of tensors, or an :class:`ImageBias`, looked up and attended
-    for as many images at a time as fit :data:`BIAS_CHUNK_BYTES` (each image's result does
-    not depend on the others; outputs, and maps with ``return_weights``, written into one
-    tensor each). ``q`` ``[B, H, K, D]``, ``k``/``v`` ``[B, H, N, D]``, ``extra`` ``[B|1, 1,
-    1, N]`` or ``None``, ``keep`` ``[B, N]`` or ``None``; ``kw``: ``attention``'s options."""
-    if not isinstance(biases, ImageBias):
+    logits; ``biases`` a tuple of tensors or an :class:`ImageBias`.
+
+    An :class:`ImageBias`, and the explicit form (a map returned, a keep-mask, or the module
+    set to the explicit path), run for as many images at a time as fit :data:`CHUNK_BYTES`
+    (each image's result does not depend on the others; outputs, and maps with
+    ``return_weights``, written into one tensor each), except under ``torch.compile``, which
+    plans its own buffers. ``q`` ``[B, H, K, D]``, ``k``/``v`` ``[B, H, N, D]``, ``extra``
+    ``[B|1, 1, 1, N]`` or ``None``, ``keep`` ``[B, N]`` or ``None``; ``kw``: ``attention``'s
+    options."""
+    per_image = isinstance(biases, ImageBias)
+    B, H, K, N = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    step = max(1, CHUNK_BYTES // (H * K * N * q.element_size()))
+    explicit = kw.get("return_weights") or not kw.get("fused", True) or keep is not None
+    if step >= B or not (per_image or explicit) or torch.compiler.is_compiling():
+        biases = biases() if per_image else biases
         return attention(q, k, v, scale, bias=(*biases, extra) if biases else extra,
                          keep=keep, **kw)
-    B, H, K, N = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-    step = max(1, BIAS_CHUNK_BYTES // (H * K * N * q.element_size()))
-    if step >= B:
-        return attention(q, k, v, scale, bias=(*biases(), extra), keep=keep, **kw)
     results = None
     for start in range(0, B, step):
         part = slice(start, start + step)
-        res = attention(q[part], k[part], v[part], scale, bias=(*biases(part),
-                        _batch_rows(extra, part)), keep=_batch_rows(keep, part), **kw)
+        bias = biases(part) if per_image else tuple(_batch_rows(b, part) for b in biases)
+        res = attention(q[part], k[part], v[part], scale,
+                        bias=(*bias, _batch_rows(extra, part)),
+                        keep=None if keep is None else keep[part], **kw)
         res = res if isinstance(res, tuple) else (res,)
         if results is None:
             results = [r.new_empty((B,) + r.shape[1:]) for r in res]
         for whole, r in zip(results, res):
             whole[part] = r
-        del res
+        del res, bias
     return results[0] if len(results) == 1 else tuple(results)
 
 

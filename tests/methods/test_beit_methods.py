@@ -285,7 +285,7 @@ def test_per_image_bias_in_groups_of_images(variant, monkeypatch):
     for method, opts in [("zerotprune", {"r": 2}), ("mctf", {"r": 2})]:
         with torch.no_grad():
             whole[method] = leanvit.patch(tiny_beit(**MODELS[variant]), method, **opts)(images)
-    monkeypatch.setattr(tokens, "BIAS_CHUNK_BYTES", 1)
+    monkeypatch.setattr(tokens, "CHUNK_BYTES", 1)
     monkeypatch.setattr(tokens, "attention", spy)
     for method, opts in [("zerotprune", {"r": 2}), ("mctf", {"r": 2})]:
         with torch.no_grad():
