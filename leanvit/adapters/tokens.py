@@ -492,14 +492,16 @@ class TokenEngine:
     def _run(self, model, box, state, reducer, start, stop, on_block):
         # the tokens come in a one-element list that is emptied, so that no caller's frame
         # keeps the first block's input alive through every block (a block's peak)
-        x = box.pop()
         ctx = None if self._context is None else self._context(model)
         parts, block = self._parts, self._block
         # iterated, not indexed: nn.Sequential's indexing walks its modules
         for i, blk in islice(enumerate(self._blocks(model)), start, stop):
-            x, state = block(parts(blk), i, x, state, reducer, ctx)
+            x, state = block(parts(blk), i, box, state, reducer, ctx)
             if on_block is not None:
                 on_block(i, x, state)
+            box.append(x)  # the next block's input, held by the box alone
+            del x
+        x = box.pop()
         if stop is None:
             norm = self.spec.final_norm(model)
             if norm is not None:
@@ -507,9 +509,11 @@ class TokenEngine:
         return x, state
 
     # -- one block
-    def _block(self, p: BlockParts, i: int, x: Tensor, state: TokenState, reducer: Reducer,
+    def _block(self, p: BlockParts, i: int, box: list, state: TokenState, reducer: Reducer,
                ctx: Any) -> tuple[Tensor, TokenState]:
-        """One block with the method's hooks: ``x`` ``[B, N, C]`` -> ``[B, N', C]``."""
+        """One block with the method's hooks: ``x`` ``[B, N, C]`` (taken out of ``box``, so
+        that it is freed once the attention's residual replaces it) -> ``[B, N', C]``."""
+        x = box.pop()
         if reducer.acts_before(i):
             before = state
             x_in, (x, state) = x, reducer.before_block(i, x, state)
