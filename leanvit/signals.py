@@ -90,8 +90,9 @@ class Signals:
     # -- the full attention map (Zero-TPrune's attention graph) ---------------------------------
     #: The additive logit bias of EVERY query row, where it differs from :attr:`bias` (a bias
     #: per query and key, e.g. BEiT's relative position bias): a tensor broadcastable to
-    #: ``[B, H, N, N]`` or a sequence of them, added in order. ``None``: :attr:`bias` is a bias
-    #: per key and applies to every row. Set by the adapter after construction.
+    #: ``[B, H, N, N]`` or a sequence of them, added in order, or a function of no argument
+    #: that returns them (looked up only when the map is formed here). ``None``: :attr:`bias`
+    #: is a bias per key and applies to every row. Set by the adapter after construction.
     full_bias = None
 
     @property
@@ -105,6 +106,8 @@ class Signals:
             return self._attn
         dtype = torch.promote_types(self.q.dtype, torch.float32)
         bias = self.bias if self.full_bias is None else self.full_bias
+        if callable(bias):  # looked up on demand (a bias per image and query row)
+            bias = bias()
         if isinstance(bias, Tensor):
             bias = bias.to(dtype)
         elif bias is not None:

@@ -132,7 +132,8 @@ def attention_bias(state: TokenState, dtype: torch.dtype) -> Optional[Tensor]:
     """
     bias = None
     if state.prop_attn and state.size is not None:
-        bias = state.size.to(dtype).log()[:, None, None, :]
+        size = state.size if state.size.dtype == dtype else state.size.to(dtype)
+        bias = size.log().reshape(size.shape[0], 1, 1, size.shape[1])
     if state.valid is not None:
         pad = torch.zeros(state.valid.shape, dtype=dtype, device=state.valid.device)
         pad = pad.masked_fill(~state.valid, float("-inf"))[:, None, None, :]

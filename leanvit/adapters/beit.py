@@ -64,28 +64,30 @@ def describe(model: nn.Module) -> ModelInfo:
     return timm_info(model, FAMILY, model.global_pool)  # Beit always has a class token
 
 
-def _block_bias(attn: nn.Module, shared: Optional[Tensor], positions: Optional[Tensor]
-                ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+def _block_bias(attn: nn.Module, shared: Optional[Tensor], positions: Optional[Tensor],
+                queries: Optional[Tensor] = None) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """The block's relative position bias for the tokens present, as ``(own, shared)``.
 
-    ``own``: the block's table looked up at the tokens' positions, ``[1, H, N0, N0]`` (timm's
-    ``_get_rel_pos_bias``, while ``positions`` is ``None``) or ``[B, H, N, N]``; ``shared``:
-    the model's shared bias ``[H, N0, N0]`` (one per forward, the engine's context) at the
-    same rows and columns (as timm passes it, or ``[B, H, N, N]``). Either is ``None`` when
-    absent. Kept apart because timm adds them to the logits in different orders on its two
-    paths.
+    ``own``: the block's table looked up at the tokens' positions: ``[1, H, N0, N0]`` (timm's
+    ``_get_rel_pos_bias``, while ``positions`` is ``None``) or ``[b, H, K, N]`` for query rows
+    at original indices ``queries`` ``[b, K]`` (``None``: ``positions``) and keys at
+    ``positions`` ``[b, N]``; ``shared``: the model's shared bias ``[H, N0, N0]`` (one per
+    forward, the engine's context) at the same rows and columns (as timm passes it, or
+    ``[b, H, K, N]``). Either is ``None`` when absent. Kept apart because timm adds them to the
+    logits in different orders on its two paths.
     """
     own = None
     if positions is not None:
-        rows, cols = positions[:, :, None], positions[:, None, :]
+        rows = (positions if queries is None else queries)[:, :, None]
+        cols = positions[:, None, :]
     if attn.relative_position_bias_table is not None:
         if positions is None:
             own = attn._get_rel_pos_bias()
         else:
-            index = attn.relative_position_index[rows, cols]  # [B, N, N]
+            index = attn.relative_position_index[rows, cols]  # [b, K, N]
             own = attn.relative_position_bias_table[index].permute(0, 3, 1, 2)
     if shared is not None and positions is not None:  # else timm's own [H, N0, N0]
-        shared = shared[:, rows, cols].transpose(0, 1)  # [H, B, N, N] -> [B, H, N, N]
+        shared = shared[:, rows, cols].transpose(0, 1)  # [H, b, K, N] -> [b, H, K, N]
     return own, shared
 
 

@@ -238,22 +238,117 @@ class RelativeBias:
     original bias's rows and columns at their original indices (``state.positions``); a
     merged token sits where its destination sits, EViT's fused token at index 0 (the class
     token's). Once tokens have moved, the module itself cannot run (it would add the full
-    bias), so the attention is exposed.
+    bias), so the attention is exposed, and the bias, now one per image, is looked up a group
+    of images at a time (:class:`ImageBias`).
 
     Args:
-        lookup: ``(attn, ctx, positions [B, N] | None) -> tuple of biases`` broadcastable to
-            ``[B, H, N, N]`` (``None`` entries allowed), added to the logits in that order
-            (``positions`` ``None``: the module's own bias, nothing moved).
+        lookup: ``(attn, ctx, positions [b, N] | None, queries [b, K] | None) -> tuple of
+            biases`` broadcastable to ``[b, H, K, N]`` (``None`` entries allowed), added to
+            the logits in that order: the bias of query rows at original indices ``queries``
+            (``None``: ``positions``) over keys at ``positions``; ``positions`` ``None``: the
+            module's own bias, nothing moved.
     """
 
     moved_tokens_need_exposing = True
 
-    def __init__(self, lookup: Callable[[nn.Module, Any, Optional[Tensor]], tuple]):
+    def __init__(self, lookup: Callable[..., tuple]):
         self.lookup = lookup
 
     def apply(self, attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, state: TokenState,
-              ctx: Any) -> tuple[Tensor, Tensor, tuple]:
-        return q, k, self.lookup(attn, ctx, state.positions)
+              ctx: Any) -> tuple[Tensor, Tensor, Any]:
+        if state.positions is None:
+            return q, k, self.lookup(attn, ctx, None, None)
+        return q, k, ImageBias(self.lookup, attn, ctx, state.positions)
+
+
+#: Largest bias or explicit attention map, in bytes (``b * H * K * N`` elements), that
+#: :func:`attend` forms at once in eager code. A bias that differs per image is as large as
+#: the map; held whole for the batch, it (with its index and its sum with ``log(size)``), or
+#: the explicit map's logits beside its softmax, would outgrow the MLP's activations, the peak
+#: of an unmodified block.
+CHUNK_BYTES = 1 << 22
+
+
+class ImageBias:
+    """A bias per query row that differs per image (a relative position bias once tokens have
+    moved), looked up on demand for a group of images, so that the batch's ``[B, H, K, N]``
+    bias is never held whole.
+
+    Args:
+        lookup: :class:`RelativeBias`'s ``lookup``.
+        positions: ``[B, N]`` original index of each token (keys and, until :meth:`select`,
+            queries).
+    """
+
+    def __init__(self, lookup: Callable[..., tuple], attn: nn.Module, ctx: Any,
+                 positions: Tensor):
+        self.lookup, self.attn, self.ctx = lookup, attn, ctx
+        self.positions = self.queries = positions
+
+    def select(self, rows: Tensor) -> None:
+        """Keep the query rows ``rows`` ``[B, K]`` (query selection)."""
+        self.queries = self.queries.gather(1, rows)
+
+    def class_row(self) -> tuple:
+        """The biases of the first query row (the class token's), ``[B, H, 1, N]`` each."""
+        return self.lookup(self.attn, self.ctx, self.positions, self.queries[:, :1])
+
+    def __call__(self, images: slice = slice(None)) -> tuple:
+        """The biases of the images ``images``, ``[b, H, K, N]`` each."""
+        return self.lookup(self.attn, self.ctx, self.positions[images], self.queries[images])
+
+
+def _batch_rows(t: Optional[Tensor], images: slice) -> Optional[Tensor]:
+    """``t[images]`` for a per-image bias ``[B, ...]`` (4 dimensions), ``t`` itself when it is
+    one for all images (batch dimension 1, or ``[H, N, N]`` as timm passes BEiT's)."""
+    return t if t is None or t.dim() < 4 or t.shape[0] == 1 else t[images]
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, biases: Any, extra: Optional[Tensor],
+           keep: Optional[Tensor] = None, **kw: Any) -> Any:
+    """:func:`leanvit.ops.attention.attention` with ``biases`` then ``extra`` added to the
+    logits; ``biases`` a tuple of tensors or an :class:`ImageBias`.
+
+    An :class:`ImageBias`, and the explicit form (a map returned, a keep-mask, or the module
+    set to the explicit path), run for as many images at a time as fit :data:`CHUNK_BYTES`
+    (each image's result does not depend on the others; outputs, and maps with
+    ``return_weights``, written into one tensor each), except under ``torch.compile``, which
+    plans its own buffers. ``q`` ``[B, H, K, D]``, ``k``/``v`` ``[B, H, N, D]``, ``extra``
+    ``[B|1, 1, 1, N]`` or ``None``, ``keep`` ``[B, N]`` or ``None``; ``kw``: ``attention``'s
+    options."""
+    per_image = isinstance(biases, ImageBias)
+    B, H, K, N = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    step = max(1, CHUNK_BYTES // (H * K * N * q.element_size()))
+    explicit = kw.get("return_weights") or not kw.get("fused", True) or keep is not None
+    if step >= B or not (per_image or explicit) or torch.compiler.is_compiling():
+        biases = biases() if per_image else biases
+        return attention(q, k, v, scale, bias=(*biases, extra) if biases else extra,
+                         keep=keep, **kw)
+    results = None
+    for start in range(0, B, step):
+        part = slice(start, start + step)
+        bias = biases(part) if per_image else tuple(_batch_rows(b, part) for b in biases)
+        res = attention(q[part], k[part], v[part], scale,
+                        bias=(*bias, _batch_rows(extra, part)),
+                        keep=None if keep is None else keep[part], **kw)
+        res = res if isinstance(res, tuple) else (res,)
+        if results is None:
+            results = [r.new_empty((B,) + r.shape[1:]) for r in res]
+        for whole, r in zip(results, res):
+            whole[part] = r
+        del res, bias
+    return results[0] if len(results) == 1 else tuple(results)
+
+
+def _chunk_biases(biases: Any, extra: Optional[Tensor]) -> Callable[[slice], tuple]:
+    """``images -> (*biases, extra)`` of those images, for
+    :func:`leanvit.ops.attention.map_attention`; an :class:`ImageBias` is looked up for the
+    chunk only."""
+    def chunk(images: slice) -> tuple:
+        own = biases(images) if isinstance(biases, ImageBias) else tuple(
+            _batch_rows(b, images) for b in biases)
+        return (*own, _batch_rows(extra, images))
+    return chunk
 
 
 def _bias_rows(bias: Optional[Tensor], rows: Tensor) -> Optional[Tensor]:
@@ -405,16 +500,20 @@ class TokenEngine:
             state = state.replace(where=torch.arange(x.shape[1], device=x.device).repeat(
                 x.shape[0], 1))
         state = reducer.init_state(state, x)
-        return self._run(model, x, state, reducer, 0, None, on_block)
+        box = [x]  # handed over, not held here: the embedding would stay alive to the end
+        del x
+        return self._run(model, box, state, reducer, 0, None, on_block)
 
     def run_blocks(self, model: nn.Module, x: Tensor, state: TokenState, start: int = 0,
                    stop: Optional[int] = None) -> tuple[Tensor, TokenState]:
         """Blocks ``start .. stop - 1`` with the method's hooks; with ``stop=None`` also the
         final norm, so ``run_blocks(model, *embed(model, images))`` equals
         :meth:`forward_features`."""
-        return self._run(model, x, state, model.leanvit, start, stop, None)
+        return self._run(model, [x], state, model.leanvit, start, stop, None)
 
-    def _run(self, model, x, state, reducer, start, stop, on_block):
+    def _run(self, model, box, state, reducer, start, stop, on_block):
+        # the tokens come in a one-element list that is emptied, so that no caller's frame
+        # keeps the first block's input alive through every block (a block's peak)
         ctx = None if self._context is None else self._context(model)
         parts = self._parts
         # per-image token counts: blocks may run packed (see "Packed execution" below)
@@ -422,9 +521,12 @@ class TokenEngine:
                                                                         reducer)
         # iterated, not indexed: nn.Sequential's indexing walks its modules
         for i, blk in islice(enumerate(self._blocks(model)), start, stop):
-            x, state = block(parts(blk), i, x, state, reducer, ctx)
+            x, state = block(parts(blk), i, box, state, reducer, ctx)
             if on_block is not None:
                 on_block(i, x, state)
+            box.append(x)  # the next block's input, held by the box alone
+            del x
+        x = box.pop()
         if stop is None:
             norm = self.spec.final_norm(model)
             if norm is not None:
@@ -434,9 +536,11 @@ class TokenEngine:
         return x, state
 
     # -- one block
-    def _block(self, p: BlockParts, i: int, x: Tensor, state: TokenState, reducer: Reducer,
+    def _block(self, p: BlockParts, i: int, box: list, state: TokenState, reducer: Reducer,
                ctx: Any) -> tuple[Tensor, TokenState]:
-        """One block with the method's hooks: ``x`` ``[B, N, C]`` -> ``[B, N', C]``."""
+        """One block with the method's hooks: ``x`` ``[B, N, C]`` (taken out of ``box``, so
+        that it is freed once the attention's residual replaces it) -> ``[B, N', C]``."""
+        x = box.pop()
         if reducer.acts_before(i):
             before = state
             x_in, (x, state) = x, reducer.before_block(i, x, state)
@@ -497,8 +601,13 @@ class TokenEngine:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         extra = attention_bias(state, q.dtype)  # [B, 1, 1, N]: log(size), -inf padding
         scale, fused, dropout = self._params(attn)
-        signals = Signals(q, k, v, scale, _class_row(biases, extra) if biases else extra)
-        if biases:  # a bias per query row (relative position): the full map needs them all
+        per_image = isinstance(biases, ImageBias)
+        row0 = biases.class_row() if per_image else biases
+        signals = Signals(q, k, v, scale, _class_row(row0, extra) if row0 else extra)
+        del row0
+        if per_image:  # a bias per query row (relative position): the full map needs them all
+            signals.full_bias = lambda: (*biases(), extra)
+        elif biases:
             signals.full_bias = (*biases, extra)
         rows = None
         if reducer.selects_queries(i):
@@ -509,23 +618,25 @@ class TokenEngine:
                                      "combined")
                 gate = None if gate is None else gather_tokens(gate, rows)
                 q = select_rows(q, rows)
-                biases = tuple(_bias_rows(b, rows) for b in biases)
+                if per_image:
+                    biases.select(rows)
+                else:
+                    biases = tuple(_bias_rows(b, rows) for b in biases)
         # fused SDPA unless a keep-mask needs the explicit fp32 form (or the module is set to
         # the explicit path); biases added in the module's order, then log(size) / padding
-        bias = (*biases, extra) if biases else extra
         if (rows is None and state.mask is None and q.dtype in _MAP_DTYPES
                 and reducer.needs_attention_map(i)):
             if reducer.reads_map(i):  # a statistic per image: chunks of images, in cache
                 sig, st = signals, state
                 out, signals.map_read = map_attention(
                     q, k, v, scale, lambda w, images: reducer.read_map(i, w, sig, st, images),
-                    bias=bias, dropout=dropout)
+                    bias=_chunk_biases(biases, extra), dropout=dropout)
             else:  # the method reads the whole map: one explicit attention, output and map
-                out, signals._attn = attention(q, k, v, scale, bias=bias, fused=False,
-                                               dropout=dropout, return_weights=True)
+                out, signals._attn = attend(q, k, v, scale, biases, extra, fused=False,
+                                            dropout=dropout, return_weights=True)
         else:
-            out = attention(q, k, v, scale, bias=bias, keep=state.mask, fused=fused,
-                            dropout=dropout)
+            out = attend(q, k, v, scale, biases, extra, keep=state.mask, fused=fused,
+                         dropout=dropout)
         return self._output(attn, out, gate), signals, rows, state
 
     # -- MACs
@@ -718,20 +829,22 @@ class PackedRunner:
         return not (reducer.acts_before(i) or reducer.acts_after(i) or has_contract(p.attn)
                     or reducer.needs_attention_map(i))
 
-    def __call__(self, p: BlockParts, i: int, x: Tensor, state: TokenState, reducer: Reducer,
+    def __call__(self, p: BlockParts, i: int, box: list, state: TokenState, reducer: Reducer,
                  ctx: Any) -> tuple[Tensor, TokenState]:
+        # ``box``: the one-element list of the block loop (TokenEngine._block), emptied here
+        x = box.pop()
         if self.pk is None:
             if state.valid is None:  # no padding yet: pack the tail of a block that may
                 enter = reducer.selects_queries(i)  # leave images with different counts
             else:
                 enter = self.mode is True or pad_fraction(state.valid) >= PACK_MIN_PADDING
             if not (enter and self._can(p, i, reducer)):
-                return self.engine._block(p, i, x, state, reducer, ctx)
+                return self.engine._block(p, i, [x], state, reducer, ctx)
             self.pk = packing(state.valid, x.shape[0], x.shape[1], x.device)
             x = pack(x, self.pk)[None]
         elif not self._can(p, i, reducer):
             x, self.pk = unpack(x[0], self.pk), None
-            return self.engine._block(p, i, x, state, reducer, ctx)
+            return self.engine._block(p, i, [x], state, reducer, ctx)
         x, state, self.pk = packed_block(self.engine, p, i, x, self.pk, state, reducer, ctx)
         if self.pk.uniform:  # every image kept the same count: the padded blocks (a view)
             x, self.pk = unpack(x[0], self.pk), None

@@ -240,15 +240,19 @@ def attention(
 MAP_CHUNK_BYTES = 1 << 22
 
 
-def _chunk_bias(bias: Bias, images: slice, batch: int) -> list[Tensor]:
+def _chunk_bias(bias: Union[Bias, Callable[[slice], Bias]], images: slice, batch: int
+                ) -> list[Tensor]:
     """The biases of the images ``images``: a bias with one entry per image (``[B, ...]``,
-    four dims) is sliced, one broadcast over the batch is kept as it is."""
+    four dims) is sliced, one broadcast over the batch is kept as it is; a callable is asked
+    for the chunk's biases (built per chunk, never for the whole batch)."""
+    if callable(bias):
+        bias = bias(images)
     return [b[images] if b.dim() == 4 and b.shape[0] == batch and batch > 1 else b
             for b in _biases(bias)]
 
 
 def map_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, read: Callable[[Tensor, slice],
-                  Tensor], *, bias: Bias = None,
+                  Tensor], *, bias: Union[Bias, Callable[[slice], Bias]] = None,
                   dropout: Union[float, Callable[[Tensor], Tensor], None] = None
                   ) -> tuple[Tensor, Tensor]:
     """The explicit attention (:func:`attention` with ``fused=False``), one chunk of images at a
@@ -262,7 +266,8 @@ def map_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, read: Callable[
         q, k, v: ``[B, H, Nq, D]``, ``[B, H, N, D]``, ``[B, H, N, Dv]``.
         read: ``(weights [b, H, Nq, N], images: slice of the batch) -> [b, ...]``: what the
             caller keeps of a chunk's map (e.g. its mean over heads and queries).
-        bias, dropout: as :func:`attention`.
+        bias, dropout: as :func:`attention`; ``bias`` may also be a callable ``images ->
+            bias`` giving the biases of one chunk of images.
 
     Returns:
         ``(out [B, H, Nq, Dv], reads)``: ``read``'s results concatenated over the batch.

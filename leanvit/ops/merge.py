@@ -225,8 +225,9 @@ def merge_wavg(m: Matching, x: Tensor, size: Optional[Tensor] = None
     if torch.compiler.is_compiling():
         return _merge_wavg_by_rows(m, out, x_src, keep_size, src_size)
     new_size = keep_size.scatter_add(1, m.dst, src_size)
-    coef = src_size / new_size.gather(1, m.dst)  # [B, r]
-    delta = (x_src - gather_tokens(out, m.dst)) * coef.unsqueeze(-1).to(x.dtype)
+    coef = (src_size / new_size.gather(1, m.dst)).unsqueeze(-1)  # [B, r, 1]
+    delta = (x_src - gather_tokens(out, m.dst)) * (coef if coef.dtype == x.dtype
+                                                    else coef.to(x.dtype))
     return add_tokens_(out, m.dst, delta), new_size
 
 

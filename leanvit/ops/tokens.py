@@ -13,6 +13,8 @@ from torch import Tensor
 def _flat_rows(index: Tensor, n: int) -> Tensor:
     """``[B, K]`` token indices into ``N = n`` tokens -> ``[B * K]`` row indices of the
     ``[B * N, ...]`` flattened tensor."""
+    if index.shape[0] == 1:  # one image (batch-1 latency): no offsets to add
+        return index.reshape(-1)
     offset = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * n
     return (index + offset).reshape(-1)
 
@@ -41,7 +43,8 @@ def add_tokens_(out: Tensor, index: Tensor, src: Tensor) -> Tensor:
     :func:`gather_tokens`; ``scatter_add_`` with an expanded index is as slow as ``gather``)."""
     B, N = out.shape[:2]
     flat = out.view((B * N,) + out.shape[2:])
-    flat.index_add_(0, _flat_rows(index, N), src.reshape((-1,) + src.shape[2:]).to(out.dtype))
+    src = src.reshape((-1,) + src.shape[2:])
+    flat.index_add_(0, _flat_rows(index, N), src if src.dtype == out.dtype else src.to(out.dtype))
     return out
 
 

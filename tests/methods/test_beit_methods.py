@@ -261,3 +261,41 @@ def test_dynamicvit_training_mask_equals_removal():
     # that, relative to the tokens' scale (|x| up to ~30 with these spread-out weights)
     diff = (gather_tokens(x_tr, kept) - x_inf).abs().max()
     assert diff <= 1e-4 * x_inf.abs().max()
+
+
+# -- the per-image bias, looked up a few images at a time ----------------------------------------
+
+@pytest.mark.parametrize("variant", ["own", "shared"])
+def test_per_image_bias_in_groups_of_images(variant, monkeypatch):
+    """Once tokens have moved, the bias differs per image and the engine looks it up for a
+    few images at a time (memory): with one image per group, ToMe and ATS still give what the
+    per-image reference gives, and the map methods (the explicit attention, map written group
+    by group) what the whole batch at once gives."""
+    from leanvit.adapters import tokens
+
+    calls = []
+    whole_attention = tokens.attention
+
+    def spy(q, *args, **kw):
+        calls.append(q.shape[0])
+        return whole_attention(q, *args, **kw)
+
+    images = _images(batch=3)
+    whole = {}
+    for method, opts in [("zerotprune", {"r": 2}), ("mctf", {"r": 2})]:
+        with torch.no_grad():
+            whole[method] = leanvit.patch(tiny_beit(**MODELS[variant]), method, **opts)(images)
+    monkeypatch.setattr(tokens, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(tokens, "attention", spy)
+    for method, opts in [("zerotprune", {"r": 2}), ("mctf", {"r": 2})]:
+        with torch.no_grad():
+            out = leanvit.patch(tiny_beit(**MODELS[variant]), method, **opts)(images)
+        torch.testing.assert_close(out, whole[method], atol=1e-12, rtol=1e-12)
+    model = tiny_beit(**MODELS[variant])
+    leanvit.patch(model, "tome", r=2)
+    _check(model, images, lambda im: forward_image(model, im, tome_reduce(2), prop_attn=True))
+    model = tiny_beit(**MODELS[variant])
+    leanvit.patch(model, "ats", locations=(1, 2, 3), max_tokens=12)
+    _check(model, images, lambda im: forward_image(model, im, select=ats_select((1, 2, 3), 12)),
+           sized=False)
+    assert calls.count(1) > calls.count(3)  # one image at a time once tokens have moved
