@@ -104,19 +104,27 @@ def main() -> int:
     data = Path(args.data)
     if not (data / "val").is_dir():
         export_fashion_mnist(data, train=args.train, val=args.val, seed=0)
-    t0 = time.perf_counter()
-    probe = probe_folder(MODEL, data, args.head, checkpoint=WEIGHTS, img_size=224,
-                         batch_size=args.batch_size, cache_dir=args.cache)
-    probe_wall = time.perf_counter() - t0
+    saved = Path(args.cache) / "probe.json"  # the fit is minutes on a busy machine: reused
+    if saved.is_file() and Path(args.head).is_file():
+        probe = json.loads(saved.read_text())
+    else:
+        t0 = time.perf_counter()
+        probe = probe_folder(MODEL, data, args.head, checkpoint=WEIGHTS, img_size=224,
+                             batch_size=args.batch_size, cache_dir=args.cache)
+        probe["wall_s"] = time.perf_counter() - t0
+        saved.write_text(json.dumps(probe, indent=1, default=str))
+    probe_wall = probe["wall_s"]
     print(f"probe: val accuracy {probe['val_accuracy']:.2f}% ({probe['seconds']})")
     tune_lines = {b: tune_section(args, b, args.run_tune) for b in TUNE_BUDGETS}
 
     model = dinov2(head=args.head)
     ds = load_split(model, data, "val", args.limit)
-    batches = list(loader(ds, args.batch_size))
-    plan, skipped = page_settings(model, batches[0][0][:2])
+    batches = [] if args.reuse_only else list(loader(ds, args.batch_size))
+    plan, skipped = page_settings(model, batches[0][0][:2] if batches else None,
+                                  args.reuse_only)
     rows, missing = evaluate_plan(model, plan, batches, args, len(ds))
-    skipped += [(label, "not evaluated in this run (time)") for label in missing]
+    if missing:
+        skipped.append((", ".join(missing), "placed, not evaluated in this run (time)"))
     env = environment(torch.device("cpu"))
     meta = {"model": MODEL, "weights": WEIGHTS.name, "img_size": [224, 224], "data": str(data),
             "limit": args.limit, "images": len(ds), "batch_size": args.batch_size,
@@ -133,20 +141,37 @@ def main() -> int:
     return 0
 
 
-def page_settings(model, sample) -> tuple[list, list]:
+#: where the placed settings of each budget are kept (``leanvit.tune.grid`` is many forward
+#: passes; re-runs of the page reuse them)
+PLAN = Path("results/tmp/page_plan.json")
+
+
+def page_settings(model, sample, reuse_only: bool = False) -> tuple[list, list]:
     """What the page evaluates: ``[(budget, Setting)]`` (every registered training-free
     method's knob placed at each of :data:`BUDGETS` by :func:`leanvit.tune.grid` on the
-    ``sample`` images, as ``leanvit tune`` places it; then :data:`SETTINGS` whose files exist)
+    ``sample`` images, as ``leanvit tune`` places it, or as an earlier run placed it
+    (:data:`PLAN`); with ``reuse_only`` a budget not placed yet is left out; then
+    :data:`SETTINGS` whose files exist)
     and ``[(label, why)]`` of what is left out; the unpruned model first (budget ``None``)."""
     from leanvit.compare import Setting, apply_setting, parse_methods
     from leanvit.tune import grid
 
     plan, skipped = [(None, Setting("none"))], []
+    placed = json.loads(PLAN.read_text()) if PLAN.is_file() else {}
     for b in BUDGETS:
-        settings, _, left = grid(model, [b], sample)
-        plan += [(b, s) for s in settings]
-        if b == BUDGETS[0]:
-            skipped += [(m, why) for m, why in left]
+        if str(b) in placed:  # placed by an earlier run of this script
+            plan += [(b, parse_methods(label)[0]) for label in placed[str(b)]["settings"]]
+            left = placed[str(b)]["left"]
+        elif reuse_only:
+            skipped.append((f"the training-free methods at {b} G", "not placed or evaluated "
+                            "in this run (time)"))
+            continue
+        else:
+            settings, _, left = grid(model, [b], sample)
+            plan += [(b, s) for s in settings]
+            placed[str(b)] = {"settings": [s.label for s in settings], "left": left}
+            PLAN.write_text(json.dumps(placed, indent=1))
+        skipped += [(m, why) for m, why in map(tuple, left) if (m, why) not in skipped]
     for line in SETTINGS.strip().splitlines():
         budget, text = line.split(":", 1)
         s = parse_methods(text)[0]
@@ -254,6 +279,21 @@ def _table(rows, budget) -> str:
                      "fewer MACs"], body)
 
 
+def _hf_line() -> list[str]:
+    """The unpruned probe accuracy through Hugging Face's ``Dinov2Model``
+    (``benchmarks/hf_dinov2.py --probe``), when it was run."""
+    f = RESULTS / "hf_dinov2_probe.json"
+    if not f.is_file():
+        return []
+    r = json.loads(f.read_text())
+    return [f"- The same weights through Hugging Face transformers (`{r['command']}`: converted "
+            f"into `Dinov2Model`, sdpa, final tokens pooled as the probe pools them, same head): "
+            f"top-1 **{r['top1']['hf']:.2f}%** on the same {r['images']} val images, timm "
+            f"{r['top1']['timm']:.2f}%; the same prediction on {r['same_predictions']} of "
+            f"{r['images']} images, features within {r['max_relative_feature_difference']:.1e} "
+            "(largest per-image relative difference)."]
+
+
 def _write_page(page: Path, img: Path, rows, skipped, probe, meta, args, tune_lines) -> None:
     env = meta["environment"]
     sec = probe["seconds"]
@@ -288,7 +328,8 @@ def _write_page(page: Path, img: Path, rows, skipped, probe, meta, args, tune_li
         f"- Probe time on CPU ({env['device_name']}, {env['threads']} threads): features "
         f"{sec['train_features']:.0f} s train + {sec['val_features']:.0f} s val, fit "
         f"{sec['fit']:.1f} s" + (" (features read from the cache of an earlier run)"
-                                  if cached else "") + ".",
+                                  if cached else "") + ", niced on 2 cores shared with other "
+        "work (load average 15-20 at the time; on a quiet machine 258 s + 85 s, fit 4.7 s).",
         f"- Budgets: {', '.join(f'{b:g}' for b in BUDGETS)} GMACs per image (the unpruned "
         f"model: {none['gmacs']:.3f}). Each training-free method's strength option is set by "
         "`leanvit tune`'s own rule (`leanvit.tune.grid`: bisection on MACs, counted on the "
@@ -301,6 +342,7 @@ def _write_page(page: Path, img: Path, rows, skipped, probe, meta, args, tune_li
         "CPU; GMACs per image averaged over those images (`count_macs`). One image is "
         f"{100 / meta['images']:.1f} point. No timings: the runs shared 2 cores with other "
         "work (niced), and the rows of settings a tune run evaluated are taken from it.",
+        *_hf_line(),
         f"- torch {env['torch']}, timm {env['timm']}, leanvit {env['leanvit']}.",
         "",
         "## Summary: best top-1 (%) within each budget",
@@ -315,7 +357,8 @@ def _write_page(page: Path, img: Path, rows, skipped, probe, meta, args, tune_li
     lines += [f"![top-1 against GMACs]({os.path.relpath(img, page.parent)})", ""]
     if skipped:
         lines += ["## Skipped settings", ""]
-        lines += [f"- `{label}`: {why}" for label, why in skipped]
+        lines += [f"- {', '.join(f'`{x}`' for x in label.split(', '))}: {why}"
+                  for label, why in skipped]
         lines.append("")
     for name, block in keep.items():  # sections made by other scripts / earlier runs
         if name not in ("verdict", "dense") and not name.startswith("tune-"):
