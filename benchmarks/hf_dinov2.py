@@ -6,9 +6,8 @@ relative). Writes ``benchmarks/results/hf_dinov2.json``; no speed measured here.
     python benchmarks/hf_dinov2.py [--fashion 64] [--out FILE]
     python benchmarks/hf_dinov2.py --probe HEAD [--data DIR] [--cache DIR]
 
-``--probe``: the results page's linear probe (``docs/results.md``) through the converted
-``Dinov2Model``: top-1 on the page's val images with the same head as timm's features (read
-from the page's feature cache), written to ``benchmarks/results/hf_dinov2_probe.json``.
+``--probe``: the results page's probe through the converted ``Dinov2Model`` against timm's
+(:func:`probe_check`), written to ``benchmarks/results/hf_dinov2_probe.json``.
 
 :func:`load_timm_into_hf` is the converter (any timm ``VisionTransformer`` state dict into
 the matching transformers ViT / DeiT / DINOv2 model; the tests use it on tiny models).

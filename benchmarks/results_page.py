@@ -5,25 +5,15 @@ One command (from the repository root; heavy: run it niced, ``nice -n 10``)::
 
     nice -n 10 python benchmarks/results_page.py
 
-Steps (each re-used when its output exists, so re-runs after adding a method are fast):
-1. ``results/tmp/fmnist``: ``leanvit data fashion-mnist`` (3000 train / 1000 val, seed 0);
-2. the probe: features of train and val (cached in ``results/tmp/cache``), L-BFGS fit,
-   head ``results/tmp/dinov2_vits14_fmnist_head.safetensors``;
-3. ``leanvit tune`` at each of :data:`TUNE_BUDGETS` on the same model, head, data and
-   ``--limit`` images (output ``results/tmp/tune_<G>``, run when it has no ``tune.json``);
-   its searched DiffRate schedule is copied to ``benchmarks/results/`` and stands for DiffRate
-   at that budget;
-4. every registered training-free method at each of :data:`BUDGETS`, its strength option set
-   by tune's own rule (:func:`leanvit.tune.grid`: bisected on MACs to the closest setting at
-   or below the budget, or the method's cheapest when it cannot reach it), plus the learned
-   and searched settings of :data:`SETTINGS`, evaluated by ``leanvit compare``'s
-   :func:`run_compare` on a fixed, seeded subset of ``--limit`` val images (accuracy and
-   GMACs of a setting that a tune run of step 3 evaluated on the same images are taken from
-   it): table + ``docs/img/results_dinov2_fmnist.png``, rows in
-   ``benchmarks/results/results_page.json``.
-Methods not registered in this checkout, and learned/searched settings whose saved state is
-absent, are listed as skipped. ``--section tune`` / ``--section dense`` rewrite just those
-sections of an existing page.
+Steps (each output re-used when present): 1. ``results/tmp/fmnist`` (``leanvit data
+fashion-mnist``, 3000 train / 1000 val, seed 0); 2. the probe head (features cached in
+``results/tmp/cache``); 3. with ``--run-tune``, ``leanvit tune`` at each of
+:data:`TUNE_BUDGETS` (``results/tmp/tune_<G>``); 4. every registered training-free method at
+each of :data:`BUDGETS`, its option placed by :func:`leanvit.tune.grid` (tune's own rule;
+placements kept in :data:`PLAN`), plus :data:`SETTINGS`, evaluated on a fixed seeded subset of
+``--limit`` val images (rows kept in ``results/tmp/page_rows.json``, so an interrupted run
+resumes): table, ``docs/img/results_dinov2_fmnist.png``, ``benchmarks/results/
+results_page.json``. What is missing is listed as skipped; ``--section`` rewrites one section.
 """
 from __future__ import annotations
 
@@ -61,28 +51,21 @@ SETTINGS = """
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="results/tmp/fmnist")
-    p.add_argument("--train", type=int, default=3000)
-    p.add_argument("--val", type=int, default=1000)
-    p.add_argument("--limit", type=int, default=500, help="val images evaluated per setting")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--cache", default="results/tmp/cache")
-    p.add_argument("--head", default="results/tmp/dinov2_vits14_fmnist_head.safetensors")
-    p.add_argument("--page", default="docs/results.md")
-    p.add_argument("--img", default="docs/img/results_dinov2_fmnist.png")
-    p.add_argument("--repeats", type=int, default=1, help="timed passes per setting (tune runs)")
-    p.add_argument("--run-tune", action="store_true",
-                   help="run leanvit tune at each of TUNE_BUDGETS whose output folder has no "
-                        "tune.json (otherwise its section says it was not run)")
-    p.add_argument("--reuse-only", action="store_true",
-                   help="evaluate nothing: settings without a saved row are listed as not "
-                        "evaluated")
+    for name, default in (("data", "results/tmp/fmnist"), ("cache", "results/tmp/cache"),
+                          ("head", "results/tmp/dinov2_vits14_fmnist_head.safetensors"),
+                          ("page", "docs/results.md"),
+                          ("img", "docs/img/results_dinov2_fmnist.png")):
+        p.add_argument(f"--{name}", default=default)
+    for name, default in (("train", 3000), ("val", 1000), ("limit", 500), ("batch-size", 50),
+                          ("repeats", 1)):  # limit: val images per setting; repeats: tune's
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--run-tune", action="store_true", help="run leanvit tune at each of "
+                   "TUNE_BUDGETS whose output folder has no tune.json")
+    p.add_argument("--reuse-only", action="store_true", help="evaluate nothing: settings "
+                   "without a saved row are listed as not evaluated")
     p.add_argument("--section", choices=("all", "dense", "tune"), default="all",
-                   help="'dense': only (re)write the dense-segmentation section of --page from "
-                        "benchmarks/results/dense_segmentation.json (benchmarks/"
-                        "dense_segmentation.py); 'tune': only the leanvit tune sections (from "
-                        "results/tmp/tune_<G>, running leanvit tune when it has no tune.json); "
-                        "the rest of the page stays as it is")
+                   help="only (re)write the dense section (from benchmarks/results/"
+                   "dense_segmentation.json) or the tune sections; the rest stays")
     args = p.parse_args()
     if args.section in ("dense", "tune"):
         page = Path(args.page)
@@ -123,8 +106,7 @@ def main() -> int:
     plan, skipped = page_settings(model, batches[0][0][:2] if batches else None,
                                   args.reuse_only)
     rows, missing = evaluate_plan(model, plan, batches, args, len(ds))
-    if missing:
-        skipped.append((", ".join(missing), "placed, not evaluated in this run (time)"))
+    skipped += [(", ".join(missing), "placed, not evaluated in this run (time)")] * bool(missing)
     env = environment(torch.device("cpu"))
     meta = {"model": MODEL, "weights": WEIGHTS.name, "img_size": [224, 224], "data": str(data),
             "limit": args.limit, "images": len(ds), "batch_size": args.batch_size,
@@ -341,7 +323,8 @@ def _write_page(page: Path, img: Path, rows, skipped, probe, meta, args, tune_li
         f"{args.limit}`, as on earlier versions of this page), batch {meta['batch_size']}, fp32, "
         "CPU; GMACs per image averaged over those images (`count_macs`). One image is "
         f"{100 / meta['images']:.1f} point. No timings: the runs shared 2 cores with other "
-        "work (niced), and the rows of settings a tune run evaluated are taken from it.",
+        "work (niced); a row evaluated earlier on the same images (by an interrupted run of "
+        "this script, `results/tmp/page_rows.json`, or a tune run of the page) is reused.",
         *_hf_line(),
         f"- torch {env['torch']}, timm {env['timm']}, leanvit {env['leanvit']}.",
         "",
@@ -437,7 +420,7 @@ def dense_section(page: Path) -> list:
 
 
 # --------------------------------------------------------------------------------------------
-# Section: leanvit tune (issue 14)
+# Sections: leanvit tune at each of TUNE_BUDGETS
 
 TUNE_IMG = "docs/img/results_tune_{b}_dinov2_fmnist.png"
 
