@@ -4,6 +4,10 @@ the same method on the timm model, on real photos and Fashion-MNIST (features wi
 relative). Writes ``benchmarks/results/hf_dinov2.json``; no speed measured here.
 
     python benchmarks/hf_dinov2.py [--fashion 64] [--out FILE] [--save-pretrained DIR]
+    python benchmarks/hf_dinov2.py --probe HEAD [--data DIR] [--cache DIR]
+
+``--probe``: the results page's probe through the converted ``Dinov2Model`` against timm's
+(:func:`probe_check`), written to ``benchmarks/results/hf_dinov2_probe.json``.
 
 :func:`load_timm_into_hf` is the converter (any timm ``VisionTransformer`` state dict into
 the matching transformers ViT / DeiT / DINOv2 model; the tests use it on tiny models).
@@ -11,6 +15,7 @@ the matching transformers ViT / DeiT / DINOv2 model; the tests use it on tiny mo
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -139,10 +144,44 @@ def fashion_images(model: nn.Module, n: int) -> torch.Tensor:
         return torch.stack([t(Image.open(f).convert("RGB")) for f in files])
 
 
+def probe_check(hf: nn.Module, head: str, data: str, cache: str, limit: int = 500) -> dict:
+    """Top-1 of the probe ``head`` on the results page's ``limit`` val images of ``data``
+    (its fixed seeded subset) through the HF model's final tokens (class token + mean patch
+    token, as ``leanvit.heads.class_mean``) and through timm's (the unpatched timm features
+    the page cached in ``cache``, all val images); identical predictions and the largest
+    relative feature difference on those images."""
+    from safetensors.torch import load_file
+    from torch.utils.data import Subset
+
+    from leanvit.data import fixed_subset, loader
+    from leanvit.evaluate import load_split
+    from leanvit.heads import class_mean, load_head
+
+    ds = load_split(_common.dinov2(num_classes=0), data, "val")
+    labels = torch.tensor([t for _, t in ds.samples])
+    timm_all = next(load_file(str(f))["features"] for f in sorted(Path(cache).glob(
+        "*-val-*.safetensors")) if torch.equal(load_file(str(f))["labels"], labels))
+    sub = fixed_subset(ds, limit)
+    idx = torch.tensor(sub.indices if isinstance(sub, Subset) else range(len(ds)))
+    hf_feats = torch.cat([class_mean(hf(x).last_hidden_state, 1) for x, _ in loader(sub, 50)])
+    lin = load_head(head)
+    pred = {"timm": lin(timm_all[idx]).argmax(1), "hf": lin(hf_feats).argmax(1)}
+    top1 = {k: 100.0 * float((v == labels[idx]).float().mean()) for k, v in pred.items()}
+    return {"images": len(idx), "of": len(ds), "top1": top1,
+            "timm_top1_all_val": 100.0 * float((lin(timm_all).argmax(1) == labels).float()
+                                               .mean()),
+            "same_predictions": int((pred["timm"] == pred["hf"]).sum()),
+            "max_relative_feature_difference": relative(hf_feats, timm_all[idx])}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--fashion", type=int, default=20, help="Fashion-MNIST test images")
-    ap.add_argument("--out", default=str(_common.RESULTS / "hf_dinov2.json"))
+    ap.add_argument("--out", default=None, help="default benchmarks/results/hf_dinov2.json "
+                    "(with --probe: hf_dinov2_probe.json)")
+    ap.add_argument("--probe", default=None, metavar="HEAD", help="the results page's head")
+    ap.add_argument("--data", default="results/tmp/fmnist")
+    ap.add_argument("--cache", default="results/tmp/cache")
     ap.add_argument("--save-pretrained", metavar="DIR", help="also write the converted model "
                     "as a local Hugging Face folder (config.json + weights), the input of "
                     "e.g. 'leanvit bench DIR --method tome --set r=13'")
@@ -157,6 +196,12 @@ def main(argv=None) -> int:
     hf = load_timm_into_hf(hf, sd).eval()
     if args.save_pretrained:
         hf.save_pretrained(args.save_pretrained)
+    if args.probe is not None:
+        r = {"command": _common.command("hf_dinov2.py", argv), **probe_check(
+            hf, args.probe, args.data, args.cache)}
+        path = _common.write_results(args.out or _common.RESULTS / "hf_dinov2_probe.json", r)
+        print(json.dumps(r, indent=1), f"wrote {path}", sep="\n")
+        return 0
     tm = _common.dinov2(num_classes=0)
     sets = {"photos": _common.photos(tm), "fashion_mnist": fashion_images(tm, args.fashion)}
     result = {"command": _common.command("hf_dinov2.py", argv), "tolerance": 1e-4,
@@ -165,7 +210,7 @@ def main(argv=None) -> int:
               "results": {k: compare(hf, tm, v) for k, v in sets.items()}}
     worst = max(r["relative"] for rows in result["results"].values() for r in rows.values())
     result["max_relative"], result["pass"] = worst, worst <= 1e-4
-    path = _common.write_results(args.out, result)
+    path = _common.write_results(args.out or _common.RESULTS / "hf_dinov2.json", result)
     print(f"max relative difference {worst:.3g} over {len(SETTINGS)} settings "
           f"({'pass' if result['pass'] else 'FAIL'}); wrote {path}")
     return 0 if result["pass"] else 1
