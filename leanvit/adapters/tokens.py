@@ -304,6 +304,13 @@ def _batch_rows(t: Optional[Tensor], images: slice) -> Optional[Tensor]:
     return t if t is None or t.dim() < 4 or t.shape[0] == 1 else t[images]
 
 
+def mlp_half(p: BlockParts, x: Tensor) -> Tensor:
+    """A block's second residual, ``x + post2(mlp(norm2(x)))`` (``post2``: layer scale or
+    none), ``x`` ``[B, N, C]`` or packed ``[1, T, C]``; the MLP's output is freed on return."""
+    m = p.mlp(p.norm2(x))
+    return x + (m if p.post2 is None else p.post2(m))
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, biases: Any, extra: Optional[Tensor],
            keep: Optional[Tensor] = None, **kw: Any) -> Any:
     """:func:`leanvit.ops.attention.attention` with ``biases`` then ``extra`` added to the
@@ -576,9 +583,7 @@ class TokenEngine:
         # the signals hold q, k, v (and any map): free them before the MLP, the block's peak
         sig_macs = 0.0 if signals is None else float(signals.macs)
         del signals
-        m = p.mlp(p.norm2(x))
-        x = x + (m if p.post2 is None else p.post2(m))
-        del m
+        x = mlp_half(p, x)
         if counting:
             state.recorder.record_block(i, **self._macs(p, n_kv, n_q, state.token_counts(x),
                                                         sig_macs))
@@ -907,9 +912,7 @@ def packed_block(engine: TokenEngine, p: BlockParts, i: int, x: Tensor, pk: Pack
     del a
     sig_macs = 0.0 if signals is None else float(signals.macs)
     del signals
-    m = p.mlp(p.norm2(x))
-    x = x + (m if p.post2 is None else p.post2(m))
-    del m
+    x = mlp_half(p, x)
     if counting:
         n = q_pk.counts.float()
         state.recorder.record_block(i, **engine._macs(p, n_kv, n, n, sig_macs))
