@@ -1,21 +1,28 @@
 """Same-run speed of the token methods on DeiT-S under two code versions (before / after a
-change), the successor of ``token_reduction.py`` for refactors (issue 12: the speed of ToMe,
-EViT, DiffRate, DynamicViT and ATS must not drop).
+change): the acceptance tool for refactors (the speed of ToMe, EViT, DiffRate, DynamicViT and
+ATS must not drop).
 
 Protocol: deit_small_patch16_224 (random weights, seed 0: fixed-rate methods do the same work
 whatever the weights; ATS and DynamicViT get the same weights, predictors and images in both
-versions, so they do the same work too), batch 64, fp32, CPU. Rounds alternate between the two
-versions (before, after, after, before, ...), each version in a fresh subprocess importing
-``leanvit`` from its own checkout (``PYTHONPATH``). In a round, each method's speedup over the
-unmodified model is timed with ``leanvit.bench.time_models`` (interleaved, alternating order;
-median of ``--repeats``). The figure of merit is the ratio of ratios, ``speedup_after /
-speedup_before`` of the same round pair: 1.0 = unchanged, below 1 = slower after the change.
+versions, so they do the same work too), batch 64, fp32, CPU. Each version runs in its own
+worker process that imports ``leanvit`` from its own checkout (``PYTHONPATH``), builds the
+unmodified model and every patched one once, and then waits for orders. Both workers stay
+alive for the whole run and take turns pass by pass: in repeat ``r`` of a method the four
+timed forward passes are before-unmodified, before-patched, after-patched, after-unmodified
+(reversed every other repeat), one at a time, so both versions see the same machine within
+seconds of each other. Repeat ``r`` gives each version a speedup (its unmodified pass over
+its patched pass) and their ratio, ``speedup_after / speedup_before`` (1.0 = unchanged,
+below 1 = slower after the change); the figure of merit is the median of these ratios over
+the repeats, with its quartiles.
+
+(The earlier protocol ran each version's rounds in fresh processes minutes apart; on this
+shared 2-core machine its ratios moved by +-8 % between round pairs of the same two commits.)
 
 Run it under the shared CPU lock, e.g. for this change (base = main before it)::
 
-    git worktree add --detach /tmp/lv-before 5e72144
+    git worktree add --detach /tmp/lv-before 6c6e0ad
     flock /tmp/leanvit-cpu.lock python benchmarks/speed_versions.py \\
-        --before /tmp/lv-before --after . --rounds 4
+        --before /tmp/lv-before --after . --repeats 12
 
 Writes ``benchmarks/results/speed_versions.{json,md}`` (``--out``).
 """
@@ -48,57 +55,98 @@ METHODS = [
 
 
 def worker(args: argparse.Namespace) -> int:
-    """One version, one round: every method's speedup over the unmodified model."""
+    """One version: build every model, then time one forward pass per line read from stdin
+    (a method label, or ``"-"`` for the unmodified model), answering with the seconds."""
     import copy
 
     import torch
 
     import leanvit
-    from leanvit.bench import time_models
     from leanvit.models import create_model
 
     torch.manual_seed(0)
     base = create_model(MODEL).eval()
     x = torch.randn(args.batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    out = {"leanvit_file": leanvit.__file__, "threads": torch.get_num_threads(), "methods": {}}
+    models, gmacs = {"-": base}, {}
     for label, method, options in METHODS:
         if args.methods and label not in args.methods:
             continue
         torch.manual_seed(1)  # the same predictor weights (DynamicViT) in both versions
-        model = leanvit.patch(copy.deepcopy(base), method, **options).eval()
-        gmacs = leanvit.count_macs(model, x[:8]).gmacs
-        t = time_models(base, model, x, warmup=args.warmup, repeats=args.repeats)
-        speedup = statistics.median(t["baseline"]) / statistics.median(t["candidate"])
-        out["methods"][label] = {"speedup": speedup, "gmacs": gmacs,
-                                 "baseline_s": t["baseline"], "patched_s": t["candidate"]}
-        print(f"  {label}: {speedup:.3f}x", file=sys.stderr, flush=True)
-    print(json.dumps(out))
+        models[label] = leanvit.patch(copy.deepcopy(base), method, **options).eval()
+        gmacs[label] = leanvit.count_macs(models[label], x[:8]).gmacs
+    with torch.inference_mode():
+        for m in models.values():  # warm-up
+            m(x)
+    print(json.dumps({"leanvit_file": leanvit.__file__, "threads": torch.get_num_threads(),
+                      "gmacs": gmacs}), flush=True)
+    for line in sys.stdin:
+        model = models[line.strip()]
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            model(x)
+            dt = time.perf_counter() - t0
+        print(json.dumps(dt), flush=True)
     return 0
 
 
-def run_version(path: Path, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker",
-           "--batch-size", str(args.batch_size), "--repeats", str(args.repeats),
-           "--warmup", str(args.warmup)] + (["--methods", *args.methods] if args.methods else [])
-    env = dict(os.environ, PYTHONPATH=str(path))
-    res = subprocess.run(cmd, cwd=str(path), env=env, capture_output=True, text=True)
-    sys.stderr.write(res.stderr)
-    if res.returncode != 0:
-        raise SystemExit(f"worker for {path} failed ({res.returncode})")
-    out = json.loads(res.stdout.strip().splitlines()[-1])
-    if not Path(out["leanvit_file"]).resolve().is_relative_to(path.resolve()):
-        raise SystemExit(f"worker for {path} imported {out['leanvit_file']}")
-    return out
+class Version:
+    """A live worker process of one checkout."""
+
+    def __init__(self, path: Path, args: argparse.Namespace):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker",
+               "--batch-size", str(args.batch_size)] + (
+                   ["--methods", *args.methods] if args.methods else [])
+        env = dict(os.environ, PYTHONPATH=str(path))
+        self.proc = subprocess.Popen(cmd, cwd=str(path), env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"worker for {path} failed ({self.proc.wait()})")
+        self.info = json.loads(line)
+        if not Path(self.info["leanvit_file"]).resolve().is_relative_to(path.resolve()):
+            raise SystemExit(f"worker for {path} imported {self.info['leanvit_file']}")
+
+    def time(self, label: str) -> float:
+        self.proc.stdin.write(label + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def quartiles(v: list[float]) -> tuple[float, float, float]:
+    """Lower quartile, median, upper quartile (``statistics.quantiles``, inclusive)."""
+    q = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else v * 3
+    return q[0], statistics.median(v), q[2]
+
+
+def measure(versions: dict[str, Version], label: str, repeats: int) -> dict:
+    """``repeats`` interleaved repeats of one method (see the module docstring)."""
+    raw = {k: {"baseline_s": [], "patched_s": []} for k in versions}
+    for r in range(repeats):
+        order = [("before", "-"), ("before", label), ("after", label), ("after", "-")]
+        for key, which in (order if r % 2 == 0 else order[::-1]):
+            raw[key]["baseline_s" if which == "-" else "patched_s"].append(
+                versions[key].time(which))
+    speed = {k: [b / p for b, p in zip(v["baseline_s"], v["patched_s"])]
+             for k, v in raw.items()}
+    ratio = [a / b for a, b in zip(speed["after"], speed["before"])]
+    lo, med, hi = quartiles(ratio)
+    return {"method": label, "speedup_before": speed["before"], "speedup_after": speed["after"],
+            "ratio": ratio, "ratio_median": med, "ratio_q1": lo, "ratio_q3": hi,
+            "speedup_before_median": statistics.median(speed["before"]),
+            "speedup_after_median": statistics.median(speed["after"]), "raw": raw}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--before", type=Path, help="checkout of the code before the change")
     p.add_argument("--after", type=Path, help="checkout of the code after the change")
-    p.add_argument("--rounds", type=int, default=4, help="rounds per version (default 4)")
+    p.add_argument("--repeats", type=int, default=12,
+                   help="interleaved repeats per method (four timed passes each; default 12)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3, help="timed pairs per method and round")
-    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--methods", nargs="*", default=None, metavar="LABEL")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None,
@@ -108,48 +156,36 @@ def main(argv: list[str] | None = None) -> int:
         return worker(args)
     if args.before is None or args.after is None:
         p.error("--before and --after are required")
-    versions = {"before": args.before.resolve(), "after": args.after.resolve()}
+    paths = {"before": args.before.resolve(), "after": args.after.resolve()}
     commits = {k: subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=v,
                                  capture_output=True, text=True).stdout.strip()
-               for k, v in versions.items()}
+               for k, v in paths.items()}
     # imported here, not at the top: the workers must import leanvit from PYTHONPATH, and
     # _common puts this checkout first on sys.path
     from _common import RESULTS, command, loadavg, write_results
 
-    load_before = loadavg()
-    t0 = time.time()
-    rounds: list[dict] = []
-    for r in range(args.rounds):
-        order = ("before", "after") if r % 2 == 0 else ("after", "before")
-        got = {}
-        for key in order:
-            print(f"round {r + 1}/{args.rounds}: {key} ({commits[key]})", file=sys.stderr,
-                  flush=True)
-            got[key] = run_version(versions[key], args)
-        rounds.append(got)
-    load_after = loadavg()
-
+    load_before, t0 = loadavg(), time.time()
+    versions = {k: Version(v, args) for k, v in paths.items()}
     rows = []
-    for label, _, _ in METHODS:
-        if label not in rounds[0]["before"]["methods"]:
-            continue
-        before = [rd["before"]["methods"][label]["speedup"] for rd in rounds]
-        after = [rd["after"]["methods"][label]["speedup"] for rd in rounds]
-        ratio = [a / b for a, b in zip(after, before)]
-        rows.append({
-            "method": label,
-            "gmacs_before": rounds[0]["before"]["methods"][label]["gmacs"],
-            "gmacs_after": rounds[0]["after"]["methods"][label]["gmacs"],
-            "speedup_before": before, "speedup_after": after, "ratio": ratio,
-            "ratio_median": statistics.median(ratio), "ratio_min": min(ratio),
-            "ratio_max": max(ratio),
-        })
+    try:
+        for label, _, _ in METHODS:
+            if args.methods and label not in args.methods:
+                continue
+            row = measure(versions, label, args.repeats)
+            row["gmacs_before"] = versions["before"].info["gmacs"][label]
+            row["gmacs_after"] = versions["after"].info["gmacs"][label]
+            rows.append(row)
+            print(f"  {label}: ratio {row['ratio_median']:.3f} [{row['ratio_q1']:.3f}, "
+                  f"{row['ratio_q3']:.3f}]", file=sys.stderr, flush=True)
+    finally:
+        for v in versions.values():
+            v.close()
     summary = {"model": MODEL, "batch_size": args.batch_size, "dtype": "fp32", "device": "cpu",
-               "versions": {k: str(v) for k, v in versions.items()}, "commits": commits,
-               "rounds": args.rounds, "repeats": args.repeats, "warmup": args.warmup,
-               "loadavg_before": load_before, "loadavg_after": load_after,
-               "seconds": round(time.time() - t0), "threads": rounds[0]["after"]["threads"],
-               "command": command("speed_versions.py", argv), "rows": rows, "raw": rounds}
+               "versions": {k: str(v) for k, v in paths.items()}, "commits": commits,
+               "repeats": args.repeats, "loadavg_before": load_before,
+               "loadavg_after": loadavg(), "seconds": round(time.time() - t0),
+               "threads": versions["after"].info["threads"],
+               "command": command("speed_versions.py", argv), "rows": rows}
     write_results(args.out or RESULTS / "speed_versions", summary, markdown(summary))
     print(markdown(summary))
     return 0
@@ -161,19 +197,19 @@ def markdown(s: dict) -> str:
 
     head = (f"# Token methods on {s['model']} before / after ({s['commits']['before']} -> "
             f"{s['commits']['after']}), batch {s['batch_size']}, fp32, CPU\n\n"
-            f"Command: `{s['command']}` ({s['rounds']} rounds per version, alternating, "
-            f"{s['repeats']} timed pairs per method and round, {s['threads']} threads; "
-            f"load average {' '.join(s['loadavg_before'])} before, "
-            f"{' '.join(s['loadavg_after'])} after; {s['seconds']} s).\n\n"
-            "Speedup = unmodified model's median time / patched model's, same process. "
-            "Ratio = speedup after / speedup before, per round pair (1.0 = unchanged).\n\n")
+            f"Command: `{s['command']}` (two live workers, {s['repeats']} interleaved repeats "
+            f"per method, {s['threads']} threads; load average "
+            f"{' '.join(s['loadavg_before'])} before, {' '.join(s['loadavg_after'])} after; "
+            f"{s['seconds']} s).\n\n"
+            "Speedup = a version's unmodified pass time / its patched pass time, per repeat. "
+            "Ratio = speedup after / speedup before of the same repeat (1.0 = unchanged): "
+            "median [lower quartile, upper quartile] over the repeats.\n\n")
     cells = [[r["method"], f"{r['gmacs_before']:.3f} / {r['gmacs_after']:.3f}",
-              ", ".join(f"{v:.3f}" for v in r["speedup_before"]),
-              ", ".join(f"{v:.3f}" for v in r["speedup_after"]),
-              f"{r['ratio_median']:.3f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}]"]
+              f"{r['speedup_before_median']:.3f}", f"{r['speedup_after_median']:.3f}",
+              f"{r['ratio_median']:.3f} [{r['ratio_q1']:.3f}, {r['ratio_q3']:.3f}]"]
              for r in s["rows"]]
-    return head + md_table(["method", "GMACs before / after", "speedup before (per round)",
-                            "speedup after (per round)", "ratio median [min, max]"], cells)
+    return head + md_table(["method", "GMACs before / after", "speedup before (median)",
+                            "speedup after (median)", "ratio median [quartiles]"], cells)
 
 
 if __name__ == "__main__":
