@@ -812,7 +812,9 @@ class PackedRunner:
     method selects query rows (ATS) runs packed from its first such block on (``True`` and
     ``"auto"``): its MLP then already runs on the rows each image keeps. Once packed, the
     tokens stay packed until every image has the same count again (the padded blocks, with
-    no padding) or a block the packed form cannot serve: a method hook that sees the tokens
+    no padding), under ``"auto"`` until a block leaves less than :data:`PACK_MIN_PADDING`
+    padding (packing's per-block copies would cost more than the padding), or a block the
+    packed form cannot serve: a method hook that sees the tokens
     (``before_block``, ``after_attention``), the whole attention map, or an attention module
     that runs itself (:func:`has_contract`); there the batch is padded again. Methods whose
     images keep equal counts (ToMe, EViT, ...) never reach a packed block.
@@ -851,7 +853,10 @@ class PackedRunner:
             x, self.pk = unpack(x[0], self.pk), None
             return self.engine._block(p, i, [x], state, reducer, ctx)
         x, state, self.pk = packed_block(self.engine, p, i, x, self.pk, state, reducer, ctx)
-        if self.pk.uniform:  # every image kept the same count: the padded blocks (a view)
+        if self.pk.uniform or (self.mode is not True and
+                               self.pk.pad_share < PACK_MIN_PADDING):
+            # every image kept the same count (a view), or too little padding left to pay
+            # for packing: the padded blocks
             x, self.pk = unpack(x[0], self.pk), None
         return x, state
 

@@ -51,6 +51,11 @@ class Packing(NamedTuple):
         return sum(self.sizes)
 
     @property
+    def pad_share(self) -> float:
+        """Share of the padded layout's ``B * N`` rows that are padding (no host sync)."""
+        return 1.0 - self.total / max(self.batch * self.width, 1)
+
+    @property
     def uniform(self) -> bool:
         """Whether every image has ``N`` real tokens (no padding)."""
         return self.index is None

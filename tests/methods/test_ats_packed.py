@@ -231,6 +231,37 @@ def test_auto_packs_a_padded_batch_only_above_the_padding_threshold(monkeypatch)
         assert spy.calls == calls
 
 
+def test_auto_leaves_the_packed_layout_when_little_padding_is_left(monkeypatch):
+    """ATS in blocks 0..3: block 0 selects rows packed; under ``"auto"`` the next blocks stay
+    packed only while the padding share of the packed layout reaches the threshold
+    (otherwise the padded blocks run: packing's copies would cost more than the padding);
+    ``packed=True`` stays packed. Outputs equal the padded blocks' either way."""
+    base = _sharp_vit(depth=4)
+    images = _images(base)
+    shares = []
+    real = engine.packed_block
+
+    def recording(*args, **kw):
+        out = real(*args, **kw)
+        shares.append(out[2].pad_share)
+        return out
+
+    monkeypatch.setattr(engine, "packed_block", recording)
+    padded = leanvit.patch(copy.deepcopy(base), "ats", locations=(0, 1, 2, 3), packed=False)
+    with torch.no_grad():
+        ref = padded(images)
+        leanvit.patch(copy.deepcopy(base), "ats", locations=(0, 1, 2, 3), packed=True)(images)
+    assert len(shares) == 4 and 0 < shares[0], "every block packed under packed=True"
+    # above every block's padding share: only the selecting block 0 packs, then leaves
+    model = leanvit.patch(copy.deepcopy(base), "ats", locations=(0, 1, 2, 3))
+    for threshold, calls in ((max(shares) + 1e-6, 1), (0.0, 4)):
+        monkeypatch.setattr(engine, "PACK_MIN_PADDING", threshold)
+        shares.clear()
+        with torch.no_grad():
+            torch.testing.assert_close(model(images), ref, atol=1e-10, rtol=1e-10)
+        assert len(shares) == calls
+
+
 @pytest.mark.parametrize("bad", ["yes", 1, None, "Auto"])
 def test_bad_packed_option_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="packed must be 'auto', True or False"):
