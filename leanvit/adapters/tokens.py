@@ -298,6 +298,26 @@ class ImageBias:
         return self.lookup(self.attn, self.ctx, self.positions[images], self.queries[images])
 
 
+class SelectedRowsBias(ImageBias):
+    """The query rows ``rows`` ``[B, K]`` (a query selection) of biases that are the same for
+    every image (``[1|H, N, N]``, or ``[H, N, N]`` as timm passes BEiT's), gathered for a group
+    of images at a time as :class:`ImageBias` looks its biases up: gathered for the whole
+    batch, the rows are a ``[B, H, K, N]`` tensor as large as the attention map."""
+
+    def __init__(self, biases: tuple, rows: Tensor):
+        self.biases, self.rows = biases, rows
+
+    def select(self, rows: Tensor) -> None:
+        self.rows = self.rows.gather(1, rows)
+
+    def class_row(self) -> tuple:
+        return tuple(_bias_rows(b, self.rows[:, :1]) for b in self.biases)
+
+    def __call__(self, images: slice = slice(None)) -> tuple:
+        return tuple(_bias_rows(_batch_rows(b, images), self.rows[images])
+                     for b in self.biases)
+
+
 def _batch_rows(t: Optional[Tensor], images: slice) -> Optional[Tensor]:
     """``t[images]`` for a per-image bias ``[B, ...]`` (4 dimensions), ``t`` itself when it is
     one for all images (batch dimension 1, or ``[H, N, N]`` as timm passes BEiT's)."""
@@ -625,8 +645,8 @@ class TokenEngine:
                 q = select_rows(q, rows)
                 if per_image:
                     biases.select(rows)
-                else:
-                    biases = tuple(_bias_rows(b, rows) for b in biases)
+                elif any(b is not None and b.shape[-2] != 1 for b in biases):
+                    biases = SelectedRowsBias(biases, rows)  # looked up per group of images
         # fused SDPA unless a keep-mask needs the explicit fp32 form (or the module is set to
         # the explicit path); biases added in the module's order, then log(size) / padding
         if (rows is None and state.mask is None and q.dtype in _MAP_DTYPES

@@ -294,8 +294,15 @@ def test_per_image_bias_in_groups_of_images(variant, monkeypatch):
     model = tiny_beit(**MODELS[variant])
     leanvit.patch(model, "tome", r=2)
     _check(model, images, lambda im: forward_image(model, im, tome_reduce(2), prop_attn=True))
+    # ATS's first block (no token moved yet): the selected query rows of the shared bias are
+    # gathered one group of images at a time too (tokens.SelectedRowsBias)
+    groups = []
+    whole_rows = tokens.SelectedRowsBias.__call__
+    monkeypatch.setattr(tokens.SelectedRowsBias, "__call__", lambda self, images=slice(None): (
+        groups.append(images), whole_rows(self, images))[1])
     model = tiny_beit(**MODELS[variant])
     leanvit.patch(model, "ats", locations=(1, 2, 3), max_tokens=12)
     _check(model, images, lambda im: forward_image(model, im, select=ats_select((1, 2, 3), 12)),
            sized=False)
     assert calls.count(1) > calls.count(3)  # one image at a time once tokens have moved
+    assert groups and all(g.stop - g.start == 1 for g in groups)
