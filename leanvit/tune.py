@@ -190,10 +190,13 @@ def _estimate(model: nn.Module, setting: Setting, images: Tensor) -> float:
 
 
 def knob_setting(model: nn.Module, method: str, target_gmacs: float, images: Tensor,
-                 memo: Optional[dict] = None) -> tuple[Setting, float]:
+                 memo: Optional[dict] = None, inflect: Optional[float] = None
+                 ) -> tuple[Setting, float]:
     """The setting of ``method``'s knob (its :attr:`leanvit.registry.Method.knob`) whose GMACs
     on ``images`` come closest to ``target_gmacs`` without exceeding it (or the cheapest, when
-    none is that cheap): bisection on the knob. Returns the setting and its GMACs on ``images``."""
+    none is that cheap): bisection on the knob. ``inflect``: one of the knob's
+    ``inflections``, the option then given as ``(value, inflect)``. Returns the setting and
+    its GMACs on ``images``."""
     from leanvit.adapters import find_adapter
 
     knob = get_method(method).knob
@@ -204,16 +207,20 @@ def knob_setting(model: nn.Module, method: str, target_gmacs: float, images: Ten
     lo, hi = float(knob.lo), knob.upper(tokens)
     memo = {} if memo is None else memo
 
+    def shaped(v: float) -> Any:
+        return v if inflect is None else (v, inflect)
+
     def gm(v: float) -> float:
         """GMACs at knob value ``v``; ``-inf`` for a value the method refuses (taken as too
         aggressive, so the bisection moves to milder values)."""
         v = int(round(v)) if knob.integer else round(v, 4)
-        key = (method, v)
+        key = (method, v, inflect)
         if key not in memo:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # e.g. ToMe's clamped r
-                    memo[key] = _estimate(model, Setting(method, {knob.option: v}), images)
+                    memo[key] = _estimate(model, Setting(method, {knob.option: shaped(v)}),
+                                          images)
             except ValueError:
                 memo[key] = -math.inf
         return memo[key]
@@ -252,7 +259,8 @@ def knob_setting(model: nn.Module, method: str, target_gmacs: float, images: Ten
                          "for this model")
     value, g = best or cheapest
     value = int(value) if knob.integer else round(float(value), 3)
-    return Setting(method, {knob.option: value}), memo.get((method, value), g)
+    return (Setting(method, {knob.option: shaped(value)}),
+            memo.get((method, value, inflect), g))
 
 
 def grid_methods(methods: Optional[Sequence[str]] = None
@@ -297,12 +305,14 @@ def grid(model: nn.Module, gmacs_targets: Sequence[float], images: Tensor,
     est: dict[str, float] = {}
     memo: dict = {}
     for name in names:
+        shapes = (None, *get_method(name).knob.inflections)
         try:
             for t in gmacs_targets:
-                s, g = knob_setting(model, name, t, images, memo)
-                if s.label not in est:
-                    settings.append(s)
-                    est[s.label] = g
+                for inflect in shapes:
+                    s, g = knob_setting(model, name, t, images, memo, inflect)
+                    if s.label not in est:
+                        settings.append(s)
+                        est[s.label] = g
         except (ValueError, TypeError) as e:  # a method that cannot serve this model
             skipped.append((name, f"not applicable to this model: {e}"))
     return settings, est, skipped

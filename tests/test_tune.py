@@ -11,6 +11,7 @@ import torch
 
 import leanvit
 from leanvit.compare import Setting, apply_setting
+from leanvit.registry import get_method
 from leanvit.tune import Budget, knob_setting, tune
 from tests.conftest import write_brightness_folder
 
@@ -129,6 +130,28 @@ def test_knob_setting_is_the_mildest_within_the_target():
     assert _reference(model, Setting("tome", {"r": r - 1}), x)[1] > target
     s, g = knob_setting(model, "evit", target, x)
     assert g <= target and 0 < s.options["keep_rate"] < 1
+
+
+def test_knob_inflections_are_bisected_as_schedules():
+    """ToMe's knob declares the decreasing schedule (r, -1) beside the constant r: grid places
+    both at each target, the schedule as the mildest (r, -1) within the target."""
+    from leanvit.methods.tome import schedule
+    from leanvit.tune import grid
+
+    assert get_method("tome").knob.inflections == (-1.0,)
+    model, x = _model(), _images()[:4]
+    dense = leanvit.count_macs(model, x).gmacs
+    target = 0.8 * dense
+    s, g = knob_setting(model, "tome", target, x, inflect=-1.0)
+    r, inflect = s.options["r"]
+    assert inflect == -1.0 and g <= target and _reference(model, s, x)[1] == pytest.approx(g)
+    assert _reference(model, Setting("tome", {"r": (r - 1, -1.0)}), x)[1] > target
+    per_block = schedule((r, -1.0), 4)
+    assert per_block == sorted(per_block, reverse=True) and per_block[0] > per_block[-1]
+    settings, est, _ = grid(model, [target], x, methods=["tome", "evit"])
+    labels = [t.label for t in settings]
+    assert s.label in labels and knob_setting(model, "tome", target, x)[0].label in labels
+    assert sum(t.method == "evit" for t in settings) == 1  # no inflections declared
 
 
 def test_choice_file_round_trips_through_load(case, tmp_path):

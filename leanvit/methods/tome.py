@@ -20,7 +20,7 @@ from torch import Tensor
 
 from leanvit.ops.merge import (bipartite_soft_matching, max_merges, merge_source, merge_wavg,
                               merge_where)
-from leanvit.registry import R_KNOB, Method, ModelInfo, Reducer, check_bool, register
+from leanvit.registry import TOME_KNOB, Method, ModelInfo, Reducer, check_bool, register
 from leanvit.signals import Signals
 from leanvit.state import TokenState
 
@@ -203,5 +203,5 @@ def build(options: ToMeOptions, info: ModelInfo) -> Reducer:
 
 
 METHOD = register(Method(
-    "tome", ToMeOptions, build, families=("tokens",), knob=R_KNOB,
+    "tome", ToMeOptions, build, families=("tokens",), knob=TOME_KNOB,
     summary="ToMe: merge r tokens per block by bipartite soft matching on keys (Bolya 2023)"))
