@@ -690,8 +690,17 @@ def train(config: TrainConfig | dict, model: Optional[nn.Module] = None,
             Resuming needs the same model again.
         teacher: the distillation teacher (frozen, eval mode); default: a copy of the model
             before compaction and patching. Ignored when ``config.distill`` is False.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is created here unless the
+    caller made one, and then destroyed here when the run ends: a gloo group left to the
+    interpreter's exit can abort the process while its threads are still running.
     """
-    return Trainer(config, model, teacher).run()
+    owned = not (dist.is_available() and dist.is_initialized())
+    try:
+        return Trainer(config, model, teacher).run()
+    finally:
+        if owned and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 class Trainer:
