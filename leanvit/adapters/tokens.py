@@ -269,7 +269,24 @@ class RelativeBias:
 CHUNK_BYTES = 1 << 22
 
 
-class ImageBias:
+class LazyBias:
+    """Attention biases looked up on demand for a group of images, so that the batch's
+    ``[B, H, K, N]`` bias is never held whole: ``bias(images)`` -> the tuple of biases of those
+    images (a slice of the batch; all of them by default), ``class_row()`` -> those of the
+    first query row (the class token's), ``select(rows)`` keeps the query rows ``rows``
+    ``[B, K]``. :func:`attend` and :func:`_chunk_biases` take one in place of a tuple."""
+
+    def __call__(self, images: slice = slice(None)) -> tuple:
+        raise NotImplementedError
+
+    def class_row(self) -> tuple:
+        raise NotImplementedError
+
+    def select(self, rows: Tensor) -> None:
+        raise NotImplementedError
+
+
+class ImageBias(LazyBias):
     """A bias per query row that differs per image (a relative position bias once tokens have
     moved), looked up on demand for a group of images, so that the batch's ``[B, H, K, N]``
     bias is never held whole.
@@ -298,11 +315,11 @@ class ImageBias:
         return self.lookup(self.attn, self.ctx, self.positions[images], self.queries[images])
 
 
-class SelectedRowsBias(ImageBias):
+class SelectedRowsBias(LazyBias):
     """The query rows ``rows`` ``[B, K]`` (a query selection) of biases that are the same for
     every image (``[1|H, N, N]``, or ``[H, N, N]`` as timm passes BEiT's), gathered for a group
-    of images at a time as :class:`ImageBias` looks its biases up: gathered for the whole
-    batch, the rows are a ``[B, H, K, N]`` tensor as large as the attention map."""
+    of images at a time: gathered for the whole batch, the rows are a ``[B, H, K, N]`` tensor
+    as large as the attention map."""
 
     def __init__(self, biases: tuple, rows: Tensor):
         self.biases, self.rows = biases, rows
@@ -334,16 +351,16 @@ def mlp_half(p: BlockParts, x: Tensor) -> Tensor:
 def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, biases: Any, extra: Optional[Tensor],
            keep: Optional[Tensor] = None, **kw: Any) -> Any:
     """:func:`leanvit.ops.attention.attention` with ``biases`` then ``extra`` added to the
-    logits; ``biases`` a tuple of tensors or an :class:`ImageBias`.
+    logits; ``biases`` a tuple of tensors or a :class:`LazyBias`.
 
-    An :class:`ImageBias`, and the explicit form (a map returned, a keep-mask, or the module
+    A :class:`LazyBias`, and the explicit form (a map returned, a keep-mask, or the module
     set to the explicit path), run for as many images at a time as fit :data:`CHUNK_BYTES`
     (each image's result does not depend on the others; outputs, and maps with
     ``return_weights``, written into one tensor each), except under ``torch.compile``, which
     plans its own buffers. ``q`` ``[B, H, K, D]``, ``k``/``v`` ``[B, H, N, D]``, ``extra``
     ``[B|1, 1, 1, N]`` or ``None``, ``keep`` ``[B, N]`` or ``None``; ``kw``: ``attention``'s
     options."""
-    per_image = isinstance(biases, ImageBias)
+    per_image = isinstance(biases, LazyBias)
     B, H, K, N = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     step = max(1, CHUNK_BYTES // (H * K * N * q.element_size()))
     explicit = kw.get("return_weights") or not kw.get("fused", True) or keep is not None
@@ -369,10 +386,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, biases: Any, extra: Op
 
 def _chunk_biases(biases: Any, extra: Optional[Tensor]) -> Callable[[slice], tuple]:
     """``images -> (*biases, extra)`` of those images, for
-    :func:`leanvit.ops.attention.map_attention`; an :class:`ImageBias` is looked up for the
+    :func:`leanvit.ops.attention.map_attention`; a :class:`LazyBias` is looked up for the
     chunk only."""
     def chunk(images: slice) -> tuple:
-        own = biases(images) if isinstance(biases, ImageBias) else tuple(
+        own = biases(images) if isinstance(biases, LazyBias) else tuple(
             _batch_rows(b, images) for b in biases)
         return (*own, _batch_rows(extra, images))
     return chunk
@@ -626,7 +643,7 @@ class TokenEngine:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         extra = attention_bias(state, q.dtype)  # [B, 1, 1, N]: log(size), -inf padding
         scale, fused, dropout = self._params(attn)
-        per_image = isinstance(biases, ImageBias)
+        per_image = isinstance(biases, LazyBias)
         row0 = biases.class_row() if per_image else biases
         signals = Signals(q, k, v, scale, _class_row(row0, extra) if row0 else extra)
         del row0
