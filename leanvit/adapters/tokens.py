@@ -88,6 +88,7 @@ import torch
 from torch import Tensor, nn
 
 from leanvit.adapters.base import patched_mixin
+import leanvit.ops.attention as attention_ops
 from leanvit.ops.attention import attention, map_attention, select_rows
 from leanvit.ops.packed import (
     Packing, check_packed, moved_rows, pack, packing, pad_fraction, pad_heads, unpack,
@@ -261,14 +262,6 @@ class RelativeBias:
         return q, k, ImageBias(self.lookup, attn, ctx, state.positions)
 
 
-#: Largest bias or explicit attention map, in bytes (``b * H * K * N`` elements), that
-#: :func:`attend` forms at once in eager code. A bias that differs per image is as large as
-#: the map; held whole for the batch, it (with its index and its sum with ``log(size)``), or
-#: the explicit map's logits beside its softmax, would outgrow the MLP's activations, the peak
-#: of an unmodified block.
-CHUNK_BYTES = 1 << 22
-
-
 class LazyBias:
     """Attention biases looked up on demand for a group of images, so that the batch's
     ``[B, H, K, N]`` bias is never held whole: ``bias(images)`` -> the tuple of biases of those
@@ -354,7 +347,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, biases: Any, extra: Op
     logits; ``biases`` a tuple of tensors or a :class:`LazyBias`.
 
     A :class:`LazyBias`, and the explicit form (a map returned, a keep-mask, or the module
-    set to the explicit path), run for as many images at a time as fit :data:`CHUNK_BYTES`
+    set to the explicit path), run for as many images at a time as fit
+    :data:`leanvit.ops.attention.MAP_CHUNK_BYTES`
     (each image's result does not depend on the others; outputs, and maps with
     ``return_weights``, written into one tensor each), except under ``torch.compile``, which
     plans its own buffers. ``q`` ``[B, H, K, D]``, ``k``/``v`` ``[B, H, N, D]``, ``extra``
@@ -362,7 +356,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, biases: Any, extra: Op
     options."""
     per_image = isinstance(biases, LazyBias)
     B, H, K, N = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-    step = max(1, CHUNK_BYTES // (H * K * N * q.element_size()))
+    step = max(1, attention_ops.MAP_CHUNK_BYTES // (H * K * N * q.element_size()))
     explicit = kw.get("return_weights") or not kw.get("fused", True) or keep is not None
     if step >= B or not (per_image or explicit) or torch.compiler.is_compiling():
         biases = biases() if per_image else biases

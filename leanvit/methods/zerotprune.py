@@ -31,6 +31,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+import leanvit.ops.attention as attention_ops
 from leanvit.methods.tome import RSpec, _check_r, planned_r
 from leanvit.ops.merge import max_merges
 from leanvit.ops.tokens import gather_tokens
@@ -51,10 +52,6 @@ def default_iterations(depth: int) -> list[int]:
     return [first if i < e else last if i >= depth - e else mid for i in range(depth)]
 
 
-#: Attention maps of at most this many bytes run all their PageRank steps in one go (eager
-#: code): a chunk of images whose maps stay in cache, instead of streaming the whole batch's
-#: maps from memory once per step (DeiT-S, batch 64: a few images per chunk; docs/).
-CHUNK_BYTES = 1 << 22
 
 
 def wpr(attn: Tensor, init: Tensor, iterations: int, keep: Optional[Tensor] = None) -> Tensor:
@@ -81,7 +78,9 @@ def wpr(attn: Tensor, init: Tensor, iterations: int, keep: Optional[Tensor] = No
         inv = m / z.clamp_min(torch.finfo(attn.dtype).tiny)
     if torch.compiler.is_compiling():  # static shapes: one batched product per step
         return _steps(attn, s, iterations, inv, m)
-    per = max(1, CHUNK_BYTES // max(1, H * N * N * attn.element_size()))
+    # a chunk of images whose maps stay in cache run all PageRank steps in one go (eager
+    # code), instead of streaming the whole batch's maps from memory once per step
+    per = max(1, attention_ops.MAP_CHUNK_BYTES // max(1, H * N * N * attn.element_size()))
     return torch.cat([_steps(attn[b:b + per], s[b:b + per], iterations,
                              None if inv is None else inv[b:b + per],
                              None if m is None else m[b:b + per]) for b in range(0, B, per)])

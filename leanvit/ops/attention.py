@@ -236,7 +236,9 @@ def attention(
 #: Bytes of post-softmax map (``b * H * Nq * N`` elements) per chunk of images in
 #: :func:`map_attention`: a few DeiT-S images at 224, so the chunk's logits, map and the
 #: method's reads of it stay in cache instead of streaming the whole batch's map through memory
-#: once per pass (the bias add, the softmax, each statistic a method takes).
+#: once per pass (the bias add, the softmax, each statistic a method takes). The same limit
+#: holds every other per-image map or map-sized bias formed a group of images at a time (the
+#: token engine's per-image biases and explicit attention, Zero-TPrune's PageRank).
 MAP_CHUNK_BYTES = 1 << 22
 
 

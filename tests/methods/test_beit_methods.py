@@ -272,6 +272,7 @@ def test_per_image_bias_in_groups_of_images(variant, monkeypatch):
     per-image reference gives, and the map methods (the explicit attention, map written group
     by group) what the whole batch at once gives."""
     from leanvit.adapters import tokens
+    from leanvit.ops import attention as attention_ops
 
     calls = []
     whole_attention = tokens.attention
@@ -285,7 +286,7 @@ def test_per_image_bias_in_groups_of_images(variant, monkeypatch):
     for method, opts in [("zerotprune", {"r": 2}), ("mctf", {"r": 2})]:
         with torch.no_grad():
             whole[method] = leanvit.patch(tiny_beit(**MODELS[variant]), method, **opts)(images)
-    monkeypatch.setattr(tokens, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(attention_ops, "MAP_CHUNK_BYTES", 1)
     monkeypatch.setattr(tokens, "attention", spy)
     for method, opts in [("zerotprune", {"r": 2}), ("mctf", {"r": 2})]:
         with torch.no_grad():
