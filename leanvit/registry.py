@@ -91,6 +91,14 @@ class Reducer(nn.Module):
         :attr:`~leanvit.signals.Signals.attn` then)."""
         return False
 
+    def reads_received(self, i: int) -> bool:
+        """Whether block ``i``'s method reads only the attention each token receives
+        (:attr:`leanvit.signals.Signals.attn_received`: the map averaged over heads and query
+        rows): the engine then computes it with the block's own explicit attention, a chunk
+        of query rows at a time (:func:`leanvit.ops.attention.received_attention`), and keeps
+        no map (float32/float64; in half precision the signal forms its own float32 map)."""
+        return False
+
     def read_map(self, i: int, weights: Tensor, signals: Signals, state: TokenState,
                  images: slice) -> Tensor:
         """What block ``i``'s method keeps of a chunk of its post-softmax map ``weights``

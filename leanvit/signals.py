@@ -74,7 +74,17 @@ class Signals:
     def keys(self) -> Tensor:
         """Keys averaged over heads, ``[B, N, D]`` (ToMe's matching metric)."""
         if self._keys is None:
-            self._keys = self.k.mean(dim=1)
+            k = self.k
+            if k.dtype in (torch.float32, torch.float64) and k.shape[1] > 1:
+                # the heads added one after the other (``k.mean(1)`` up to rounding, equal bit
+                # for bit at DeiT-S's shapes): 2.5x faster than the strided reduction on the
+                # CPU, where ``k`` is a view into the block's qkv output
+                acc = k[:, 0] + k[:, 1]
+                for h in range(2, k.shape[1]):
+                    acc += k[:, h]
+                self._keys = acc.div_(k.shape[1])
+            else:  # half precision: mean accumulates in float32
+                self._keys = k.mean(dim=1)
         return self._keys
 
     @property

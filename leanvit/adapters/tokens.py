@@ -89,7 +89,7 @@ from torch import Tensor, nn
 
 from leanvit.adapters.base import patched_mixin
 import leanvit.ops.attention as attention_ops
-from leanvit.ops.attention import attention, map_attention, select_rows
+from leanvit.ops.attention import attention, map_attention, received_attention, select_rows
 from leanvit.ops.packed import (
     Packing, check_packed, moved_rows, pack, packing, pad_fraction, pad_heads, unpack,
 )
@@ -660,8 +660,11 @@ class TokenEngine:
                     biases = SelectedRowsBias(biases, rows)  # looked up per group of images
         # fused SDPA unless a keep-mask needs the explicit fp32 form (or the module is set to
         # the explicit path); biases added in the module's order, then log(size) / padding
-        if (rows is None and state.mask is None and q.dtype in _MAP_DTYPES
-                and reducer.needs_attention_map(i)):
+        whole = rows is None and state.mask is None and q.dtype in _MAP_DTYPES
+        if whole and reducer.reads_received(i):  # the map's head and query mean, row chunks
+            out, signals._attn_received = received_attention(
+                q, k, v, scale, bias=_chunk_biases(biases, extra), dropout=dropout)
+        elif whole and reducer.needs_attention_map(i):
             if reducer.reads_map(i):  # a statistic per image: chunks of images, in cache
                 sig, st = signals, state
                 out, signals.map_read = map_attention(
@@ -865,7 +868,7 @@ class PackedRunner:
 
     def _can(self, p: BlockParts, i: int, reducer: Reducer) -> bool:
         return not (reducer.acts_before(i) or reducer.acts_after(i) or has_contract(p.attn)
-                    or reducer.needs_attention_map(i))
+                    or reducer.needs_attention_map(i) or reducer.reads_received(i))
 
     def __call__(self, p: BlockParts, i: int, box: list, state: TokenState, reducer: Reducer,
                  ctx: Any) -> tuple[Tensor, TokenState]:

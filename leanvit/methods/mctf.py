@@ -27,10 +27,11 @@ with the values, so here the block's attention runs on the unfused tokens and th
 from its MLP on (``docs/token_reduction.md``, section MCTF, lists every deviation).
 
 Needs no training (the authors fine-tune for their best numbers); ``r=0`` changes nothing
-(bit-identical). In float32/float64 a fusing block's attention is computed explicitly, a few
-images at a time, and each chunk's map averaged while it is in cache (``reads_map``: the
-whole map is never kept, no second ``q k^T``); in half precision the map is formed once more in
-float32 (counted in ``signals``). The ``A x B`` similarity product is counted (``similarity``).
+(bit-identical). In float32/float64 a fusing block's attention is computed explicitly, a chunk
+of images or query rows at a time, and each chunk's map summed while it is in cache
+(``reads_received``: the whole map is never kept, no second ``q k^T``); in half precision the
+map is formed once more in float32 (counted in ``signals``). The ``A x B`` similarity product
+is counted (``similarity``).
 """
 from __future__ import annotations
 
@@ -83,14 +84,19 @@ def pair_scores(metric: Tensor, attn: Optional[Tensor], size: Optional[Tensor], 
     """
     m = F.normalize(metric, p=2, dim=-1)
     a, b = m[:, ::2], m[:, 1::2]
-    scores = a.new_ones(a.shape[0], a.shape[1], b.shape[1])
     if tau_sim > 0:
-        scores = scores * _factor((a @ b.transpose(-1, -2) + 1) / 2, tau_sim)
+        scores = (a @ b.transpose(-1, -2)).add_(1).div_(2)
+        if tau_sim != 1:
+            scores = _factor(scores, tau_sim)
+        else:  # the power is the identity
+            scores.clamp_min_(0)
+    else:
+        scores = a.new_ones(a.shape[0], a.shape[1], b.shape[1])
     for value, tau in ((attn, tau_info), (size, tau_size)):
         if tau > 0 and value is not None:
             inv = 1.0 / value.to(scores.dtype)
-            inv = inv / inv.amax(dim=1, keepdim=True)
-            scores = scores * _factor(inv[:, ::2, None] * inv[:, None, 1::2], tau)
+            inv = _factor(inv / inv.amax(dim=1, keepdim=True), tau)  # (I_a I_b)^(1/t) =
+            scores.mul_(inv[:, ::2, None]).mul_(inv[:, None, 1::2])  # I_a^(1/t) I_b^(1/t)
     pa, pb = (prefix + 1) // 2, prefix // 2
     scores[:, :pa] = -math.inf  # a prefix token neither merges away
     scores[:, :, :pb] = -math.inf  # nor receives
@@ -230,18 +236,9 @@ class MCTF(Reducer):
         view.method_name = getattr(self, "method_name", "mctf")
         return view.train(self.training)
 
-    def needs_attention_map(self, i: int) -> bool:
+    def reads_received(self, i: int) -> bool:
         return self.r_per_block[i] > 0 and (self.options.tau_info > 0
                                             or self.options.pooling == "attention")
-
-    def reads_map(self, i: int) -> bool:
-        return self.needs_attention_map(i)
-
-    def read_map(self, i: int, weights: Tensor, signals: Signals, state: TokenState,
-                 images: slice) -> Tensor:
-        """The attention each token receives, ``[b, N]``: ``weights`` ``[b, H, N, N]``
-        averaged over heads and queries (:attr:`Signals.attn_received` of those images)."""
-        return weights.mean(dim=(1, 2))
 
     def init_state(self, state: TokenState, x: Tensor) -> TokenState:
         state = state.replace(prop_attn=self.options.prop_attn)
@@ -263,8 +260,8 @@ class MCTF(Reducer):
             return x, state
         o = self.options
         attn = None
-        if o.tau_info > 0 or o.pooling == "attention":  # read from the map's chunks if it was
-            attn = signals.map_read if signals.map_read is not None else signals.attn_received
+        if o.tau_info > 0 or o.pooling == "attention":  # from the block's own attention
+            attn = signals.attn_received
         with torch.no_grad():
             dtype = torch.promote_types(x.dtype, torch.float32)
             scores = pair_scores(x.detach().to(dtype), attn, state.size, p, o.tau_sim,

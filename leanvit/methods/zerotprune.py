@@ -90,12 +90,16 @@ def _steps(attn: Tensor, s: Tensor, iterations: int, inv: Optional[Tensor],
            m: Optional[Tensor]) -> Tensor:
     """``iterations`` PageRank steps of :func:`wpr` on ``attn`` ``[b, H, N, N]`` from ``s``
     ``[b, H, N]`` (``inv``, ``m``: the restriction to the kept tokens, or ``None``)."""
-    for _ in range(iterations):
-        u = s if inv is None else s * inv
-        s = (u.unsqueeze(2) @ attn).squeeze(2)  # s_j <- sum_i u_i A[i, j]
-        if m is not None:
-            s = s * m
-    return s
+    if inv is None:
+        for _ in range(iterations):
+            s = (s.unsqueeze(2) @ attn).squeeze(2)  # s_j <- sum_i s_i A[i, j]
+        return s
+    # restricted: u = s * inv carried between steps; m * inv == inv (inv is 0 off the kept
+    # tokens), so ((u @ A) * m) * inv is (u @ A) * inv exactly, one product per step
+    u = s * inv
+    for _ in range(iterations - 1):
+        u = (u.unsqueeze(2) @ attn).squeeze(2).mul_(inv)
+    return (u.unsqueeze(2) @ attn).squeeze(2).mul_(m)
 
 
 def eir(scores: Tensor) -> Tensor:

@@ -241,11 +241,11 @@ def test_count_macs_matches_the_flop_counter():
     assert report.total == pytest.approx(counter.get_total_flops() / 2 / 2, rel=0.01)
 
 
-def test_received_attention_one_image_at_a_time_matches_reference(monkeypatch):
-    """The engine averages each chunk of images' map while it is in cache
-    (``Reducer.read_map``); with one image per chunk (three chunks, the per-image ``log(size)``
-    bias sliced, BEiT's bias per query row shared) the fusions and outputs are the
-    reference's."""
+def test_received_attention_one_query_row_at_a_time_matches_reference(monkeypatch):
+    """The engine sums each chunk of the map while it is in cache (``Reducer.reads_received``,
+    :func:`leanvit.ops.attention.received_attention`); with one query row of one image per
+    chunk (the per-image ``log(size)`` bias sliced by image, BEiT's bias per query row by row)
+    the fusions and outputs are the reference's."""
     import leanvit.ops.attention as attention_ops
 
     monkeypatch.setattr(attention_ops, "MAP_CHUNK_BYTES", 1)

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import leanvit
 from leanvit.adapters import vit as vit_adapter
-from leanvit.methods.pitome import pitome_assignment
+from leanvit.methods.pitome import energy_scores, pitome_assignment
 from tests.methods import _eva_reference as eva_ref
 from tests.methods._beit_reference import forward_image, tiny_beit
 from tests.methods._vit_reference import forward, head, tiny_vit
@@ -220,3 +220,19 @@ def test_count_macs_matches_the_flop_counter():
         model(x)
     assert report.total == pytest.approx(counter.get_total_flops() / 2 / 2, rel=0.01)
     assert report.extra["energy"] == sum((n - 1) ** 2 * 64 for n in (17, 13, 9))
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 7 * 8, 1 << 30])
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_energy_in_row_blocks_is_the_elu_mean(monkeypatch, chunk_bytes, alpha):
+    """Blocks of one row, of three rows (3 + 3 + 1) and all seven: the energies equal the mean
+    ELU of the cosines written plainly (F.elu on the whole matrix), for either ELU scale."""
+    import leanvit.methods.pitome as pitome
+
+    monkeypatch.setattr(pitome, "ENERGY_CHUNK_BYTES", chunk_bytes)
+    metric = torch.randn(2, 7, 5, generator=torch.Generator().manual_seed(0),
+                         dtype=torch.float64)
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    cos = unit @ unit.transpose(1, 2)
+    ref = torch.nn.functional.elu(cos - 0.3, alpha=alpha).mean(dim=-1)
+    torch.testing.assert_close(energy_scores(metric, 0.3, alpha), ref, rtol=1e-12, atol=1e-12)

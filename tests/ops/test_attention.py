@@ -241,3 +241,37 @@ def test_map_attention_in_chunks_is_the_explicit_attention(monkeypatch, chunk_by
     torch.testing.assert_close(reads, weights.sum(dim=2), rtol=1e-12, atol=1e-12)
     assert sum(len(range(3)[s]) for s in seen) == 3
     assert len(seen) == {1: 3, 2 * 2 * 5 * 5 * 8: 2, 1 << 30: 1}[chunk_bytes]
+
+
+@pytest.mark.parametrize("chunk_bytes,chunks", [(1, 15), (2 * 5 * 8 * 2, 9), (2 * 5 * 8 * 10, 2),
+                                                (1 << 30, 1)])
+def test_received_attention_in_row_chunks_is_the_mean_of_the_map(monkeypatch, chunk_bytes,
+                                                                 chunks):
+    """One row, groups of two rows (2 + 2 + 1 per image), two images (2 + 1) and the whole
+    batch per chunk: the explicit attention's output, and its map averaged over heads and
+    query rows, with a per-image per-key bias sliced by image, a shared per-row bias sliced by
+    row and a per-image per-row bias (a callable of the images) sliced by both."""
+    import leanvit.ops.attention as attention_ops
+    from leanvit.ops.attention import attention, received_attention
+
+    monkeypatch.setattr(attention_ops, "MAP_CHUNK_BYTES", chunk_bytes)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 5, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    shared_rows = torch.randn(1, 2, 5, 5, generator=g, dtype=torch.float64)
+    per_key = torch.randn(3, 1, 1, 5, generator=g, dtype=torch.float64)
+    per_image_rows = torch.randn(3, 2, 5, 5, generator=g, dtype=torch.float64)
+    bias = [shared_rows, per_key, per_image_rows]
+    ref, weights = attention(q, k, v, 0.5, bias=bias, fused=False, return_weights=True)
+    asked = []
+
+    def lookup(images):
+        asked.append(images)
+        return [shared_rows, per_key[images], per_image_rows[images]]
+
+    out, received = received_attention(q, k, v, 0.5, bias=lookup)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(received, weights.mean(dim=(1, 2)), rtol=1e-12, atol=1e-12)
+    assert len(asked) == chunks
+    out2, received2 = received_attention(q, k, v, 0.5, bias=bias)  # the same, as tensors
+    torch.testing.assert_close(out2, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(received2, received, rtol=1e-12, atol=1e-12)
