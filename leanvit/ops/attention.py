@@ -277,6 +277,19 @@ def _chunks(B: int, row_bytes: int, n_queries: int, by_rows: bool
             for r in range(0, n_queries, rows)]
 
 
+def _output_buffer(q: Tensor, k: Tensor, v: Tensor) -> Optional[Tensor]:
+    """Where the chunks' outputs go: a ``[B, H, Nq, Dv]`` view of a ``[B, Nq, H, Dv]`` buffer,
+    the layout the output projection reads (the adapters' ``transpose(1, 2).reshape`` is then
+    a view, as after the fused kernel), each chunk copied in while it is in cache instead of
+    a concatenation and a transposing copy of the whole output. ``None`` (concatenate) while
+    autograd records or ``torch.compile`` traces."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad)):
+        return None
+    B, H, Nq, _ = q.shape
+    return v.new_empty(B, Nq, H, v.shape[-1]).permute(0, 2, 1, 3)
+
+
 def map_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, read: Callable[[Tensor, slice],
                   Tensor], *, bias: Union[Bias, Callable[[slice], Bias]] = None,
                   dropout: Union[float, Callable[[Tensor], Tensor], None] = None
@@ -299,17 +312,22 @@ def map_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, read: Callable[
         ``(out [B, H, Nq, Dv], reads)``: ``read``'s results concatenated over the batch.
     """
     B, H, Nq, _ = q.shape
+    buf = _output_buffer(q, k, v)
     outs, reads = [], []
     for images, _ in _chunks(B, H * k.shape[-2] * q.element_size(), Nq, by_rows=False):
         out, weights = attention(q[images], k[images], v[images], scale,
                                  bias=_chunk_bias(bias, images, B), fused=False,
                                  dropout=dropout, return_weights=True)
-        outs.append(out)
+        if buf is None:
+            outs.append(out)
+        else:
+            buf[images].copy_(out)
         reads.append(read(weights, images))
         del weights
-    if len(outs) == 1:
-        return outs[0], reads[0]
-    return torch.cat(outs), torch.cat(reads)
+    read = reads[0] if len(reads) == 1 else torch.cat(reads)
+    if buf is not None:
+        return buf, read
+    return (outs[0] if len(outs) == 1 else torch.cat(outs)), read
 
 
 def received_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *,
@@ -334,6 +352,7 @@ def received_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *,
         :attr:`leanvit.signals.Signals.attn_received`).
     """
     B, H, Nq, _ = q.shape
+    buf = _output_buffer(q, k, v)
     outs, sums = [], []
     for images, queries in _chunks(B, H * k.shape[-2] * q.element_size(), Nq, by_rows=True):
         out, weights = attention(q[images, :, queries], k[images], v[images], scale,
@@ -341,13 +360,20 @@ def received_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *,
                                  dropout=dropout, return_weights=True)
         part = weights.sum(dim=(1, 2))
         del weights
-        if queries.start:  # another group of rows of the same image
-            outs[-1].append(out)
+        more = bool(queries.start)  # another group of rows of the same image
+        if more:
             sums[-1] = sums[-1] + part
         else:
-            outs.append([out])
             sums.append(part)
+        if buf is not None:
+            buf[images, :, queries].copy_(out)
+        elif more:
+            outs[-1].append(out)
+        else:
+            outs.append([out])
+    received = sums[0] if len(sums) == 1 else torch.cat(sums)
+    if buf is not None:
+        return buf, received / (H * Nq)
     outs = [o[0] if len(o) == 1 else torch.cat(o, dim=2) for o in outs]
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    received = sums[0] if len(sums) == 1 else torch.cat(sums)
     return out, received / (H * Nq)

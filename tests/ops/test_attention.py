@@ -275,3 +275,24 @@ def test_received_attention_in_row_chunks_is_the_mean_of_the_map(monkeypatch, ch
     out2, received2 = received_attention(q, k, v, 0.5, bias=bias)  # the same, as tensors
     torch.testing.assert_close(out2, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(received2, received, rtol=1e-12, atol=1e-12)
+
+
+def test_chunked_map_reads_keep_gradients(monkeypatch):
+    """While autograd records, the chunks' outputs are concatenated (no buffer written in
+    place): the same output, and gradients reach q, k and v as through the explicit form."""
+    import leanvit.ops.attention as attention_ops
+    from leanvit.ops.attention import attention, map_attention, received_attention
+
+    monkeypatch.setattr(attention_ops, "MAP_CHUNK_BYTES", 2 * 5 * 8 * 2)  # row groups of 2
+    g = torch.Generator().manual_seed(1)
+    leaves = [torch.randn(3, 2, 5, 4, generator=g, dtype=torch.float64).requires_grad_()
+              for _ in range(3)]
+    ref = attention(*leaves, 0.5, fused=False)
+    ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
+    for fn in (lambda q, k, v: received_attention(q, k, v, 0.5),
+               lambda q, k, v: map_attention(q, k, v, 0.5, lambda w, im: w.sum(dim=2))):
+        out, _ = fn(*leaves)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        grads = torch.autograd.grad(out.square().sum(), leaves)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
