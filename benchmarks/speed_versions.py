@@ -51,6 +51,11 @@ METHODS = [
     ("diffrate ~2.9G", "diffrate", {"schedule": DIFFRATE_SCHEDULE}),
     ("dynamicvit 0.7", "dynamicvit", {"keep_rate": 0.7}),
     ("ats", "ats", {}),
+    ("pitome r=13", "pitome", {"r": 13}),
+    ("mctf r=16", "mctf", {"r": 16}),
+    ("tofu r=13", "tofu", {"r": 13}),
+    ("zerotprune r=11", "zerotprune", {"r": 11}),
+    ("divprune 0.7", "divprune", {"keep_rate": 0.7}),
 ]
 
 

@@ -84,19 +84,27 @@ def pair_scores(metric: Tensor, attn: Optional[Tensor], size: Optional[Tensor], 
     """
     m = F.normalize(metric, p=2, dim=-1)
     a, b = m[:, ::2], m[:, 1::2]
-    if tau_sim > 0:
-        scores = (a @ b.transpose(-1, -2)).add_(1).div_(2)
-        if tau_sim != 1:
-            scores = _factor(scores, tau_sim)
-        else:  # the power is the identity
-            scores.clamp_min_(0)
-    else:
-        scores = a.new_ones(a.shape[0], a.shape[1], b.shape[1])
+    # the informativeness and size factors are products of one factor per token:
+    # (I_a I_b)^(1/t) = I_a^(1/t) I_b^(1/t); f = all of a token's factors together
+    f = None
     for value, tau in ((attn, tau_info), (size, tau_size)):
         if tau > 0 and value is not None:
-            inv = 1.0 / value.to(scores.dtype)
-            inv = _factor(inv / inv.amax(dim=1, keepdim=True), tau)  # (I_a I_b)^(1/t) =
-            scores.mul_(inv[:, ::2, None]).mul_(inv[:, None, 1::2])  # I_a^(1/t) I_b^(1/t)
+            inv = 1.0 / value.to(m.dtype)
+            inv = _factor(inv / inv.amax(dim=1, keepdim=True), tau)
+            f = inv if f is None else f * inv
+    if tau_sim == 1 and f is not None:
+        # ((cos + 1) / 2) f_a f_b = ([a f_a, f_a] . [b f_b, f_b]) / 2: one product, no pass
+        # over the [nA, nB] scores but the clamp (cos >= -1, f >= 0: zero up to rounding)
+        fa, fb = f[:, ::2, None], f[:, 1::2, None]
+        scores = torch.cat([a * fa, fa], -1) @ torch.cat([b * fb, fb], -1).transpose(-1, -2)
+        scores = scores.mul_(0.5).clamp_min_(0)
+    else:
+        if tau_sim > 0:
+            scores = _factor((a @ b.transpose(-1, -2)).add_(1).div_(2), tau_sim)
+        else:
+            scores = a.new_ones(a.shape[0], a.shape[1], b.shape[1])
+        if f is not None:
+            scores.mul_(f[:, ::2, None]).mul_(f[:, None, 1::2])
     pa, pb = (prefix + 1) // 2, prefix // 2
     scores[:, :pa] = -math.inf  # a prefix token neither merges away
     scores[:, :, :pb] = -math.inf  # nor receives
@@ -127,11 +135,11 @@ def mctf_assignment(scores: Tensor, r: int, bidirection: bool = True) -> Assignm
         src, unm = _best_first(node_max, r1)
         rep = torch.arange(n_a + n_b, device=dev).repeat(B, 1)
         rep.scatter_(1, 2 * src, 2 * node_idx.gather(1, src) + 1)
-        if r2 > 0:
-            back = scores.gather(1, unm.unsqueeze(-1).expand(-1, -1, n_b))  # [B, nUnm, nB]
-            node_max2, node_idx2 = back.max(dim=1)  # each B token's best remaining A partner
+        if r2 > 0:  # each B token's best remaining A partner (merged-away A rows masked)
+            back = scores.scatter(1, src.unsqueeze(-1).expand(-1, -1, n_b), -math.inf)
+            node_max2, node_idx2 = back.max(dim=1)
             src2, _ = _best_first(node_max2, r2)
-            dst2 = unm.gather(1, node_idx2.gather(1, src2))
+            dst2 = node_idx2.gather(1, src2)
             rep.scatter_(1, 2 * src2 + 1, 2 * dst2)
             rep = rep.gather(1, rep)  # an A token whose B partner moved on follows it
     return assignment(rep, n_a + n_b - r)
