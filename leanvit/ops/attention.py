@@ -324,10 +324,10 @@ def map_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, read: Callable[
             buf[images].copy_(out)
         reads.append(read(weights, images))
         del weights
-    read = reads[0] if len(reads) == 1 else torch.cat(reads)
+    kept = reads[0] if len(reads) == 1 else torch.cat(reads)
     if buf is not None:
-        return buf, read
-    return (outs[0] if len(outs) == 1 else torch.cat(outs)), read
+        return buf, kept
+    return (outs[0] if len(outs) == 1 else torch.cat(outs)), kept
 
 
 def received_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *,
