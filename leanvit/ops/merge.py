@@ -170,7 +170,9 @@ def first_best(scores: Tensor, scale: Optional[Tensor] = None) -> Tensor:
     if scale is not None:
         tol = scale.unsqueeze(-1) * tol
     threshold = torch.where(best != best, math.inf, best - tol)  # [..., 1]
-    return (scores < threshold).to(torch.uint8).argmin(dim=-1)
+    # int32, not uint8: inductor's vectorised CPU argmin over uint8 returns wrong indices
+    # (torch 2.14: all 0 for rows of 100 or more, out of range at 685; int32 is exact)
+    return (scores < threshold).to(torch.int32).argmin(dim=-1)
 
 
 def pair_scores(a: Tensor, b: Tensor, idx: Tensor) -> Tensor:

@@ -215,3 +215,20 @@ def test_matching_of_copies_ignores_last_bit_noise(monkeypatch, dtype, n, prefix
         for b in range(2):
             for t, grp in enumerate(groups[b]):
                 assert src[b, t].nonzero().flatten().tolist() == sorted(grp)
+
+
+def test_first_best_under_inductor_on_long_rows():
+    """``first_best`` compiled by inductor (the default backend, not ``eager``) on rows of
+    300 scores, longer than one vector register and than 255: the same indices as eager.
+    Its argmin over a uint8 mask came out all 0 (and, at 685 scores, out of range) in
+    inductor's vectorised CPU code, so compiled ToMe matched every token to the first B
+    token; the mask is int32 now."""
+    from leanvit.ops.merge import first_best
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 7, 300, generator=g)
+    scores[0, 0, 250] = scores[0, 0, 251] = 9.0  # a tie late in a row: the first wins
+    torch._dynamo.reset()
+    compiled = torch.compile(first_best)(scores)
+    assert torch.equal(compiled, first_best(scores))
+    assert int(compiled[0, 0]) == 250
