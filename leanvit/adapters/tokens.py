@@ -88,8 +88,8 @@ import torch
 from torch import Tensor, nn
 
 from leanvit.adapters.base import patched_mixin
-import leanvit.ops.attention as attention_ops
-from leanvit.ops.attention import attention, map_attention, received_attention, select_rows
+from leanvit.ops.attention import (attention, image_bias, image_groups, map_attention,
+                                   received_attention, select_rows)
 from leanvit.ops.packed import (
     Packing, check_packed, moved_rows, pack, packing, pad_fraction, pad_heads, unpack,
 )
@@ -324,14 +324,8 @@ class SelectedRowsBias(LazyBias):
         return tuple(_bias_rows(b, self.rows[:, :1]) for b in self.biases)
 
     def __call__(self, images: slice = slice(None)) -> tuple:
-        return tuple(_bias_rows(_batch_rows(b, images), self.rows[images])
+        return tuple(_bias_rows(image_bias(b, images), self.rows[images])
                      for b in self.biases)
-
-
-def _batch_rows(t: Optional[Tensor], images: slice) -> Optional[Tensor]:
-    """``t[images]`` for a per-image bias ``[B, ...]`` (4 dimensions), ``t`` itself when it is
-    one for all images (batch dimension 1, or ``[H, N, N]`` as timm passes BEiT's)."""
-    return t if t is None or t.dim() < 4 or t.shape[0] == 1 else t[images]
 
 
 def mlp_half(p: BlockParts, x: Tensor) -> Tensor:
@@ -356,18 +350,17 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, biases: Any, extra: Op
     options."""
     per_image = isinstance(biases, LazyBias)
     B, H, K, N = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-    step = max(1, attention_ops.MAP_CHUNK_BYTES // (H * K * N * q.element_size()))
+    groups = image_groups(B, H * K * N * q.element_size())
     explicit = kw.get("return_weights") or not kw.get("fused", True) or keep is not None
-    if step >= B or not (per_image or explicit) or torch.compiler.is_compiling():
+    if len(groups) == 1 or not (per_image or explicit):
         biases = biases() if per_image else biases
         return attention(q, k, v, scale, bias=(*biases, extra) if biases else extra,
                          keep=keep, **kw)
     results = None
-    for start in range(0, B, step):
-        part = slice(start, start + step)
-        bias = biases(part) if per_image else tuple(_batch_rows(b, part) for b in biases)
+    for part in groups:
+        bias = biases(part) if per_image else tuple(image_bias(b, part) for b in biases)
         res = attention(q[part], k[part], v[part], scale,
-                        bias=(*bias, _batch_rows(extra, part)),
+                        bias=(*bias, image_bias(extra, part)),
                         keep=None if keep is None else keep[part], **kw)
         res = res if isinstance(res, tuple) else (res,)
         if results is None:
@@ -384,8 +377,8 @@ def _chunk_biases(biases: Any, extra: Optional[Tensor]) -> Callable[[slice], tup
     chunk only."""
     def chunk(images: slice) -> tuple:
         own = biases(images) if isinstance(biases, LazyBias) else tuple(
-            _batch_rows(b, images) for b in biases)
-        return (*own, _batch_rows(extra, images))
+            image_bias(b, images) for b in biases)
+        return (*own, image_bias(extra, images))
     return chunk
 
 

@@ -31,8 +31,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-import leanvit.ops.attention as attention_ops
 from leanvit.methods.tome import RSpec, _check_r, planned_r
+from leanvit.ops.attention import image_groups
 from leanvit.ops.merge import max_merges
 from leanvit.ops.tokens import gather_tokens
 from leanvit.registry import R_KNOB, Method, ModelInfo, Reducer, check_bool, check_number, register
@@ -76,14 +76,13 @@ def wpr(attn: Tensor, init: Tensor, iterations: int, keep: Optional[Tensor] = No
         m = keep.to(attn.dtype)[:, None, :]  # [B, 1, N]
         z = (attn @ m.unsqueeze(-1)).squeeze(-1)  # [B, H, N]: kept mass of each row
         inv = m / z.clamp_min(torch.finfo(attn.dtype).tiny)
-    if torch.compiler.is_compiling():  # static shapes: one batched product per step
-        return _steps(attn, s, iterations, inv, m)
-    # a chunk of images whose maps stay in cache run all PageRank steps in one go (eager
-    # code), instead of streaming the whole batch's maps from memory once per step
-    per = max(1, attention_ops.MAP_CHUNK_BYTES // max(1, H * N * N * attn.element_size()))
-    return torch.cat([_steps(attn[b:b + per], s[b:b + per], iterations,
-                             None if inv is None else inv[b:b + per],
-                             None if m is None else m[b:b + per]) for b in range(0, B, per)])
+    # a group of images whose maps stay in cache runs all its PageRank steps in one go
+    # (eager code), instead of streaming the whole batch's maps from memory once per step;
+    # compiled code: one group, one batched product per step
+    parts = [_steps(attn[g], s[g], iterations, None if inv is None else inv[g],
+                    None if m is None else m[g])
+             for g in image_groups(B, H * N * N * attn.element_size())]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _steps(attn: Tensor, s: Tensor, iterations: int, inv: Optional[Tensor],

@@ -246,33 +246,42 @@ def attention(
 MAP_CHUNK_BYTES = 1 << 22
 
 
-def _chunk_bias(bias: Union[Bias, Callable[[slice], Bias]], images: slice, batch: int,
+def image_bias(t: Optional[Tensor], images: slice) -> Optional[Tensor]:
+    """``t[images]`` for a per-image bias ``[B, ...]`` (4 dimensions, ``B > 1``), ``t`` itself
+    when it is one for all images (batch dimension 1, or ``[H, N, N]`` as timm passes BEiT's)
+    or ``None``."""
+    return t if t is None or t.dim() < 4 or t.shape[0] == 1 else t[images]
+
+
+def image_groups(batch: int, image_bytes: int) -> list[slice]:
+    """Groups of images whose maps (``image_bytes`` each) fit :data:`MAP_CHUNK_BYTES` together
+    (at least one image per group); one group in compiled code (static shapes, one graph)."""
+    if torch.compiler.is_compiling():
+        return [slice(0, batch)]
+    per = max(1, MAP_CHUNK_BYTES // max(1, image_bytes))
+    return [slice(b, b + per) for b in range(0, batch, per)]
+
+
+def _chunk_bias(bias: Union[Bias, Callable[[slice], Bias]], images: slice,
                 queries: slice = slice(None), n_queries: int = 0) -> list[Tensor]:
-    """The biases of the images ``images`` and query rows ``queries``: a bias with one entry
-    per image (``[B, ...]``, four dims) is sliced, one broadcast over the batch is kept as it
-    is; a callable is asked for the chunk's biases (built per chunk, never for the whole
-    batch); a bias per query row (``[..., n_queries, N]``) is sliced to ``queries``."""
-    if callable(bias):
-        bias = bias(images)
-    out = [b[images] if b.dim() == 4 and b.shape[0] == batch and batch > 1 else b
-           for b in _biases(bias)]
+    """The biases of the images ``images`` and query rows ``queries``: a per-image bias is
+    sliced (:func:`image_bias`); a callable is asked for the chunk's biases (built per chunk,
+    never for the whole batch); a bias per query row (``[..., n_queries, N]``) is sliced to
+    ``queries``."""
+    out = [image_bias(b, images) for b in _biases(bias(images) if callable(bias) else bias)]
     if queries != slice(None):
         out = [b[..., queries, :] if b.dim() >= 2 and b.shape[-2] == n_queries > 1 else b
                for b in out]
     return out
 
 
-def _chunks(B: int, row_bytes: int, n_queries: int, by_rows: bool
-            ) -> list[tuple[slice, slice]]:
+def _chunks(B: int, row_bytes: int, n_queries: int) -> list[tuple[slice, slice]]:
     """``(images, query rows)`` of each chunk of at most :data:`MAP_CHUNK_BYTES` of map
-    (``row_bytes``: one query row of one image, all heads): whole images while one fits,
-    else (``by_rows``) one image at a time in groups of rows. One chunk in compiled code."""
-    if torch.compiler.is_compiling():
-        return [(slice(0, B), slice(None))]
+    (``row_bytes``: one query row of one image, all heads): whole images while one fits
+    (:func:`image_groups`), else one image at a time in groups of rows."""
     rows = max(1, MAP_CHUNK_BYTES // max(1, row_bytes))
-    if rows >= n_queries or not by_rows:
-        per = max(1, rows // max(1, n_queries))
-        return [(slice(b, b + per), slice(None)) for b in range(0, B, per)]
+    if rows >= n_queries or torch.compiler.is_compiling():
+        return [(g, slice(None)) for g in image_groups(B, row_bytes * n_queries)]
     return [(slice(b, b + 1), slice(r, r + rows)) for b in range(B)
             for r in range(0, n_queries, rows)]
 
@@ -314,9 +323,9 @@ def map_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, read: Callable[
     B, H, Nq, _ = q.shape
     buf = _output_buffer(q, k, v)
     outs, reads = [], []
-    for images, _ in _chunks(B, H * k.shape[-2] * q.element_size(), Nq, by_rows=False):
+    for images in image_groups(B, H * Nq * k.shape[-2] * q.element_size()):
         out, weights = attention(q[images], k[images], v[images], scale,
-                                 bias=_chunk_bias(bias, images, B), fused=False,
+                                 bias=_chunk_bias(bias, images), fused=False,
                                  dropout=dropout, return_weights=True)
         if buf is None:
             outs.append(out)
@@ -354,9 +363,9 @@ def received_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *,
     B, H, Nq, _ = q.shape
     buf = _output_buffer(q, k, v)
     outs, sums = [], []
-    for images, queries in _chunks(B, H * k.shape[-2] * q.element_size(), Nq, by_rows=True):
+    for images, queries in _chunks(B, H * k.shape[-2] * q.element_size(), Nq):
         out, weights = attention(q[images, :, queries], k[images], v[images], scale,
-                                 bias=_chunk_bias(bias, images, B, queries, Nq), fused=False,
+                                 bias=_chunk_bias(bias, images, queries, Nq), fused=False,
                                  dropout=dropout, return_weights=True)
         part = weights.sum(dim=(1, 2))
         del weights
